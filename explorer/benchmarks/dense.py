@@ -1,0 +1,93 @@
+"""Dense model vs a uniformly narrowed 70 % subnet: parameters, held-out perplexity, speed.
+
+The narrowed subnet keeps the same fraction of every block, ranked by weight magnitude (the
+simplest honest choice), and reports measured vs ideal speed-up (METHOD section 7).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ..data import heldout_windows, load_corpus
+from ..latency import SpeedSettings, measure_speed
+from ..loading import load_model
+from ..perplexity import perplexity
+from ..settings import DataSettings, ModelSettings
+from ..slicing import slice_model
+from ..subnet import LayerChoice, ModelShape, Subnet, round_width
+from . import format_table, machine, write_json
+
+
+def magnitude_uniform(model, shape: ModelShape, fraction: float) -> Subnet:
+    """Same width in every block, sized to hit `fraction` of total params; rows/pairs by L2 norm."""
+    keep = (fraction * shape.dense_params - shape.fixed_params) / shape.dense_prunable
+    pairs = max(1, round(shape.n_pairs * keep))
+    width = round_width(shape.intermediate_size * keep, 8, shape.intermediate_size)
+    layers = []
+    half, hd, g = shape.n_pairs, shape.head_dim, shape.group_size
+    for block in model.model.layers:
+        a, m = block.self_attn, block.mlp
+        groups = []
+        for k in range(shape.num_kv_heads):
+            score = torch.zeros(half)
+            for name in ("k_proj", "v_proj"):
+                w = getattr(a, name).weight.detach().float()[k * hd:(k + 1) * hd].pow(2).sum(1)
+                score += w[:half] + w[half:]
+            for h in range(k * g, (k + 1) * g):
+                w = a.q_proj.weight.detach().float()[h * hd:(h + 1) * hd].pow(2).sum(1)
+                o = a.o_proj.weight.detach().float()[:, h * hd:(h + 1) * hd].pow(2).sum(0)
+                score += w[:half] + w[half:] + o[:half] + o[half:]
+            groups.append(tuple(sorted(score.topk(pairs).indices.tolist())))
+        mscore = (m.gate_proj.weight.detach().float().pow(2).sum(1) + m.up_proj.weight.detach().float().pow(2).sum(1)
+                  + m.down_proj.weight.detach().float().pow(2).sum(0))
+        layers.append(LayerChoice(tuple(groups), tuple(sorted(mscore.topk(width).indices.tolist()))))
+    return Subnet(tuple(layers))
+
+
+def run(args) -> dict:
+    t0 = time.perf_counter()
+    lm = load_model(args.model, args.dtype, args.device)
+    corpus = load_corpus(args.corpus)
+    held = heldout_windows(lm.tokenizer, corpus, args.heldout_windows, args.seq_len)
+    speed = SpeedSettings(prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
+    dense = Subnet.full(lm.shape)
+    narrow = magnitude_uniform(lm.model, lm.shape, args.fraction)
+    sliced = slice_model(lm.model, narrow, lm.shape)
+    rows = []
+    for name, model, sub in (("dense", lm.model, dense), (f"uniform {args.fraction:.0%}", sliced, narrow)):
+        ppl = perplexity(model, held)
+        sp = measure_speed(model, lm.shape.vocab_size, speed)
+        rows.append({"model": name, "params": sub.params(lm.shape), "fraction": sub.fraction(lm.shape),
+                     "ppl": ppl, "prefill_ms": sp.prefill_ms, "decode_tok_s": sp.decode_tokens_per_s,
+                     "param_MB": sp.param_bytes / 2**20, "peak_MB": sp.peak_memory_bytes / 2**20,
+                     "ideal_speedup": sub.summary(lm.shape)["ideal_decode_speedup"], "speed": sp.to_dict()})
+    d = rows[0]
+    for r in rows:
+        r["decode_speedup"] = r["decode_tok_s"] / d["decode_tok_s"]
+        r["prefill_speedup"] = d["prefill_ms"] / r["prefill_ms"]
+        r["measured_over_ideal"] = r["decode_speedup"] / r["ideal_speedup"]
+    cols = ["model", "params", "fraction", "ppl", "prefill_ms", "decode_tok_s", "param_MB", "peak_MB",
+            "decode_speedup", "prefill_speedup", "ideal_speedup", "measured_over_ideal"]
+    print(format_table(rows, cols))
+    result = {"benchmark": "dense", "model": lm.summary(), "corpus": corpus.description,
+              "heldout_windows": int(held.shape[0]), "seq_len": args.seq_len, "rows": rows,
+              "machine": machine(), "seconds": time.perf_counter() - t0}
+    print(f"wrote {write_json(args.out, result)}")
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    m, d = ModelSettings(), DataSettings()
+    p.add_argument("--model", default=m.model)
+    p.add_argument("--dtype", default=m.dtype)
+    p.add_argument("--device", default=m.device)
+    p.add_argument("--corpus", default=d.corpus)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--heldout-windows", type=int, default=d.heldout_windows)
+    p.add_argument("--fraction", type=float, default=0.7)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default="bench/results/dense.json")

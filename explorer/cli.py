@@ -1,0 +1,119 @@
+"""`python -m explorer`: one subcommand per pipeline step. Bad input ends in one readable line
+and a non-zero exit; the traceback goes to the log (SUBNET_EXPLORER_LOG, default stderr at -v)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+
+from tqdm import tqdm
+
+from .errors import Cancelled, ExplorerError
+from .settings import DataSettings, ModelSettings
+
+log = logging.getLogger("explorer")
+
+# Modules that add subcommands: each has `register(subparsers)`; a step's CLI lives beside it.
+COMMAND_MODULES: tuple[str, ...] = ()
+BENCHMARKS = ("dense", "quality", "reform")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    m = ModelSettings()
+    p.add_argument("--model", default=m.model, help="'default' (embedded SmolLM2-135M-Instruct), a folder or a hub id")
+    p.add_argument("--dtype", default=m.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=m.device, help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--trust-remote-code", action="store_true", default=m.trust_remote_code,
+                   help="allow the model folder's own Python code to run (off by default)")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    d = DataSettings()
+    p.add_argument("--corpus", default=d.corpus, help="bbc (embedded), a UTF-8 text file, or hf:wikitext-2 / hf:c4")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--heldout-windows", type=int, default=d.heldout_windows)
+
+
+def load_from_args(args):
+    from .loading import load_model
+
+    return load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+
+
+def cmd_info(args) -> int:
+    from .data import heldout_windows, load_corpus
+    from .perplexity import perplexity
+
+    lm = load_from_args(args)
+    info = lm.summary()
+    if not args.no_ppl:
+        held = heldout_windows(lm.tokenizer, load_corpus(args.corpus), args.heldout_windows, args.seq_len)
+        with tqdm(total=len(held), desc="held-out perplexity", unit="win", file=sys.stderr) as bar:
+            info["heldout_ppl"] = perplexity(lm.model, held, on_batch=lambda d, t: bar.update(d - bar.n))
+        info["heldout"] = {"corpus": args.corpus, "windows": int(held.shape[0]), "seq_len": args.seq_len}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_bench(args, rest: list[str]) -> int:
+    mod = importlib.import_module(f"explorer.benchmarks.{args.name}")
+    p = argparse.ArgumentParser(prog=f"python -m explorer bench {args.name}", description=mod.__doc__)
+    mod.add_arguments(p)
+    mod.run(p.parse_args(rest))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m explorer", description=(
+        "Subnet Explorer: training-free search for smaller, faster subnets of a causal LM."))
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details (and tracebacks) to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("info", help="architecture summary and held-out perplexity, as JSON")
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--no-ppl", action="store_true", help="skip the held-out perplexity")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("bench", help=f"run a benchmark ({', '.join(BENCHMARKS)}); `bench NAME --help` for options",
+                       add_help=False)
+    p.add_argument("name", choices=BENCHMARKS)
+    p.set_defaults(func=cmd_bench, wants_rest=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def setup_logging(verbose: bool) -> None:
+    target = os.environ.get("SUBNET_EXPLORER_LOG")
+    handlers: list[logging.Handler] = [logging.FileHandler(target)] if target else []
+    if verbose:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(level=logging.INFO if (verbose or target) else logging.WARNING,
+                        handlers=handlers or [logging.NullHandler()], force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "wants_rest", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    setup_logging(args.verbose)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        return args.func(args, rest) if getattr(args, "wants_rest", False) else args.func(args)
+    except Cancelled as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 130
+    except ExplorerError as e:
+        log.exception("command failed")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stopped: interrupted", file=sys.stderr)
+        return 130

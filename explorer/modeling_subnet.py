@@ -1,0 +1,231 @@
+"""The sliced model: a Llama-family decoder whose blocks have their own widths.
+
+This is the single implementation used for search, reformation, evaluation, generation and
+export; `explorer.export` copies this file verbatim into each exported folder, so it imports
+only torch and transformers, and its config through a relative import.
+
+Per kept block, every attention head keeps the same number of rotary pairs; the query heads
+of a KV group share that group's pairs. A kept pair keeps its original frequency, and the
+softmax scale stays 1/sqrt(original head_dim), so a full-width subnet computes exactly what
+the base model computes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_subnet import SubnetConfig
+
+
+def base_inv_freq(config: SubnetConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling of the *base* model's rotary embedding."""
+    params = dict(config.base_rope_parameters)
+    rope_type = params.get("rope_type", "default")
+    dim = config.base_head_dim
+    if rope_type == "default":
+        inv = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return inv, 1.0
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    shim = LlamaConfig(
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        head_dim=dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters=params,
+    )
+    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](shim, "cpu")
+    return inv.float(), float(scaling)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class SubnetAttention(nn.Module):
+    def __init__(self, config: SubnetConfig, layer: int, inv_freq: torch.Tensor, scaling: float):
+        super().__init__()
+        pairs = config.attn_pairs[layer]
+        self.layer = layer
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = 2 * len(pairs[0])  # kept dims per head in this block
+        self.softmax_scale = 1.0 / math.sqrt(config.base_head_dim)  # of the original head, on purpose
+        self.rope_scaling = scaling
+        d, D = self.head_dim, config.hidden_size
+        self.q_proj = nn.Linear(D, self.n_heads * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(D, self.n_kv * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(D, self.n_kv * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, D, bias=config.o_bias)
+        # The kept pairs' own frequencies, one row per KV group: [n_kv, d/2]
+        index = torch.tensor(pairs, dtype=torch.long)
+        self.register_buffer("inv_freq", inv_freq[index].clone(), persistent=False)
+
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids [B, T] -> cos, sin [B, n_kv, T, d]
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq.float()[None, :, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.rope_scaling).to(dtype), (emb.sin() * self.rope_scaling).to(dtype)
+
+    def forward(self, x, position_ids, mask, is_causal, cache: Cache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, d]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, KV, T, d]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = self.rotary(position_ids, q.dtype)  # [B, KV, T, d]
+        group = self.n_heads // self.n_kv
+        cos_q, sin_q = cos.repeat_interleave(group, dim=1), sin.repeat_interleave(group, dim=1)
+        q = q * cos_q + rotate_half(q) * sin_q
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.softmax_scale, enable_gqa=group > 1
+        )  # [B, H, T, d]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class SubnetMLP(nn.Module):
+    def __init__(self, config: SubnetConfig, layer: int):
+        super().__init__()
+        D, P = config.hidden_size, config.intermediate_sizes[layer]
+        self.gate_proj = nn.Linear(D, P, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(D, P, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(P, D, bias=config.down_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SubnetBlock(nn.Module):
+    def __init__(self, config: SubnetConfig, layer: int, inv_freq: torch.Tensor, scaling: float):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = SubnetAttention(config, layer, inv_freq, scaling)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SubnetMLP(config, layer)
+
+    def forward(self, x, position_ids, mask, is_causal, cache):
+        x = x + self.self_attn(self.input_layernorm(x), position_ids, mask, is_causal, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SubnetPreTrainedModel(PreTrainedModel):
+    config_class = SubnetConfig
+    config: SubnetConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["SubnetBlock"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        # Weights always come from a base model or a checkpoint; keep init cheap and defined.
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, SubnetAttention):
+            inv_freq, _ = base_inv_freq(self.config)
+            index = torch.tensor(self.config.attn_pairs[module.layer], dtype=torch.long)
+            module.inv_freq.copy_(inv_freq[index])
+
+
+class SubnetModel(SubnetPreTrainedModel):
+    def __init__(self, config: SubnetConfig):
+        super().__init__(config)
+        inv_freq, scaling = base_inv_freq(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(SubnetBlock(config, i, inv_freq, scaling) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache: bool = False):
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = (torch.arange(T, device=x.device) + past).unsqueeze(0).expand(B, T)
+        mask, is_causal = self.attention_mask(attention_mask, B, T, past, x.device)
+        for block in self.layers:
+            x = block(x, position_ids, mask, is_causal, cache)
+        return self.norm(x), cache
+
+    @staticmethod
+    def attention_mask(attention_mask, B: int, T: int, past: int, device) -> tuple[torch.Tensor | None, bool]:
+        """A boolean [B, 1, T, past+T] mask, or none where SDPA's own causal path is exact."""
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if not padded:
+            if past == 0:
+                return None, T > 1
+            if T == 1:
+                return None, False
+        S = past + T
+        q_pos = torch.arange(past, S, device=device)[:, None]
+        mask = (torch.arange(S, device=device)[None, :] <= q_pos)[None, None]  # [1, 1, T, S]
+        if padded:
+            mask = mask & attention_mask[:, None, None, -S:].bool()
+            # A fully masked row (a left-pad position) would give NaN; let it see itself instead.
+            mask = mask | ~mask.any(-1, keepdim=True)
+        return mask.expand(B, 1, T, S), False
+
+
+class SubnetForCausalLM(SubnetPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SubnetConfig):
+        super().__init__(config)
+        self.model = SubnetModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        hidden, cache = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+
+SubnetConfig.register_for_auto_class()
+SubnetForCausalLM.register_for_auto_class("AutoModelForCausalLM")
