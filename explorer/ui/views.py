@@ -1,0 +1,116 @@
+"""Markdown and tables the page shows: pure formatting of engine records, no Gradio."""
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+
+
+def fmt_params(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
+
+
+def model_markdown(summary: dict, dense: dict | None) -> str:
+    s = summary
+    lines = [f"**{s['model']}** — {s['source']}",
+             f"{s['architecture']} · {s['layers']} layers · hidden {s['hidden_size']} · {s['heads']} heads "
+             f"({s['kv_heads']} KV, head dim {s['head_dim']}) · MLP {s['intermediate_size']} · vocab {s['vocab_size']}",
+             f"{fmt_params(s['params'])} parameters ({fmt_params(s['prunable_params'])} prunable) · "
+             f"{s['param_bytes'] / 2**20:.0f} MiB of weights in {s['dtype']} on {s['device']}"]
+    if dense:
+        lines.append(f"Dense held-out perplexity **{dense['heldout_ppl']:.2f}** ({dense['windows']}×{dense['seq_len']} "
+                     f"tokens of BBC News) · prefill {dense['prefill_ms']:.0f} ms / {dense['prompt_len']} tokens · "
+                     f"decode **{dense['decode_tok_s']:.1f} tokens/s**")
+    return "  \n".join(lines)
+
+
+def card_markdown(c, shape, extra: dict | None = None) -> str:
+    m = {**c.metrics, **(extra or {})}
+    summ = c.subnet.summary(shape)
+    rows = [("id", f"`{c.id}`"), ("origin", c.origin), ("target", f"{c.target:.0%}"),
+            ("parameters", f"{fmt_params(summ['params'])} = {summ['fraction']:.1%} of dense "
+                           f"({summ['prunable_fraction']:.1%} of prunable)"),
+            ("layers kept", f"{summ['layers_kept']} of {shape.num_layers}"),
+            ("ideal decode speed-up", f"{summ['ideal_decode_speedup']:.2f}×"),
+            ("GFLOPs / token", f"{summ['flops_per_token'] / 1e9:.3f}")]
+    for key, label in (("fitness_ppl", "search fitness ppl"), ("heldout_ppl", "held-out ppl"),
+                       ("predicted_latency_ms", "predicted ms/token"), ("measured_latency_ms", "measured ms/token"),
+                       ("ppl_before", "held-out ppl before reform"), ("ppl_after", "held-out ppl after reform"),
+                       ("zeroshot_acc", "zero-shot accuracy (avg)")):
+        if m.get(key) is not None:
+            rows.append((label, f"{m[key]:.4g}"))
+    for k, v in sorted(m.items()):
+        if k.startswith("acc:"):
+            rows.append((k[4:], f"{v:.3f}"))
+    cut = sorted(range(len(summ["head_dims"])), key=lambda i: summ["head_dims"][i] / shape.head_dim
+                 + summ["mlp_widths"][i] / shape.intermediate_size)[:3]
+    rows.append(("cut most", ", ".join(f"layer {i}" for i in cut)))
+    return "| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+
+
+def compare_frame(rows: list[dict]) -> pd.DataFrame:
+    cols = ["id", "origin", "params %", "pred ms/tok", "meas ms/tok", "fitness ppl", "held-out ppl",
+            "reformed ppl", "zero-shot acc", "reformed"]
+    return pd.DataFrame([{c: r.get(c, "") for c in cols} for r in rows], columns=cols)
+
+
+def compare_row(c, extra: dict) -> dict:
+    m = {**c.metrics, **extra}
+    r = lambda v, n=3: "" if v is None else round(float(v), n)  # noqa: E731
+    return {"id": c.id, "origin": c.origin, "params %": r(100 * m.get("fraction", 1.0), 1),
+            "pred ms/tok": r(m.get("predicted_latency_ms")), "meas ms/tok": r(m.get("measured_latency_ms")),
+            "fitness ppl": r(m.get("fitness_ppl")), "held-out ppl": r(m.get("heldout_ppl", m.get("ppl_before"))),
+            "reformed ppl": r(m.get("ppl_after")), "zero-shot acc": r(m.get("zeroshot_acc")),
+            "reformed": "yes" if m.get("ppl_after") is not None else "no"}
+
+
+class SearchStatus:
+    """Accumulates search events into the status text (generation, counts, best per target, rate, ETA)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.evaluated = 0
+        self.best: dict[float, float] = {}
+        self.generation: dict[float, tuple[int, int]] = {}
+        self.rate = 0.0
+        self.state = "running"
+        self.message = ""
+        self.total_generations = 0
+
+    def update(self, ev) -> None:
+        name = type(ev).__name__
+        if name == "CandidateEvaluated":
+            self.evaluated += 1
+            c = ev.candidate
+            f = c.metrics.get("fitness_ppl")
+            if f is not None and not c.origin.startswith(("baseline", "dense")):
+                self.best[c.target] = min(self.best.get(c.target, float("inf")), f)
+        elif name == "GenerationFinished":
+            total = getattr(ev, "generations", None) or getattr(ev, "total_generations", 0)
+            self.generation[ev.target] = (ev.generation, total)
+            self.rate = getattr(ev, "evals_per_s", self.rate) or self.rate
+        elif name == "SearchFinished":
+            self.state = "finished"
+        elif name == "SearchCancelled":
+            self.state = "stopped — everything found so far is kept"
+        elif name == "SearchFailed":
+            self.state = "failed"
+            self.message = getattr(ev, "message", "")
+
+    def markdown(self) -> str:
+        elapsed = time.perf_counter() - self.t0
+        rate = self.rate or (self.evaluated / elapsed if elapsed > 0 else 0)
+        head = [f"**Search {self.state}** · {self.evaluated} candidates evaluated · {rate:.2f} evals/s · "
+                f"{elapsed:.0f} s elapsed"]
+        done = sum(g for g, _ in self.generation.values())
+        total = sum(t for _, t in self.generation.values() if t)
+        if total and self.state == "running" and done:
+            head.append(f"generations {done}/{total} · about {elapsed / done * max(total - done, 0):.0f} s left")
+        parts = ["  \n".join(head)]
+        if self.best:
+            rows = [f"| {t:.0%} | {self.generation.get(t, (0, 0))[0]}/{self.generation.get(t, (0, 0))[1] or '?'} "
+                    f"| {self.best[t]:.3f} |" for t in sorted(self.best, reverse=True)]
+            parts.append("| target | generation | best fitness ppl |\n|---|---|---|\n" + "\n".join(rows))
+        if self.message:
+            parts.append(f"⚠️ {self.message}")
+        return "\n\n".join(parts)
