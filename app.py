@@ -39,8 +39,10 @@ def main(argv=None) -> None:
 
     hf_logging.set_verbosity_error()
     from explorer.ui.app import create_app, launch_kwargs
+    from explorer.ui.handlers import AppSettings
 
-    demo, ws = create_app(Path(args.runs_dir), Path(args.exports_dir), default_model=args.model)
+    demo, ws = create_app(Path(args.runs_dir), Path(args.exports_dir), default_model=args.model,
+                          settings=AppSettings.from_env())
     print(f"Subnet Explorer on http://{args.host}:{args.port}  (log: {args.log})", flush=True)
     demo.launch(server_name=args.host, server_port=args.port, auth=auth, **launch_kwargs(ws))
 

@@ -37,8 +37,14 @@ class BlockInputs:
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 8,
                          cancel: threading.Event | None = None) -> BlockInputs:
     """Run the embedding only, stopping at the first block, for each batch of windows."""
+    from .memory import calibration_bytes, check_fits
+    from .subnet import ModelShape
+
     first = model.model.layers[0]
     device = next(first.parameters()).device
+    if getattr(model.config, "model_type", "") != "subnet_llm":  # base models; subnets are smaller still
+        need = calibration_bytes(ModelShape.from_config(model.config), len(windows), windows.shape[1], batch_size)
+        check_fits(need, f"calibration on {len(windows)} windows of {windows.shape[1]} tokens", device)
     got = BlockInputs([], [], [])
 
     def hook(_module, args, kwargs):

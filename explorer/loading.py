@@ -210,6 +210,7 @@ def load_model(spec: str = "default", dtype: str = "float32", device: str = "cpu
         raise ModelLoadError("CUDA was asked for but no GPU is available")
     t0 = time.perf_counter()
     folder, kind = resolve(spec, trust_remote_code)
+    _check_memory(folder, DTYPES[dtype], device)
     if progress:
         progress(f"loading {spec}")
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
@@ -237,6 +238,22 @@ def load_model(spec: str = "default", dtype: str = "float32", device: str = "cpu
         dtype=DTYPES[dtype], device=device, license=EMBEDDED_LICENSE if kind == "embedded" else _license(folder),
         load_seconds=time.perf_counter() - t0,
     )
+
+
+def _check_memory(folder: Path, dtype: torch.dtype, device: str) -> None:
+    """Refuse a model that cannot fit before reading any weight (the estimate is shown)."""
+    from transformers import AutoConfig
+
+    from .memory import check_fits, model_bytes
+
+    try:
+        shape = ModelShape.from_config(AutoConfig.from_pretrained(str(folder)))
+    except Exception:  # noqa: BLE001 - an unreadable config is reported by the load itself
+        return
+    target = "cuda" if device in ("auto", "cuda") or device.startswith("cuda") else "cpu"
+    if device == "auto" and torch.cuda.is_available():
+        return  # accelerate spreads it over GPUs and CPU and offloads what does not fit
+    check_fits(int(model_bytes(shape, dtype) * 1.1), f"loading {folder.name} in {str(dtype)[6:]}", target)
 
 
 def _license(folder: Path) -> str:

@@ -42,3 +42,54 @@ def embedded():
     from explorer.loading import load_model
 
     return load_model("default")
+
+
+# ---- the real app, served once per test session (browser and gradio_client tests) ----------------
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} did not answer in {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """The real app (`python app.py`) on a free port with fresh runs/exports folders."""
+    base = tmp_path_factory.mktemp("app")
+    port = free_port()
+    log = base / "app.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "SUBNET_EXPLORER_QUICK": "1"}
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs-dir", str(base / "runs"),
+                             "--exports-dir", str(base / "exports"), "--log", str(log)], cwd=ROOT, env=env,
+                            stdout=open(base / "stdout.txt", "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_http(url)
+        yield {"url": url, "base": base, "log": log, "proc": proc}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -38,6 +38,18 @@ class AppSettings:
     reform_seq_len: int = 256
     stream_interval_s: float = 1.0
 
+    @classmethod
+    def quick(cls) -> "AppSettings":
+        """Small measurements for tests and slow machines (SUBNET_EXPLORER_QUICK=1)."""
+        return cls(heldout_windows=2, seq_len=256, speed=SpeedSettings(prompt_len=32, new_tokens=8, repeats=1),
+                   reform_windows=8, reform_seq_len=128, stream_interval_s=0.5)
+
+    @classmethod
+    def from_env(cls) -> "AppSettings":
+        import os
+
+        return cls.quick() if os.environ.get("SUBNET_EXPLORER_QUICK") == "1" else cls()
+
 
 def user_errors(fn):
     """Turn engine errors into gr.Error (message only); log everything else with its traceback."""
