@@ -208,15 +208,22 @@ class Subnet:
         """A short stable id: equal subnets get equal keys."""
         return hashlib.sha1(json.dumps(self.to_dict(), separators=(",", ":")).encode()).hexdigest()[:12]
 
-    def to_dict(self) -> dict:
+    def to_dict(self, compact: bool = False) -> dict:
+        """Index lists (readable), or with `compact` bit masks as hex strings (run logs: ~20x smaller)."""
+        if compact:
+            return {"encoding": "mask", "layers": [None if l is None else {
+                "attn_pairs": [_to_mask(g) for g in l.attn_pairs], "mlp_channels": _to_mask(l.mlp_channels)}
+                for l in self.layers]}
         return {"layers": [None if l is None else {"attn_pairs": [list(g) for g in l.attn_pairs],
                                                   "mlp_channels": list(l.mlp_channels)} for l in self.layers]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Subnet":
         try:
-            layers = [None if l is None else (l["attn_pairs"], l["mlp_channels"]) for l in data["layers"]]
-        except (KeyError, TypeError) as e:
+            dec = _from_mask if data.get("encoding") == "mask" else list
+            layers = [None if l is None else ([dec(g) for g in l["attn_pairs"]], dec(l["mlp_channels"]))
+                      for l in data["layers"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SubnetError(f"not a subnet description: missing or malformed field ({e})") from None
         return cls.build(layers)
 
@@ -239,6 +246,18 @@ class Subnet:
         if not p.is_file():
             raise SubnetError(f"no subnet file at {p}")
         return cls.from_json(p.read_text(encoding="utf-8"))
+
+
+def _to_mask(indices) -> str:
+    bits = 0
+    for i in indices:
+        bits |= 1 << int(i)
+    return format(bits, "x")
+
+
+def _from_mask(mask: str) -> list[int]:
+    bits = int(mask, 16)
+    return [i for i in range(bits.bit_length()) if bits >> i & 1]
 
 
 def _check_indices(values: tuple[int, ...], limit: int, what: str) -> None:

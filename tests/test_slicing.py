@@ -198,3 +198,12 @@ def test_other_supported_architectures_full_width(arch):
         sub = random_subnet(shape, 11)
         ref = zeroed_reference(base, sub, shape)
         torch.testing.assert_close(slice_model(base, sub)(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_compact_json_round_trip(tiny):
+    shape = ModelShape.from_config(tiny.config)
+    s = random_subnet(shape, 8, drop=(2,))
+    compact = s.to_dict(compact=True)
+    assert Subnet.from_dict(compact) == s
+    full = Subnet.full(ModelShape(30, 576, 9, 3, 64, 1536, 49152, True))
+    assert len(__import__("json").dumps(full.to_dict(compact=True))) * 10 < len(full.to_json())
