@@ -34,7 +34,7 @@ class AppSettings:
     heldout_windows: int = 8
     seq_len: int = 512
     speed: SpeedSettings = SpeedSettings(prompt_len=64, new_tokens=16, repeats=3)
-    reform_windows: int = 32
+    reform_windows: int = 16
     reform_seq_len: int = 256
     stream_interval_s: float = 1.0
 
@@ -118,6 +118,12 @@ class Handlers:
             return self.ws.subnet_model(reformed, lambda: None)
         return self.ws.subnet_model((key, s.run, c.id, "sliced"), lambda: build_candidate_model(lm, c))
 
+    def _annotate(self, s: Session, cid: str, metrics: dict) -> None:
+        """Measurements made in the app are appended to the run (the user's runs, not shipped ones)."""
+        path = self.ws.run_dir(s.run)
+        if path.parent == self.ws.runs_root.resolve():
+            self._run(s).annotate(cid, metrics)
+
     def _heldout(self, lm):
         return heldout_windows(lm.tokenizer, load_corpus("bbc"), self.cfg.heldout_windows, self.cfg.seq_len)
 
@@ -154,14 +160,15 @@ class Handlers:
     @user_errors
     def search(self, targets, preset, population, generations, fitness_windows, seed, run_name, baselines,
                x, y, session, request: gr.Request):
-        from ..search import SearchSettings, parse_targets, run_search
+        from ..baselines import BASELINES
+        from ..search import SearchSettings, run_search
 
         s = session or Session()
         lm = self.ws.loaded(s.model_key)
         overrides = {k: int(v) for k, v in (("population", population), ("generations", generations),
                                             ("fitness_windows", fitness_windows)) if v not in (None, "")}
         settings = SearchSettings.preset(preset, targets=parse_targets(targets), seed=int(seed or 0),
-                                         baselines=bool(baselines), **overrides)
+                                         baselines=tuple(BASELINES) if baselines else (), **overrides)
         name = (run_name or "").strip() or f"{slug(s.model_key[0])}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = self.ws.new_run_dir(name)
         if run_dir.exists():
@@ -180,7 +187,10 @@ class Handlers:
                     if kind == "CandidateEvaluated":
                         cands[ev.candidate.id] = ev.candidate
                     elif kind == "FrontChanged":
-                        front = set(getattr(ev, "front_ids", None) or getattr(ev, "ids", ()))
+                        front = set(ev.params) | set(ev.latency)
+                    elif kind == "StageProgress":
+                        yield {self.ui.status: f"**{ev.stage}** {ev.done}/{ev.total} {ev.message}"}
+                        continue
                     terminal = kind in ("SearchFinished", "SearchCancelled", "SearchFailed")
                     if terminal or time.perf_counter() - last > self.cfg.stream_interval_s:
                         last = time.perf_counter()
@@ -260,7 +270,7 @@ class Handlers:
         if c.origin == "dense":
             raise ExplorerError("the dense model has nothing to reform")
         key, lm = self._model_for_run(s, progress=lambda m: progress(0.05, desc=m))
-        settings = ReformSettings.demo(windows=self.cfg.reform_windows, seq_len=self.cfg.reform_seq_len)
+        settings = ReformSettings(windows=self.cfg.reform_windows, seq_len=self.cfg.reform_seq_len)
         with self.ws.heavy(key, "reformation"):
             held = self._heldout(lm)
             sliced = self._subnet_model(s, c, key, lm, prefer_reformed=False)
@@ -271,11 +281,12 @@ class Handlers:
                 if hasattr(ev, "done") and getattr(ev, "total", 0):
                     progress((ev.done, ev.total), desc=f"reforming block {ev.done}/{ev.total}")
 
-            result = reform(lm, c.subnet, settings, on_event=on_event, base_model=sliced)
+            result = reform(lm, c.subnet, settings, on_event=on_event)
             progress(0.95, desc="held-out perplexity after")
             after = perplexity(result.model, held)
         self.ws.put_subnet_model((key, s.run, c.id, "reformed"), result.model)
         s.reformed[c.id] = {"ppl_before": before, "ppl_after": after}
+        self._annotate(s, c.id, s.reformed[c.id])
         shape = lm.shape
         return {self.ui.card: views.card_markdown(c, shape, {**s.evaluated.get(c.id, {}), **s.reformed[c.id]}),
                 self.ui.action_status: f"Reformed `{c.id}`: held-out perplexity {before:.2f} → **{after:.2f}**",
@@ -283,7 +294,7 @@ class Handlers:
 
     @user_errors
     def evaluate(self, tasks, limit, session, progress=gr.Progress()):
-        from ..evaluation import evaluate
+        from ..evaluation import EvalSettings, evaluate
 
         s = session or Session()
         c = self._picked(s)
@@ -292,10 +303,18 @@ class Handlers:
         key, lm = self._model_for_run(s, progress=lambda m: progress(0.05, desc=m))
         with self.ws.heavy(key, "evaluation"):
             model = lm.model if c.origin == "dense" else self._subnet_model(s, c, key, lm)
-            res = evaluate(model, lm.tokenizer, list(tasks), limit=int(limit or 100),
-                           heldout_windows=self.cfg.heldout_windows, seq_len=self.cfg.seq_len)
-        extra = res.as_metrics()
+            settings = EvalSettings(heldout_windows=self.cfg.heldout_windows, seq_len=self.cfg.seq_len)
+
+            def on_event(ev):
+                if getattr(ev, "total", 0):
+                    progress((ev.done, ev.total), desc=f"{ev.stage} {ev.message}")
+
+            res = evaluate(model, lm.tokenizer, list(tasks), limit=max(1, int(limit or 100)), settings=settings,
+                           on_event=on_event)
+        extra = {("heldout_ppl" if k == "ppl" else "zeroshot_acc" if k == "average" else f"acc:{k}"): v
+                 for k, v in res.metrics().items()}
         s.evaluated[c.id] = {**s.evaluated.get(c.id, {}), **extra}
+        self._annotate(s, c.id, extra)
         return {self.ui.card: views.card_markdown(c, lm.shape, {**s.evaluated[c.id], **s.reformed.get(c.id, {})}),
                 self.ui.action_status: f"Evaluated `{c.id}`: " + ", ".join(
                     f"{k.replace('acc:', '')} {v:.3g}" for k, v in extra.items()), self.ui.session: s}
@@ -375,6 +394,22 @@ class Handlers:
                    for n, st in streams.items()}
 
 
+def parse_targets(text: str) -> tuple[float, ...]:
+    """'0.9, 0.8, 70%' -> (0.9, 0.8, 0.7); the engine checks what the space can reach."""
+    out = []
+    for part in (text or "").replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(float(part[:-1]) / 100 if part.endswith("%") else float(part))
+        except ValueError:
+            raise ExplorerError(f"targets must be numbers like 0.7 or 70%, got {part!r}") from None
+    if not out:
+        raise ExplorerError("give at least one target, e.g. 0.7")
+    return tuple(out)
+
+
 def _with_metrics(c, extra: dict):
     if not extra:
         return c
@@ -391,7 +426,7 @@ def front_ids(run) -> set[str]:
 
 
 def run_shape(run) -> ModelShape:
-    return ModelShape(**run.settings["shape"])
+    return run.shape
 
 
 def build_candidate_model(lm, c):
