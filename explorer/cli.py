@@ -17,7 +17,7 @@ from .settings import DataSettings, ModelSettings
 log = logging.getLogger("explorer")
 
 # Modules that add subcommands: each has `register(subparsers)`; a step's CLI lives beside it.
-COMMAND_MODULES: tuple[str, ...] = ("explorer.cli_evaluate",)
+COMMAND_MODULES: tuple[str, ...] = ("explorer.cli_evaluate", "explorer.cli_search", "explorer.cli_reform")
 BENCHMARKS = ("dense", "quality", "reform")
 
 

@@ -1,0 +1,137 @@
+"""Search vs baselines vs dense: held-out perplexity at several sizes, search cost, and fitness
+evaluations per second against the naive way (dense model with masks, every window), in one run.
+
+The search runs once over all targets (same code path as `python -m explorer search`); its best
+candidate per target (lowest fitness) is scored on held-out windows beside the magnitude,
+Wanda-sp and FLAP baselines picked at the same targets from the same calibration pass.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from ..baselines import BASELINES, BaselineResult, baseline_subnet, slice_with_biases
+from ..data import calibration_windows, heldout_windows, load_corpus
+from ..fitness import MaskedEvaluator
+from ..importance import Importance
+from ..loading import load_model
+from ..perplexity import perplexity
+from ..runs import open_run
+from ..search import SearchFinished, SearchSettings, run_search
+from ..settings import DataSettings, ModelSettings
+from ..slicing import slice_model
+from . import format_table, machine, write_json
+
+
+def _search(lm, settings, run_dir, log) -> dict:
+    summary = None
+    for ev in run_search(lm, settings, run_dir):
+        name = type(ev).__name__
+        if name == "GenerationFinished":
+            log(f"  target {ev.target:.0%} gen {ev.generation}/{ev.generations}: best ppl {ev.best_fitness:.4g}, "
+                f"{ev.evals_per_s:.2f} evals/s")
+        elif name in ("SearchFailed", "SearchCancelled"):
+            raise RuntimeError(f"search ended: {ev}")
+        elif isinstance(ev, SearchFinished):
+            summary = ev.summary
+    return summary
+
+
+def naive_rate(lm, run, settings, samples: int, seed: int = 0) -> dict:
+    """Evaluations per second of the naive path on a sample of the search's own candidates."""
+    cands = [c for c in run.candidates() if c.origin in ("search", "init")]
+    pick = random.Random(seed).sample(cands, min(samples, len(cands)))
+    fit = calibration_windows(lm.tokenizer, load_corpus(settings.corpus), settings.fitness_windows,
+                              settings.fitness_seq_len, seed=settings.seed + 1)
+    naive = MaskedEvaluator(lm.model, lm.shape, fit)
+    t0 = time.perf_counter()
+    worst = 0.0
+    for c in pick:
+        ppl = naive.evaluate(c.subnet)
+        if not c.metrics.get("fitness_lower_bound"):
+            worst = max(worst, abs(ppl / c.metrics["fitness_ppl"] - 1))
+    secs = time.perf_counter() - t0
+    return {"evaluations": len(pick), "seconds": secs, "evals_per_s": len(pick) / secs, "max_rel_diff_vs_ours": worst}
+
+
+def run(args) -> dict:
+    t0 = time.perf_counter()
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    lm = load_model(args.model, args.dtype, args.device)
+    targets = tuple(float(t) for t in args.targets.split(","))
+    from ..cli_search import _override
+
+    overrides = dict(_override(x) for x in args.set)
+    settings = SearchSettings.preset(args.preset, **{"targets": targets, "seed": args.seed, "corpus": args.corpus,
+                                                     "latency": args.latency, **overrides})
+    run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="quality-run-"))
+    log(f"search: {args.preset} preset, targets {targets}, run {run_dir}")
+    ts = time.perf_counter()
+    summary = _search(lm, settings, run_dir, log)
+    search_seconds = time.perf_counter() - ts
+    run_obj = open_run(run_dir)
+    log("naive evaluation rate ...")
+    naive = naive_rate(lm, run_obj, settings, args.naive_samples, args.seed)
+    own = [c for c in run_obj.candidates() if c.origin in ("search", "init") and "copied_from" not in c.metrics]
+    ours_rate = len(own) / sum(c.metrics["eval_seconds"] for c in own)  # the search's own candidates
+    corpus = load_corpus(args.corpus)
+    held = heldout_windows(lm.tokenizer, corpus, args.heldout_windows, args.seq_len)
+    imp = Importance.load(run_dir / "importance.pt")
+    log(f"held-out perplexity on {held.shape[0]} x {held.shape[1]} tokens ...")
+    dense_ppl = perplexity(lm.model, held)
+    rows = []
+    for t in targets:
+        best = run_obj.pick(summary["best"][str(t)]["id"])  # what this search visited (not older stored runs)
+        row = {"target": t, "search_fraction": best.metrics["fraction"], "search_id": best.id,
+               "search_fitness": best.fitness, "search": perplexity(slice_model(lm.model, best.subnet, lm.shape), held)}
+        for name in BASELINES:
+            res: BaselineResult = baseline_subnet(name, lm.model, imp, lm.shape, t, settings.multiple,
+                                                  settings.head_multiple)
+            row[name] = perplexity(slice_with_biases(lm.model, res, lm.shape), held)
+            row[f"{name}_fraction"] = res.subnet.fraction(lm.shape)
+        row["best_baseline"] = min(row[n] for n in BASELINES)
+        row["ratio"] = row["search"] / row["best_baseline"]
+        row["beats_all"] = all(row["search"] < row[n] for n in BASELINES)
+        row["dense"] = dense_ppl
+        rows.append(row)
+        log(f"  {t:.0%}: search {row['search']:.4g} vs best baseline {row['best_baseline']:.4g} "
+            f"(ratio {row['ratio']:.3f})")
+    cols = ["target", "search_fraction", "search", "magnitude", "wanda-sp", "flap", "best_baseline", "ratio", "dense"]
+    print(format_table(rows, cols))
+    speed = {"search_wall_seconds": search_seconds, "evaluated": summary["evaluated"],
+             "all_evals_per_s": summary["evals_per_s"],
+             "ours_evals_per_s": ours_rate, "naive_evals_per_s": naive["evals_per_s"],
+             "speedup_vs_naive": ours_rate / naive["evals_per_s"] if naive["evals_per_s"] else math.nan,
+             "fitness_stats": summary["fitness"], "naive": naive}
+    print(format_table([speed], ["search_wall_seconds", "evaluated", "ours_evals_per_s", "naive_evals_per_s",
+                                 "speedup_vs_naive"]))
+    targets_ok = all(r["beats_all"] for r in rows) and all(r["ratio"] <= 0.85 for r in rows if r["target"] <= 0.7)
+    result = {"benchmark": "quality", "model": lm.summary(), "corpus": corpus.description,
+              "heldout_windows": int(held.shape[0]), "seq_len": args.seq_len, "settings": settings.to_dict(),
+              "rows": rows, "speed": speed, "targets_met": targets_ok, "run_dir": str(run_dir),
+              "search_summary": summary, "machine": machine(), "seconds": time.perf_counter() - t0}
+    print(f"targets met: {targets_ok}")
+    print(f"wrote {write_json(args.out, result)}")
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    m, d = ModelSettings(), DataSettings()
+    p.add_argument("--model", default=m.model)
+    p.add_argument("--dtype", default=m.dtype)
+    p.add_argument("--device", default=m.device)
+    p.add_argument("--corpus", default=d.corpus)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--heldout-windows", type=int, default=16)
+    p.add_argument("--targets", default="0.8,0.7,0.6,0.5")
+    p.add_argument("--preset", default="demo", choices=["demo", "paper"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--latency", action="store_true", help="also fit the latency model and measure the front")
+    p.add_argument("--naive-samples", type=int, default=6)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a search setting")
+    p.add_argument("--run-dir", default=None, help="where the search's run goes (default: a temporary folder)")
+    p.add_argument("--out", default="bench/results/quality.json")

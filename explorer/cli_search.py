@@ -1,0 +1,145 @@
+"""`python -m explorer search` (run or resume a search, with a progress bar) and
+`python -m explorer front RUN_DIR` (the run's fronts as a table or JSON; needs no model)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tqdm import tqdm
+
+from .errors import ExplorerError
+from .search import SearchSettings
+
+
+def _targets(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"targets must be comma-separated fractions, got {text!r}") from None
+
+
+def _override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip().replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip().replace("-", "_"), value
+
+
+def register(sub) -> None:
+    from .cli import add_model_args
+
+    d = SearchSettings()
+    p = sub.add_parser("search", help="search subnets at several size targets; writes a run directory")
+    add_model_args(p)
+    p.add_argument("--corpus", default=d.corpus, help="bbc (embedded), a UTF-8 text file, or hf:wikitext-2")
+    p.add_argument("--targets", type=_targets, default=d.targets, help="fractions of total parameters, e.g. 0.9,0.7,0.5")
+    p.add_argument("--preset", default=d.preset_name, choices=["demo", "paper"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                   help="override a search setting, e.g. --set generations=8 (repeatable)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--out", metavar="RUN_DIR", help="a new run directory")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue a cancelled or crashed run")
+    p.set_defaults(func=cmd_search)
+    p = sub.add_parser("front", help="print a run's Pareto fronts (no model needed)")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_front)
+
+
+def cmd_search(args) -> int:
+    from .cli import load_from_args
+    from .search import (CandidateEvaluated, FrontChanged, GenerationFinished, SearchCancelled, SearchFailed,
+                         SearchFinished, StageProgress, run_search)
+
+    overrides = dict(args.set)
+    if args.resume:
+        settings = SearchSettings()
+    else:
+        overrides.update(targets=args.targets, seed=args.seed, corpus=args.corpus)
+        if "probs" in overrides or "first_probs" in overrides:
+            raise ExplorerError("mutation probabilities are preset-only")
+        settings = SearchSettings.preset(args.preset, **overrides)
+    lm = load_from_args(args)
+    events = run_search(lm, settings, args.resume or args.out, resume=bool(args.resume))
+    bar, stage = None, None
+    code = 0
+    try:
+        for ev in events:
+            if isinstance(ev, StageProgress):
+                if stage is None or stage.desc != ev.stage:
+                    if stage is not None:
+                        stage.close()
+                    stage = tqdm(total=ev.total, desc=ev.stage, file=sys.stderr, leave=False)
+                stage.update(ev.done - stage.n)
+            elif isinstance(ev, CandidateEvaluated):
+                if bar is None:
+                    if stage is not None:
+                        stage.close()
+                        stage = None
+                    bar = tqdm(desc="search", unit="cand", file=sys.stderr)
+                c = ev.candidate
+                bar.update(1)
+                bar.set_postfix_str(f"target {c.target:.0%} gen {c.generation} ppl {c.fitness:.4g}", refresh=False)
+            elif isinstance(ev, GenerationFinished):
+                tqdm.write(f"target {ev.target:.0%} generation {ev.generation}/{ev.generations}: best {ev.best_id} "
+                           f"ppl {ev.best_fitness:.4g}, {ev.evals_per_s:.2f} evals/s", file=sys.stderr)
+            elif isinstance(ev, FrontChanged):
+                pass
+            elif isinstance(ev, SearchFinished):
+                s = ev.summary
+                print(json.dumps({"run_dir": args.resume or args.out, "best": s["best"],
+                                  "evaluated": s["evaluated"], "replayed": s["replayed"],
+                                  "evals_per_s": round(s["evals_per_s"], 3), "wall_seconds": s["wall_seconds"],
+                                  "latency_mean_abs_error": s["latency_mean_abs_error"]}, indent=2))
+            elif isinstance(ev, SearchCancelled):
+                print(f"stopped: {ev.message}; resume with --resume {args.resume or args.out}", file=sys.stderr)
+                code = 130
+            elif isinstance(ev, SearchFailed):
+                print(f"error: {ev.message}", file=sys.stderr)
+                code = 2
+    finally:
+        for b in (bar, stage):
+            if b is not None:
+                b.close()
+    return code
+
+
+FRONT_COLUMNS = ["id", "target", "origin", "generation", "params", "fraction", "fitness_ppl",
+                 "predicted_latency_ms", "measured_latency_ms", "heldout_ppl"]
+
+
+def front_rows(run) -> dict[str, list[dict]]:
+    cands = {c.id: c for c in run.candidates()}
+    out = {}
+    for name, ids in run.fronts().items():
+        rows = []
+        for i in ids:
+            c = cands[i]
+            rows.append({"id": c.id, "target": c.target, "origin": c.origin, "generation": c.generation,
+                         **{k: c.metrics.get(k, "") for k in FRONT_COLUMNS[4:]}})
+        out[name] = rows
+    return out
+
+
+def cmd_front(args) -> int:
+    from .benchmarks import format_table
+    from .runs import open_run
+
+    run = open_run(args.run_dir)
+    rows = front_rows(run)
+    if args.json:
+        print(json.dumps({"run_dir": args.run_dir, "status": run.status, "fronts": rows}, indent=2))
+        return 0
+    print(f"run {args.run_dir} ({run.status}, {len(run.candidates())} candidates)")
+    for name, title in (("params", "quality vs parameters"), ("latency", "quality vs predicted latency")):
+        print(f"\n{title}:")
+        print(format_table(rows[name], FRONT_COLUMNS) if rows[name] else "(empty)")
+    return 0
+
+
+__all__ = ["register", "cmd_search", "cmd_front", "front_rows"]

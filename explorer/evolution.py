@@ -1,0 +1,212 @@
+"""Evolution operators (METHOD section 3): ratio, mask and depth mutation, crossover, and the
+parameter-budget window every child must land in.
+
+A gene is one block's LayerChoice (or None for a dropped block). Keep counts move along the
+rounded options of the target's search space, and every count change edits the mask by
+importance order (add the best missing, drop the worst kept). A child outside the window is
+repaired by importance-ordered width steps on random blocks (the constructive form of
+"discard and resample": resampling alone almost never lands in a narrow window); a child that
+cannot be repaired is resampled by the caller.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from .errors import ExplorerError
+from .importance import Importance, top_layer
+from .subnet import LayerChoice, ModelShape, Subnet
+
+# METHOD's reference ranges (LLaMA-7B), keyed by the kept fraction of the prunable weights:
+# (fraction, min depth share, min attention keep, min MLP keep). Interpolated between rows.
+RANGE_TABLE = ((1.0, 1.0, 1.0, 1.0), (0.9, 1.0, 0.9, 0.6), (0.8, 1.0, 0.8, 0.4), (0.7, 30 / 32, 0.7, 0.2),
+               (0.6, 28 / 32, 0.6, 0.1), (0.5, 28 / 32, 0.6, 0.1), (0.3, 28 / 32, 0.5, 0.1), (0.0, 0.8, 0.4, 0.05))
+
+
+@dataclass(frozen=True)
+class Probs:
+    """Per-block mutation probabilities."""
+
+    depth: float = 0.1
+    ratio: float = 0.1
+    mask: float = 0.3
+    alpha: float = 0.8  # share of kept indices a mask mutation keeps
+
+
+@dataclass(frozen=True)
+class Space:
+    """What one target allows: the size window and the rounded per-block options."""
+
+    target: float
+    lo_params: int
+    hi_params: int
+    pair_options: tuple[int, ...]
+    width_options: tuple[int, ...]
+    min_layers: int
+
+    def contains(self, subnet: Subnet, shape: ModelShape) -> bool:
+        return self.lo_params <= subnet.params(shape) <= self.hi_params
+
+
+def _interp(p: float) -> tuple[float, float, float]:
+    rows = sorted(RANGE_TABLE)
+    for (p0, *a), (p1, *b) in zip(rows, rows[1:]):
+        if p0 <= p <= p1:
+            t = 0.0 if p1 == p0 else (p - p0) / (p1 - p0)
+            return tuple(x + t * (y - x) for x, y in zip(a, b))
+    return tuple(rows[0][1:]) if p < rows[0][0] else tuple(rows[-1][1:])
+
+
+def make_space(shape: ModelShape, target: float, window: float = 0.005, multiple: int = 8,
+               head_multiple: int = 8, depth: bool = True, attn_min: float | None = None) -> Space:
+    """The target's window [target - window, target] of total params and per-block options from
+    METHOD's table at the matching prunable fraction."""
+    if not 0 < target <= 1:
+        raise ExplorerError(f"target {target} must be a fraction in (0, 1]")
+    prunable = (target * shape.dense_params - shape.fixed_params) / shape.dense_prunable
+    if prunable <= 0:
+        raise ExplorerError(f"target {target:.0%} is below the embeddings alone "
+                            f"({shape.fixed_params / shape.dense_params:.1%} of the parameters)")
+    depth_share, attn_lo, mlp_lo = _interp(min(prunable, 1.0))
+    if attn_min is not None:
+        attn_lo = attn_min
+    pm = max(1, head_multiple // 2)
+    n, P = shape.n_pairs, shape.intermediate_size
+    pairs = sorted({min(n, pm * k) for k in range(max(1, math.floor(attn_lo * n / pm)), n // pm + 2)} | {n})
+    widths = sorted({min(P, multiple * k) for k in range(max(1, math.floor(mlp_lo * P / multiple)), P // multiple + 2)} | {P})
+    min_layers = shape.num_layers if not depth else max(1, math.ceil(depth_share * shape.num_layers - 1e-9))
+    space = Space(target, int(math.ceil((target - window) * shape.dense_params)), int(target * shape.dense_params),
+                  tuple(pairs), tuple(widths), min_layers)
+    smallest = shape.fixed_params + min_layers * shape.block_params(2 * pairs[0], widths[0])
+    if smallest > space.hi_params:
+        raise ExplorerError(f"target {target:.0%} is below what the search space can reach "
+                            f"(smallest subnet: {smallest / shape.dense_params:.1%} of the parameters)")
+    return space
+
+
+# ---- per-block edits ----------------------------------------------------------------------------
+def resize(imp: Importance, i: int, layer: LayerChoice, pairs: int, width: int) -> LayerChoice:
+    """Change keep counts, editing the masks by importance order."""
+    groups = []
+    for g, kept in enumerate(layer.attn_pairs):
+        groups.append(_resize(kept, pairs, imp.attn_order[i][g]))
+    return LayerChoice(tuple(groups), _resize(layer.mlp_channels, width, imp.mlp_order[i]))
+
+
+def _resize(kept: tuple[int, ...], n: int, order: tuple[int, ...]) -> tuple[int, ...]:
+    if n == len(kept):
+        return kept
+    have = set(kept)
+    if n > len(kept):
+        extra = [c for c in order if c not in have][: n - len(kept)]
+        return tuple(sorted(have.union(extra)))
+    rank = {c: r for r, c in enumerate(order)}
+    return tuple(sorted(sorted(kept, key=rank.__getitem__)[:n]))
+
+
+def mask_mutate(layer: LayerChoice, shape: ModelShape, rng: random.Random, alpha: float) -> LayerChoice:
+    """Keep a random alpha share of the kept indices and refill uniformly from the others."""
+    groups = tuple(_remask(g, shape.n_pairs, rng, alpha) for g in layer.attn_pairs)
+    return LayerChoice(groups, _remask(layer.mlp_channels, shape.intermediate_size, rng, alpha))
+
+
+def _remask(kept: tuple[int, ...], limit: int, rng: random.Random, alpha: float) -> tuple[int, ...]:
+    n = len(kept)
+    if n == limit:
+        return kept
+    others = sorted(set(range(limit)) - set(kept))
+    keep = rng.sample(kept, max(int(round(alpha * n)), n - len(others)))  # the count never changes
+    fill = rng.sample(others, n - len(keep))
+    return tuple(sorted(keep + fill))
+
+
+def _nearest(options: tuple[int, ...], value: int) -> int:
+    return min(options, key=lambda o: (abs(o - value), o))
+
+
+# ---- operators ------------------------------------------------------------------------------------
+def mutate(subnet: Subnet, imp: Importance, shape: ModelShape, space: Space, rng: random.Random,
+           probs: Probs) -> Subnet | None:
+    """Depth, ratio and mask mutation per block, then repair to the window (None: give up)."""
+    layers = list(subnet.layers)
+    for i, layer in enumerate(layers):
+        if rng.random() < probs.depth and space.min_layers < shape.num_layers:
+            kept = sum(l is not None for l in layers)
+            if layer is not None and kept > space.min_layers:
+                layers[i] = None
+                continue
+            if layer is None:
+                layers[i] = top_layer(imp, i, rng.choice(space.pair_options), rng.choice(space.width_options))
+                continue
+        if layer is None:
+            continue
+        if rng.random() < probs.ratio:
+            pairs = len(layer.attn_pairs[0])
+            width = layer.width
+            which = rng.random()
+            if which < 0.5 or len(space.pair_options) == 1:  # the MLP alone: the cheaper, less sensitive part
+                width = rng.choice(space.width_options)
+            elif which < 0.75:
+                pairs = rng.choice(space.pair_options)
+            else:
+                pairs, width = rng.choice(space.pair_options), rng.choice(space.width_options)
+            layer = resize(imp, i, layer, pairs, width)
+        if rng.random() < probs.mask:
+            layer = mask_mutate(layer, shape, rng, probs.alpha)
+        layers[i] = layer
+    return repair(Subnet(tuple(layers)), imp, shape, space, rng, start=_first_change(subnet, layers))
+
+
+def _first_change(parent: Subnet, layers) -> int:
+    return next((i for i, (a, b) in enumerate(zip(parent.layers, layers)) if a != b), len(layers))
+
+
+def crossover(a: Subnet, b: Subnet, imp: Importance, shape: ModelShape, space: Space,
+              rng: random.Random) -> Subnet | None:
+    """Per block, the gene of one parent or the other; then repair to the window."""
+    layers = [x if rng.random() < 0.5 else y for x, y in zip(a.layers, b.layers)]
+    while sum(l is not None for l in layers) < space.min_layers:  # both parents' drops may stack up
+        i = rng.choice([k for k, l in enumerate(layers) if l is None])
+        layers[i] = a.layers[i] if a.layers[i] is not None else b.layers[i]
+    start = max(_first_change(a, layers), _first_change(b, layers))
+    return repair(Subnet(tuple(layers)), imp, shape, space, rng, start=start)
+
+
+def repair(subnet: Subnet, imp: Importance, shape: ModelShape, space: Space, rng: random.Random,
+           max_steps: int = 4000, start: int = 0) -> Subnet | None:
+    """Importance-ordered width steps on random blocks until the size is inside the window.
+
+    Steps go to blocks from `start` on (the first block that differs from the parent), so the
+    child keeps its parent's leading blocks and the fitness can reuse their hidden states; if
+    those blocks cannot absorb the change, every block may take it."""
+    layers = list(subnet.layers)
+    fixed = shape.fixed_params
+    sizes = [0 if l is None else shape.block_params(l.head_dim, l.width) for l in layers]
+    total = fixed + sum(sizes)
+    P, W = space.pair_options, space.width_options
+    for step in range(max_steps):
+        if space.lo_params <= total <= space.hi_params:
+            return Subnet(tuple(layers))
+        grow = total < space.lo_params
+        first = start if step < max_steps // 4 else 0
+        idx = [k for k, l in enumerate(layers) if l is not None and k >= first] or \
+            [k for k, l in enumerate(layers) if l is not None]
+        i = rng.choice(idx)
+        l = layers[i]
+        pairs, width = len(l.attn_pairs[0]), l.width
+        attn = rng.random() < 0.2
+        opts, cur = (P, pairs) if attn else (W, width)
+        cur = _nearest(opts, cur)
+        k = opts.index(cur) + (1 if grow else -1)
+        if not 0 <= k < len(opts):
+            continue
+        if attn:
+            pairs = opts[k]
+        else:
+            width = opts[k]
+        layers[i] = resize(imp, i, l, pairs, width)
+        new = shape.block_params(2 * pairs, width)
+        total += new - sizes[i]
+        sizes[i] = new
+    return None

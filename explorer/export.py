@@ -1,0 +1,296 @@
+"""Export a subnet as a real, smaller Hugging Face model folder, verified in a fresh process.
+
+The folder holds `model.safetensors` (never pickles), `config.json` (model_type "subnet_llm",
+per-layer widths, kept rotary pairs, `per_layer_config`, `auto_map`), the remote-code files
+`configuration_subnet.py` and `modeling_subnet.py` copied from this package's own sources (the
+engine runs the very same code, so there is no second copy to keep in sync), the tokenizer,
+`generation_config.json`, `subnet.json`, `export.json` and a `README.md` model card.
+
+Atomic: everything is written into a temporary sibling folder, verified there by loading it
+with plain transformers in a subprocess that cannot import `explorer`, and only then renamed to
+the target; a killed export leaves only a `*_partial_*` folder behind, never one that looks done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import configuration_subnet, modeling_subnet
+from .errors import ExplorerError
+from .events import EventSink, Progress, check_cancel, no_event
+from .subnet import Subnet
+
+PROBE_TEXT = "The history of the city begins with a small settlement on the river, where"
+PROMPT_TEXT = "The best way to learn a new language is"
+NEW_TOKENS = 16
+EXPORT_STEPS = 5
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class ExportError(ExplorerError):
+    """The export could not be written or did not verify."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: str
+    zip_path: str | None
+    verified: bool
+    max_logit_diff: float | None
+    same_tokens: bool | None
+    sample_text: str
+    files: tuple[str, ...]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ExportResult":
+        return cls(**{**data, "files": tuple(data["files"])})
+
+
+def source_files() -> dict[str, Path]:
+    """The remote-code files, read from the package itself at export time."""
+    return {"configuration_subnet.py": Path(configuration_subnet.__file__),
+            "modeling_subnet.py": Path(modeling_subnet.__file__)}
+
+
+def _is_our_export(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "subnet_llm" and (
+            path / "subnet.json").is_file()
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def check_target(out_dir: Path) -> None:
+    """Refuse to replace anything but an empty folder or an earlier export."""
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not _is_our_export(out_dir))):
+        raise ExportError(f"{out_dir} exists and is not an earlier export; choose another --out")
+
+
+# ---- writing ---------------------------------------------------------------------------------
+def write_folder(folder: Path, lm, model, subnet: Subnet) -> None:
+    """Weights, config, remote code, tokenizer, generation config and the subnet record."""
+    model.save_pretrained(folder, safe_serialization=True)
+    for name, src in source_files().items():
+        shutil.copyfile(src, folder / name)
+    lm.tokenizer.save_pretrained(folder)
+    gen = getattr(lm.model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(folder)
+    (folder / "subnet.json").write_text(subnet.to_json())
+    bad = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if bad or not (folder / "model.safetensors").is_file():
+        raise ExportError(f"the export must hold model.safetensors only, found {bad or 'no model.safetensors'}")
+
+
+def base_model_id(lm) -> str:
+    """The hub id of the base model where known (the embedded model's is its origin), else its spec."""
+    from .loading import EMBEDDED_NAME
+
+    return lm.source.split(" (")[0] if lm.source == EMBEDDED_NAME else lm.name
+
+
+def model_card(lm, subnet: Subnet, metrics: dict, provenance: dict, verification: dict, name: str) -> str:
+    shape = lm.shape
+    s = subnet.summary(shape)
+    base = base_model_id(lm)
+    lines = [
+        "---", f"license: {lm.license.split()[0] if lm.license else 'unknown'}", f"base_model: {base}",
+        "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- subnet-explorer",
+        "- structured-pruning", "---", "",
+        f"# {name}", "",
+        f"A physically smaller subnet of **{lm.source}**, found without training by Subnet Explorer "
+        "(the training-free subnet search of \"Search for Efficient Large Language Models\", NeurIPS 2024): "
+        "every block keeps its own subset of rotary pairs per KV group and of MLP channels, and whole "
+        "blocks may be dropped. Kept weights are inherited from the base model"
+        + (" and `o_proj`/`down_proj` were reformed on calibration data." if provenance.get("reformed") else "."),
+        "",
+        "## Size", "",
+        f"- parameters: {s['params']:,} of {shape.dense_params:,} ({s['fraction']:.1%} of the total, "
+        f"{s['prunable_fraction']:.1%} of the prunable block weights)",
+        f"- blocks kept: {s['layers_kept']} of {shape.num_layers}",
+        f"- ideal decode speed-up (weights read per token): {s['ideal_decode_speedup']:.3f}x",
+        "", "## Metrics measured at export", "",
+        *(f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in metrics.items()),
+        "", "## How it was found", "",
+        "```json", json.dumps(provenance, indent=2, default=str), "```", "",
+        "## Verification", "",
+        *(f"- {k}: {v}" for k, v in verification.items()),
+        "", "## How to load", "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(\"PATH\", trust_remote_code=True)",
+        "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")",
+        "ids = tokenizer(\"Hello\", return_tensors=\"pt\").input_ids",
+        "print(tokenizer.decode(model.generate(ids, max_new_tokens=20, do_sample=False)[0]))",
+        "```", "",
+        "The modelling code (`modeling_subnet.py`, `configuration_subnet.py`) imports only torch and transformers.",
+        "", "## Licence", "",
+        f"Derived from {base}; the base model's licence applies: **{lm.license}**.", "",
+    ]
+    return "\n".join(lines)
+
+
+# ---- verification in a fresh process --------------------------------------------------------
+VERIFY_SCRIPT = r'''
+import json, sys
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, probe_path, out_path = sys.argv[1:4]
+probe = load_file(probe_path)
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype="auto").eval()
+tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+with torch.no_grad():
+    logits = model(input_ids=probe["ids"]).logits.float()
+    prompt = probe["prompt"]
+    tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=int(probe["n"]),
+                            do_sample=False)
+save_file({"logits": logits.contiguous(), "tokens": tokens.contiguous()}, out_path)
+print("VERIFY_REPORT " + json.dumps({
+    "explorer_imported": any(m == "explorer" or m.startswith("explorer.") for m in sys.modules),
+    "class": type(model).__module__ + "." + type(model).__name__,
+    "text": tok.decode(tokens[0, prompt.shape[1]:], skip_special_tokens=True),
+}), flush=True)
+'''
+
+
+def verify_folder(folder: Path, lm, model, timeout: float = 600.0) -> dict:
+    """Reload `folder` with plain transformers in a subprocess that cannot import `explorer`;
+    compare its logits with the in-memory model and its greedy tokens with ours."""
+    from safetensors.torch import load_file, save_file
+
+    tok = lm.tokenizer
+    device = next(model.parameters()).device
+    ids = torch.tensor([tok.encode(PROBE_TEXT)])
+    prompt = torch.tensor([tok.encode(PROMPT_TEXT)])
+    with torch.no_grad():
+        want = model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
+        p = prompt.to(device)
+        want_tokens = model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=NEW_TOKENS,
+                                     do_sample=False).cpu()
+    with tempfile.TemporaryDirectory(prefix="subnet_verify_") as work:
+        w = Path(work)
+        save_file({"ids": ids, "prompt": prompt, "n": torch.tensor(NEW_TOKENS)}, w / "probe.safetensors")
+        (w / "verify.py").write_text(VERIFY_SCRIPT)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+        env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(w / "modules"), TOKENIZERS_PARALLELISM="false",
+                   CUDA_VISIBLE_DEVICES="")
+        proc = subprocess.run([sys.executable, "-I", str(w / "verify.py"), str(folder.resolve()),
+                               str(w / "probe.safetensors"), str(w / "out.safetensors")],
+                              cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ExportError(f"the exported folder does not load with plain transformers: {tail}")
+        lines = [l for l in proc.stdout.splitlines() if "VERIFY_REPORT " in l]
+        if not lines:
+            raise ExportError(f"the verification process printed no report: {proc.stdout[-300:]!r}")
+        report = json.loads(lines[-1].split("VERIFY_REPORT ", 1)[1])
+        got = load_file(w / "out.safetensors")
+    if report["explorer_imported"]:
+        raise ExportError("verification imported the explorer package; the export is not self-contained")
+    diff = float((got["logits"] - want).abs().max())
+    same = got["tokens"].shape == want_tokens.shape and bool(torch.equal(got["tokens"], want_tokens))
+    return {"max_logit_diff": diff, "same_tokens": same, "sample_text": report["text"], "class": report["class"],
+            "prompt": PROMPT_TEXT}
+
+
+def tolerance(model) -> float:
+    """1e-5 for fp32 on CPU (the reload runs on CPU too); half precision, or a GPU model compared
+    with its CPU reload, rounds differently, so allow more there."""
+    p = next(model.parameters())
+    if p.dtype != torch.float32:
+        return 5e-2
+    return 1e-5 if p.device.type == "cpu" else 1e-3
+
+
+# ---- the whole step --------------------------------------------------------------------------
+def _install(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished folder into place, moving an earlier export aside first."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}_old_", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def zip_folder(folder: Path) -> Path:
+    """`<folder>.zip` holding the folder, written beside it atomically. Weights are stored, not
+    deflated: fp32/bf16 tensors barely compress and deflating hundreds of MB takes minutes."""
+    target = folder.with_name(folder.name + ".zip")
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{folder.name}_partial_", suffix=".zip", dir=folder.parent)
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp_name, "w") as zf:
+            for f in sorted(folder.iterdir()):
+                kind = zipfile.ZIP_STORED if f.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
+                zf.write(f, f"{folder.name}/{f.name}", compress_type=kind)
+        os.replace(tmp_name, target)
+    finally:
+        if os.path.exists(tmp_name):
+            os.remove(tmp_name)
+    return target
+
+
+def export_subnet(lm, subnet_model, subnet: Subnet, out_dir: str | Path, metrics: dict, provenance: dict,
+                  verify: bool = True, make_zip: bool = True, on_event: EventSink = no_event,
+                  cancel: threading.Event | None = None, extra_files: dict[str, str] | None = None) -> ExportResult:
+    """Write, verify and install the export; raises ExportError if it does not verify."""
+    t0 = time.perf_counter()
+    out = Path(out_dir).expanduser().resolve()
+    check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name.replace('-', '_').replace('.', '_')}_partial_", dir=out.parent))
+    try:
+        on_event(Progress("export", 0, EXPORT_STEPS, "writing weights and code"))
+        write_folder(tmp, lm, subnet_model, subnet)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        check_cancel(cancel)
+        on_event(Progress("export", 1, EXPORT_STEPS, "reloading in a fresh process"))
+        verification: dict = {"verified": False}
+        if verify:
+            verification = verify_folder(tmp, lm, subnet_model)
+            tol = tolerance(subnet_model)
+            if not verification["max_logit_diff"] <= tol or not verification["same_tokens"]:
+                raise ExportError(f"the reloaded export differs from the subnet (max logit difference "
+                                  f"{verification['max_logit_diff']:.3g}, same tokens: {verification['same_tokens']})")
+            verification = {"verified": True, **verification, "tolerance": tol}
+        check_cancel(cancel)
+        on_event(Progress("export", 2, EXPORT_STEPS, "model card"))
+        record = {"metrics": metrics, "provenance": provenance, "verification": verification,
+                  "subnet": subnet.summary(lm.shape), "base_model": lm.source, "license": lm.license}
+        (tmp / "export.json").write_text(json.dumps(record, indent=2, default=str))
+        (tmp / "README.md").write_text(model_card(lm, subnet, metrics, provenance, verification, out.name))
+        files = tuple(sorted(p.name for p in tmp.iterdir()))
+        check_cancel(cancel)
+        on_event(Progress("export", 3, EXPORT_STEPS, "installing"))
+        _install(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    zip_path = None
+    if make_zip:
+        on_event(Progress("export", 4, EXPORT_STEPS, "zip"))
+        zip_path = str(zip_folder(out))
+    elif out.with_name(out.name + ".zip").is_file():  # an earlier export's zip no longer matches
+        out.with_name(out.name + ".zip").unlink()
+    on_event(Progress("export", EXPORT_STEPS, EXPORT_STEPS, "done"))
+    return ExportResult(str(out), zip_path, bool(verification["verified"]), verification.get("max_logit_diff"),
+                        verification.get("same_tokens"), verification.get("sample_text", ""), files,
+                        time.perf_counter() - t0)

@@ -1,0 +1,221 @@
+"""Cheap candidate fitness: perplexity of the physically sliced subnet on a few calibration windows.
+
+Three savings over the naive way (dense model with zeroed weights, every window, every block):
+
+- **Sliced blocks.** Each kept block is built at its own widths (the same SubnetBlock and the
+  same weights `explorer.slicing` produces), so a 50 % subnet costs about half a dense forward.
+- **Prefix reuse.** The hidden state after block i depends only on the choices of blocks 0..i,
+  so states are cached under a key of that prefix (per window). A mutated child shares the
+  blocks before its first change with its parent and starts from the parent's cached state.
+  The state is bitwise the same as recomputing it: windows always run one at a time.
+- **Early stop.** Windows run in order; once the summed NLL exceeds the bound (the k-th best
+  total so far), the candidate provably cannot enter the top k (NLL is never negative), so the
+  rest is skipped and its fitness is marked as a lower bound.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .events import check_cancel
+from .modeling_subnet import RMSNorm, SubnetBlock, base_inv_freq
+from .slicing import SLICE_TABLE, layer_indices, subnet_config
+from .subnet import ModelShape, Subnet
+
+
+@dataclass(frozen=True)
+class FitnessResult:
+    nll: float  # summed NLL over the windows evaluated
+    tokens: int  # predicted tokens over all windows (the denominator of the full perplexity)
+    windows_done: int
+    complete: bool  # False: stopped early, `ppl` is a lower bound
+    reused_blocks: int  # block forwards skipped thanks to cached prefixes (summed over windows)
+    computed_blocks: int
+    seconds: float
+    created: tuple = field(default=(), repr=False, compare=False)  # cache keys this evaluation stored
+
+    @property
+    def ppl(self) -> float:
+        """exp(mean NLL); with an early stop, the NLL of the skipped windows counts as 0 (a lower bound)."""
+        return math.exp(self.nll / self.tokens)
+
+
+class FitnessEvaluator:
+    """Evaluates subnets of one base model on fixed token windows, with a byte-bounded LRU of
+    prefix hidden states."""
+
+    def __init__(self, base, shape: ModelShape, windows: torch.Tensor, cache_bytes: int = 384 * 2**20,
+                 cache_every: int = 1):
+        self.base = base
+        self.shape = shape
+        self.windows = windows
+        self.cache_bytes = cache_bytes
+        self.cache_every = max(1, cache_every)
+        self.device = base.model.embed_tokens.weight.device
+        self.tokens = int(windows.shape[0] * (windows.shape[1] - 1))
+        self._cache: OrderedDict = OrderedDict()
+        self._bytes = 0
+        self._inv_freq = None
+        with torch.no_grad():
+            self._embedded = [base.model.embed_tokens(w[None].to(self.device)) for w in windows]  # each [1, T, D]
+        T = windows.shape[1]
+        self._positions = torch.arange(T, device=self.device)[None]
+        cfg = base.config
+        self._norm = RMSNorm(shape.hidden_size, cfg.rms_norm_eps).to(self.device)
+        self._norm.weight = base.model.norm.weight
+        self.stats = {"evaluations": 0, "stopped_early": 0, "reused_blocks": 0, "computed_blocks": 0, "seconds": 0.0}
+
+    # ---- cache ----------------------------------------------------------------------------
+    @staticmethod
+    def prefix_keys(subnet: Subnet) -> list[int]:
+        """keys[i] identifies the choices of blocks 0..i-1 (keys[0] is the empty prefix)."""
+        keys = [0]
+        for layer in subnet.layers:
+            keys.append(hash((keys[-1], layer)))
+        return keys
+
+    def _get(self, key):
+        t = self._cache.get(key)
+        if t is not None:
+            self._cache.move_to_end(key)
+        return t
+
+    def _put(self, key, t: torch.Tensor) -> bool:
+        size = t.numel() * t.element_size()
+        if size > self.cache_bytes or key in self._cache:
+            return False
+        self._cache[key] = t
+        self._bytes += size
+        while self._bytes > self.cache_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()
+        return True
+
+    def drop(self, keys) -> None:
+        """Forget states only this candidate needed (the search calls it for non-elite children)."""
+        for key in keys:
+            t = self._cache.pop(key, None)
+            if t is not None:
+                self._bytes -= t.numel() * t.element_size()
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._bytes = 0
+
+    # ---- blocks ---------------------------------------------------------------------------
+    def _block(self, config, j: int, layer_id: int, layer, biases: dict | None) -> SubnetBlock:
+        """Kept block j (base layer `layer_id`) at its own widths, weights sliced from the base."""
+        if self._inv_freq is None:
+            self._inv_freq = base_inv_freq(config)
+        inv, scaling = self._inv_freq
+        with torch.device("meta"):
+            block = SubnetBlock(config, j, inv.to("meta"), scaling)
+        src = self.base.model.layers[layer_id]
+        idx = layer_indices(self.shape, layer, self.device)
+        sd = {"input_layernorm.weight": src.input_layernorm.weight.data,
+              "post_attention_layernorm.weight": src.post_attention_layernorm.weight.data}
+        for name, (which, dim) in SLICE_TABLE.items():
+            lin = src.get_submodule(name)
+            sd[name + ".weight"] = lin.weight.data.index_select(dim, idx[which])
+            if lin.bias is not None:
+                sd[name + ".bias"] = lin.bias.data.index_select(0, idx[which]) if dim == 0 else lin.bias.data
+        for name, key, flag in (("o_proj", "self_attn.o_proj.bias", config.o_bias),
+                                ("down_proj", "mlp.down_proj.bias", config.down_bias)):
+            if flag:
+                w = sd[key.replace("bias", "weight")]
+                extra = (biases or {}).get(name, torch.zeros(w.shape[0])).to(self.device, w.dtype)
+                sd[key] = sd[key] + extra if key in sd else extra
+        block.load_state_dict(sd, assign=True, strict=True)
+        block.self_attn.inv_freq = inv[torch.tensor(config.attn_pairs[j], dtype=torch.long)].to(self.device)
+        return block
+
+    # ---- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, subnet: Subnet, bound: float | None = None, biases: dict | None = None,
+                 cancel: threading.Event | None = None) -> FitnessResult:
+        """Summed NLL over the windows; stops once it exceeds `bound`. `biases` maps a base layer
+        to extra {"o_proj", "down_proj"} biases (FLAP); such candidates bypass the cache."""
+        t0 = time.perf_counter()
+        subnet.validate(self.shape)
+        extra = {}
+        if biases:
+            extra = {"o_bias": any("o_proj" in b for b in biases.values()),
+                     "down_bias": any("down_proj" in b for b in biases.values())}
+        config = subnet_config(self.base.config, subnet, self.shape, **extra)
+        kept = [(i, l) for i, l in enumerate(subnet.layers) if l is not None]
+        keys = self.prefix_keys(subnet)
+        use_cache = not biases and self.cache_bytes > 0
+        blocks: dict[int, SubnetBlock] = {}
+        created, nll, reused, computed, done = [], 0.0, 0, 0, 0
+        for w, x0 in enumerate(self._embedded):
+            check_cancel(cancel)
+            start, x = 0, x0  # start = base layer from which to compute
+            if use_cache:
+                for i in range(self.shape.num_layers, 0, -1):
+                    hit = self._get((keys[i], w))
+                    if hit is not None:
+                        start, x = i, hit
+                        break
+            for j, (i, layer) in enumerate(kept):
+                if i < start:
+                    reused += 1
+                    continue
+                if j not in blocks:
+                    blocks[j] = self._block(config, j, i, layer, biases.get(i) if biases else None)
+                x = blocks[j](x, self._positions, None, True, None)
+                computed += 1
+                if use_cache and (i + 1) % self.cache_every == 0 and self._put((keys[i + 1], w), x):
+                    created.append((keys[i + 1], w))
+            logits = self.base.lm_head(self._norm(x))[0, :-1].float()  # [T-1, V]
+            target = self.windows[w, 1:].to(self.device)
+            nll += F.cross_entropy(logits, target, reduction="sum").item()
+            done += 1
+            if bound is not None and nll > bound and done < len(self._embedded):
+                break
+        seconds = time.perf_counter() - t0
+        complete = done == len(self._embedded)
+        s = self.stats
+        s["evaluations"] += 1
+        s["stopped_early"] += 0 if complete else 1
+        s["reused_blocks"] += reused
+        s["computed_blocks"] += computed
+        s["seconds"] += seconds
+        return FitnessResult(nll, self.tokens, done, complete, reused, computed, seconds, tuple(created))
+
+
+class MaskedEvaluator:
+    """The naive reference: the dense model with pruned rows/columns zeroed, every window, every
+    block. Same function as the sliced subnet (zeroed dims add nothing to scores or outputs)."""
+
+    def __init__(self, base, shape: ModelShape, windows: torch.Tensor, batch_size: int | None = None):
+        self.base, self.shape, self.windows = base, shape, windows
+        self.work = copy.deepcopy(base).eval()
+        self.batch_size = batch_size or len(windows)
+        self.tokens = int(windows.shape[0] * (windows.shape[1] - 1))
+
+    @torch.no_grad()
+    def evaluate(self, subnet: Subnet) -> float:
+        """Perplexity on all windows."""
+        from .perplexity import window_nll
+
+        for i, layer in enumerate(subnet.layers):
+            src, dst = self.base.model.layers[i], self.work.model.layers[i]
+            for name, (which, dim) in SLICE_TABLE.items():
+                w = src.get_submodule(name).weight.data
+                out = dst.get_submodule(name).weight.data
+                if layer is None:
+                    out.zero_()
+                    continue
+                idx = layer_indices(self.shape, layer, w.device)[which]
+                mask = torch.zeros(w.shape[dim], dtype=w.dtype, device=w.device)
+                mask[idx] = 1
+                out.copy_(w * (mask[:, None] if dim == 0 else mask[None, :]))
+        nll = window_nll(self.work, self.windows, batch_size=self.batch_size).sum().item()
+        return math.exp(nll / self.tokens)

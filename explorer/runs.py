@@ -1,0 +1,201 @@
+"""The run directory: nothing a search finds is lost.
+
+    run.json          settings (model spec, targets, preset, seed, corpus, base ModelShape),
+                      created time and status (running / finished / cancelled / failed)
+    candidates.jsonl  one JSON object per evaluated candidate, appended and flushed as it happens
+    annotations.jsonl later measurements of a candidate ({"id", "metrics"}), merged on read
+    events.jsonl      optional log of the search's events
+    importance.pt     the calibration scores, so a resume skips calibration
+
+`open_run` needs no model: a run can be browsed (candidates, fronts) anywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ExplorerError
+from .pareto import fronts_of
+from .subnet import ModelShape, Subnet
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+SEARCH_ORIGINS = ("search", "init")
+
+
+class RunError(ExplorerError):
+    """A run directory that is missing, malformed or not allowed."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    target: float
+    generation: int
+    origin: str  # "search" | "init" | "baseline:<name>" | "dense"
+    subnet: Subnet
+    metrics: dict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "target": self.target, "generation": self.generation, "origin": self.origin,
+                "subnet": self.subnet.to_dict(), "metrics": self.metrics}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Candidate":
+        return cls(str(d["id"]), float(d["target"]), int(d["generation"]), str(d["origin"]),
+                   Subnet.from_dict(d["subnet"]), dict(d.get("metrics", {})))
+
+    @property
+    def fitness(self) -> float:
+        """Fitness perplexity; infinity when the evaluation stopped early (only a lower bound)."""
+        m = self.metrics
+        return float("inf") if m.get("fitness_lower_bound") else float(m.get("fitness_ppl", float("inf")))
+
+
+def run_path(name: str, root: str | Path) -> Path:
+    """A run's folder under `root`; names are plain (no separators, no '..'), so none escapes it."""
+    if not isinstance(name, str) or not RUN_NAME.match(name) or ".." in name:
+        raise RunError(f"invalid run name {name!r}: use letters, digits, '.', '_' and '-' (up to 100)")
+    root = Path(root).resolve()
+    path = (root / name).resolve()
+    if path.parent != root:
+        raise RunError(f"run name {name!r} escapes the runs folder")
+    return path
+
+
+class Run:
+    """A run directory, read and appended to."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._extra: dict[str, dict] = {}
+
+    @property
+    def settings(self) -> dict:
+        return self.meta.get("settings", {})
+
+    @property
+    def meta(self) -> dict:
+        f = self.path / "run.json"
+        try:
+            return json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise RunError(f"{f} is missing or unreadable ({type(e).__name__})") from None
+
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape(**self.meta["shape"])
+
+    @property
+    def status(self) -> str:
+        return self.meta.get("status", "unknown")
+
+    def set_status(self, status: str, **extra) -> None:
+        meta = self.meta
+        meta.update(status=status, updated=time.time(), **extra)
+        _write_json(self.path / "run.json", meta)
+
+    # ---- candidates ------------------------------------------------------------------------
+    def candidates(self) -> list[Candidate]:
+        """Every stored candidate, annotations merged into its metrics. A torn last line (a crash
+        mid-write) is skipped."""
+        notes = _read_jsonl(self.path / "annotations.jsonl")
+        extra: dict[str, dict] = {}
+        for n in notes:
+            extra.setdefault(str(n.get("id")), {}).update(n.get("metrics", {}))
+        out = []
+        for d in _read_jsonl(self.path / "candidates.jsonl"):
+            c = Candidate.from_dict(d)
+            if c.id in extra:
+                c = Candidate(c.id, c.target, c.generation, c.origin, c.subnet, {**c.metrics, **extra[c.id]})
+            out.append(c)
+        return out
+
+    def append(self, candidate: Candidate) -> None:
+        _append_jsonl(self.path / "candidates.jsonl", candidate.to_dict())
+
+    def annotate(self, cid: str, metrics: dict) -> None:
+        _append_jsonl(self.path / "annotations.jsonl", {"id": cid, "metrics": metrics})
+
+    def log_event(self, record: dict) -> None:
+        _append_jsonl(self.path / "events.jsonl", record)
+
+    def fronts(self) -> dict[str, list[str]]:
+        """Candidate ids on the quality-vs-parameters and quality-vs-latency fronts."""
+        return fronts_of(self.candidates())
+
+    def pick(self, pick: str) -> Candidate:
+        """A candidate by id, or "best@0.7": the best fitness among the search's own candidates at that target."""
+        cands = self.candidates()
+        if pick.startswith("best@"):
+            try:
+                target = float(pick[5:])
+            except ValueError:
+                raise RunError(f"bad pick {pick!r}: use best@FRACTION, e.g. best@0.7") from None
+            pool = [c for c in cands if abs(c.target - target) < 1e-9 and c.origin in SEARCH_ORIGINS
+                    and c.fitness < float("inf")]
+            if not pool:
+                targets = sorted({c.target for c in cands if c.origin in SEARCH_ORIGINS})
+                raise RunError(f"no search candidate at target {target} (targets: {targets})")
+            return min(pool, key=lambda c: (c.fitness, c.id))
+        for c in cands:
+            if c.id == pick:
+                return c
+        raise RunError(f"no candidate {pick!r} in {self.path}")
+
+
+def create_run(path: str | Path, settings: dict, shape: ModelShape) -> Run:
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    if (p / "run.json").exists():
+        raise RunError(f"{p} already holds a run; resume it or choose another folder")
+    now = time.time()
+    _write_json(p / "run.json", {"settings": settings, "shape": shape.to_dict(), "created": now, "updated": now,
+                                 "status": "running"})
+    (p / "candidates.jsonl").touch()
+    return Run(p)
+
+
+def open_run(run_dir: str | Path) -> Run:
+    p = Path(run_dir)
+    if not (p / "run.json").is_file():
+        raise RunError(f"no run at {p} (run.json is missing)")
+    run = Run(p)
+    run.meta  # noqa: B018 - fail early on a malformed run.json
+    return run
+
+
+def load_candidate(run_dir: str | Path, pick: str) -> tuple[Subnet, dict]:
+    """(subnet, run settings) for a candidate id or "best@TARGET"."""
+    run = open_run(run_dir)
+    return run.pick(pick).subnet, run.settings
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash
+    return out

@@ -1,0 +1,185 @@
+"""Evolution operators respect the budget window and their claimed sizes; cheap fitness equals
+the sliced model's perplexity; the search is reproducible, resumable after a cancel, and rejects
+bad targets before any work; an end-to-end demo search on the embedded model yields a front."""
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+
+from explorer.errors import ExplorerError
+from explorer.evolution import Probs, crossover, make_space, mutate
+from explorer.fitness import FitnessEvaluator, MaskedEvaluator
+from explorer.importance import compute_importance, initial_subnet
+from explorer.loading import LoadedModel
+from explorer.perplexity import perplexity
+from explorer.runs import open_run
+from explorer.search import (CandidateEvaluated, FrontChanged, GenerationFinished, SearchCancelled, SearchFinished,
+                             SearchSettings, run_search)
+from explorer.slicing import slice_model
+from explorer.subnet import ModelShape
+from conftest import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_llama(0)
+    shape = ModelShape.from_config(model.config)
+    g = torch.Generator().manual_seed(0)
+    cal, fit = torch.randint(3, 97, (6, 24), generator=g), torch.randint(3, 97, (3, 24), generator=g)
+    imp = compute_importance(model, cal, shape)
+    return model, shape, imp, cal, fit
+
+
+def _real_params(model) -> int:
+    seen = set()
+    return sum(p.numel() for p in model.parameters() if not (p.data_ptr() in seen or seen.add(p.data_ptr())))
+
+
+@pytest.mark.parametrize("target", [0.85, 0.6])
+def test_mutation_and_crossover_stay_in_window_and_sizes_are_real(setup, target):
+    model, shape, imp, _, _ = setup
+    space = make_space(shape, target, window=0.01, multiple=8, head_multiple=4)
+    rng = random.Random(0)
+    parents = [initial_subnet(imp, shape, target, 8, 4)]
+    rough = Probs(depth=0.2, ratio=0.5, mask=0.5)
+    for n in range(40):
+        if n % 3 == 2 and len(parents) > 1:
+            child = crossover(*rng.sample(parents, 2), imp, shape, space, rng)
+        else:
+            child = mutate(rng.choice(parents), imp, shape, space, rng, rough)
+        assert child is not None
+        child.validate(shape)
+        assert space.lo_params <= child.params(shape) <= space.hi_params
+        assert sum(l is not None for l in child.layers) >= space.min_layers
+        for layer in child.layers:
+            if layer is not None:
+                assert len(layer.attn_pairs[0]) in space.pair_options and layer.width in space.width_options
+        assert _real_params(slice_model(model, child, shape)) == child.params(shape)  # the size it claims
+        parents.append(child)
+    assert len({p.key() for p in parents}) > 30  # the operators explore
+
+
+def test_make_space_rejects_unreachable_targets(setup):
+    _, shape, *_ = setup
+    for bad in (0.0, 1.5, -0.2, 0.05):
+        with pytest.raises(ExplorerError):
+            make_space(shape, bad)
+
+
+def test_fitness_matches_sliced_perplexity_with_reuse_and_early_stop(setup):
+    model, shape, imp, _, fit = setup
+    ev = FitnessEvaluator(model, shape, fit)
+    a = initial_subnet(imp, shape, 0.7, 8, 4)
+    want = perplexity(slice_model(model, a, shape), fit)
+    r1 = ev.evaluate(a)
+    assert r1.complete and r1.reused_blocks == 0
+    assert r1.ppl == pytest.approx(want, rel=1e-5)
+    assert MaskedEvaluator(model, shape, fit).evaluate(a) == pytest.approx(want, rel=1e-4)
+    r2 = ev.evaluate(a)  # every block of every window reused, bitwise the same
+    assert r2.nll == r1.nll and r2.computed_blocks == 0
+    layers = list(a.layers)
+    layers[-1] = initial_subnet(imp, shape, 0.9, 8, 4).layers[-1]  # differs only in the last block
+    b = type(a)(tuple(layers))
+    r3 = ev.evaluate(b)
+    assert r3.reused_blocks == (shape.num_layers - 1) * len(fit)
+    assert r3.ppl == pytest.approx(perplexity(slice_model(model, b, shape), fit), rel=1e-5)
+    r4 = FitnessEvaluator(model, shape, fit).evaluate(b, bound=1e-3)  # cannot beat it: stops after one window
+    assert not r4.complete and r4.windows_done == 1 and r4.ppl <= r3.ppl
+
+
+def _lm(model, shape):
+    return LoadedModel(model, None, shape, "tiny", "tiny", "", torch.float32, "cpu")
+
+
+def _settings(**kw):
+    base = dict(targets=(0.8, 0.6), head_multiple=4, population=4, generations=1, mutations=3, crossovers=2,
+                fresh=1, top_k=3, window=0.01, latency=False, split_init=2)
+    base.update(kw)
+    return SearchSettings.preset("demo", **base)
+
+
+def _collect(events):
+    return list(events)
+
+
+def test_search_is_reproducible_and_yields_fronts(setup, tmp_path):
+    model, shape, _, cal, fit = setup
+    runs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        evs = _collect(run_search(_lm(model, shape), _settings(seed=seed, targets=(0.7,)), tmp_path / name,
+                                  windows=(cal, fit)))
+        assert isinstance(evs[-1], SearchFinished)
+        assert any(isinstance(e, GenerationFinished) for e in evs) and any(isinstance(e, FrontChanged) for e in evs)
+        runs.append([(c.id, c.subnet.key(), c.metrics["fitness_ppl"]) for c in open_run(tmp_path / name).candidates()])
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+    run = open_run(tmp_path / "a")
+    origins = {c.origin for c in run.candidates()}
+    assert {"dense", "init", "search", "baseline:magnitude", "baseline:wanda-sp", "baseline:flap"} <= origins
+    assert run.status == "finished" and run.fronts()["params"]
+
+
+def test_resume_after_cancel_continues_without_reevaluating(setup, tmp_path):
+    model, shape, _, cal, fit = setup
+    full = _collect(run_search(_lm(model, shape), _settings(), tmp_path / "full", windows=(cal, fit)))
+    cancel = threading.Event()
+    seen = 0
+    events = run_search(_lm(model, shape), _settings(), tmp_path / "cut", cancel=cancel, windows=(cal, fit))
+    for ev in events:
+        if isinstance(ev, CandidateEvaluated):
+            seen += 1
+            if seen == 14:
+                cancel.set()
+    assert isinstance(ev, SearchCancelled)
+    assert open_run(tmp_path / "cut").status == "cancelled"
+    stored = len(open_run(tmp_path / "cut").candidates())
+    assert stored == 14
+    resumed = _collect(run_search(_lm(model, shape), _settings(targets=(0.5,)), tmp_path / "cut", resume=True,
+                                  windows=(cal, fit)))
+    assert isinstance(resumed[-1], SearchFinished)
+    replayed = [e for e in resumed if isinstance(e, CandidateEvaluated) and e.replayed]
+    assert len(replayed) == stored  # nothing stored was evaluated again
+    assert isinstance(full[-1], SearchFinished)
+    done = resumed[-1].summary
+    assert done["replayed"] == stored
+    assert done["evaluated"] + done["copied"] == len(open_run(tmp_path / "full").candidates()) - stored
+    key = lambda run: [(c.id, c.subnet.key(), c.metrics["fitness_ppl"]) for c in run.candidates()]  # noqa: E731
+    assert key(open_run(tmp_path / "cut")) == key(open_run(tmp_path / "full"))
+
+
+@pytest.mark.parametrize("targets", [(), (0.0,), (1.2,), (0.7, float("nan")), (0.05,)])
+def test_bad_targets_fail_before_any_work(setup, tmp_path, targets):
+    model, shape, _, cal, fit = setup
+    with pytest.raises(ExplorerError):
+        run_search(_lm(model, shape), _settings(targets=targets), tmp_path / "bad", windows=(cal, fit))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_presets_and_overrides():
+    paper = SearchSettings.preset("paper")
+    assert (paper.population, paper.generations, paper.top_k) == (100, 50, 10)
+    assert SearchSettings.preset("demo", generations=7).generations == 7
+    with pytest.raises(ExplorerError):
+        SearchSettings.preset("demo", no_such_field=1)
+    with pytest.raises(ExplorerError):
+        SearchSettings.preset("huge")
+    s = SearchSettings.preset("paper", seed=3)
+    assert SearchSettings.from_dict(s.to_dict()) == s
+
+
+@pytest.mark.slow
+def test_demo_search_on_embedded_model_yields_front(embedded, tmp_path):
+    s = SearchSettings.preset("demo", targets=(0.7,), calib_windows=2, calib_seq_len=64, fitness_windows=1,
+                              fitness_seq_len=64, population=2, generations=0, top_k=2, split_init=1,
+                              baselines=("magnitude",), latency=False)
+    events = list(run_search(embedded, s, tmp_path / "run"))
+    assert isinstance(events[-1], SearchFinished), events[-1]
+    run = open_run(tmp_path / "run")
+    front = run.fronts()["params"]
+    assert len(front) >= 2  # the dense model and at least one 70 % subnet
+    best = run.pick("best@0.7")
+    assert best.metrics["fraction"] <= 0.7 and best.fitness < run.pick(
+        [c.id for c in run.candidates() if c.origin == "baseline:magnitude"][0]).fitness
