@@ -134,7 +134,7 @@ def model_card(lm, subnet: Subnet, metrics: dict, provenance: dict, verification
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "model = AutoModelForCausalLM.from_pretrained(\"PATH\", trust_remote_code=True)",
-        "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")",
+        "tokenizer = AutoTokenizer.from_pretrained(\"PATH\", trust_remote_code=True)",
         "ids = tokenizer(\"Hello\", return_tensors=\"pt\").input_ids",
         "print(tokenizer.decode(model.generate(ids, max_new_tokens=20, do_sample=False)[0]))",
         "```", "",

@@ -41,7 +41,7 @@ class Candidate:
 
     def to_dict(self) -> dict:
         return {"id": self.id, "target": self.target, "generation": self.generation, "origin": self.origin,
-                "subnet": self.subnet.to_dict(), "metrics": self.metrics}
+                "subnet": self.subnet.to_dict(compact=True), "metrics": self.metrics}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Candidate":

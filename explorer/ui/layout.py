@@ -8,6 +8,7 @@ import gradio as gr
 from ..generation import DecodeSettings
 from ..settings import ModelSettings
 from .plots import X_AXES, Y_AXES
+from .views import compare_frame
 
 INTRO = """# Subnet Explorer
 Make a language model smaller and faster **without training**: search for subnets that inherit its weights
@@ -180,5 +181,6 @@ def build(default_model: str = ModelSettings().model) -> UI:
             out_a = gr.Textbox(label="Pick A", lines=8, elem_id="out-a", elem_classes="gen-box")
             out_b = gr.Textbox(label="Pick B", lines=8, elem_id="out-b", elem_classes="gen-box")
         gr.Markdown("### Compare")
-        compare = gr.Dataframe(label="Picked subnets", interactive=False, elem_id="compare-table", wrap=True)
+        compare = gr.Dataframe(compare_frame([]), label="Picked subnets", interactive=False,
+                               elem_id="compare-table", wrap=True)
     return UI(**{k: v for k, v in locals().items() if k in UI.__dataclass_fields__})
