@@ -1,0 +1,160 @@
+"""The real page in real headless Chromium: load, search, click a point, reform, prompt, download."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+
+from conftest import ARTIFACTS
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("Debian's chromium is not installed (apt-get install chromium chromium-driver)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+def shot(page, name: str) -> None:
+    out = ARTIFACTS / "screenshots"
+    out.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(out / f"{name}.png"), full_page=True)
+
+
+def text(page, selector: str) -> str:
+    return page.locator(selector).inner_text()
+
+
+def wait_text(page, selector: str, needle: str, timeout_s: float = 300) -> str:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        t = page.locator(selector).inner_text()
+        if needle in t:
+            return t
+        time.sleep(0.3)
+    raise AssertionError(f"{needle!r} never appeared in {selector}: {page.locator(selector).inner_text()[:500]}")
+
+
+def plot_points(page) -> int:
+    return page.locator("#pareto-plot .scatterlayer .point").count()
+
+
+def test_full_flow_in_chromium(app_server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1500, "height": 1100}, accept_downloads=True)
+    page.set_default_timeout(120_000)
+    page.goto(app_server["url"])
+    page.get_by_text("Subnet Explorer").first.wait_for()
+    shot(page, "01-open")
+
+    # load the embedded model
+    page.get_by_role("button", name="Load", exact=True).click()
+    wait_text(page, "#model-info", "Dense held-out perplexity", 400)
+    shot(page, "02-loaded")
+
+    # a tiny search: progress text changes and points appear while it runs
+    page.get_by_label("Targets (fraction of total parameters)").fill("0.7,0.5")
+    page.get_by_text("Budget details").click()
+    page.get_by_label("Population (blank = preset)").fill("6")
+    page.get_by_label("Generations (blank = preset)").fill("2")
+    page.get_by_label("Fitness windows (blank = preset)").fill("1")
+    page.get_by_label("Run name (blank = automatic)").fill("browser-run")
+    page.get_by_role("button", name="Start search").click()
+    first = wait_text(page, "#status-box", "candidates evaluated", 300)
+    seen_points_while_running = 0
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = text(page, "#status-box")
+        if "running" in status:
+            seen_points_while_running = max(seen_points_while_running, plot_points(page))
+        if "finished" in status:
+            break
+        time.sleep(0.5)
+    final = text(page, "#status-box")
+    assert "finished" in final and final != first
+    assert plot_points(page) > 0
+    shot(page, "03-search")
+
+    # click a point of the Pareto front (the plot may still be re-rendering: retry a few times)
+    card = ""
+    for _ in range(6):
+        time.sleep(1.5)
+        point = page.locator("#pareto-plot .scatterlayer .trace").nth(1).locator(".point").first
+        box = point.bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        time.sleep(0.3)
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        try:
+            card = wait_text(page, "#subnet-card", "layers kept", 15)
+            break
+        except AssertionError:
+            continue
+    assert "layers kept" in card, "clicking a point should pick it"
+    shot(page, "04-picked")
+
+    # reform it
+    page.get_by_role("button", name="Reform").click()
+    status = wait_text(page, "#action-status", "Reformed", 400)
+    assert "→" in status
+    shot(page, "05-reformed")
+
+    # prompt the original and the pick side by side: text streams in
+    page.get_by_role("button", name="Add to compare").click()
+    wait_text(page, "#action-status", "added to compare", 60)
+    page.get_by_role("button", name="Generate").click()
+    partial, deadline = False, time.time() + 300
+    while time.time() < deadline:
+        a = page.locator("#out-a textarea").input_value()
+        label = text(page, "#out-a")
+        if a and "done" not in label:
+            partial = True
+        if "done" in label and "done" in text(page, "#out-original"):
+            break
+        time.sleep(0.1)
+    assert page.locator("#out-original textarea").input_value().strip()
+    assert page.locator("#out-a textarea").input_value().strip()
+    assert "tok/s" in text(page, "#out-a")
+    assert partial, "the pick's text should appear token by token, not all at once"
+    shot(page, "06-prompt")
+
+    # export, download the zip, load it with plain transformers in a fresh process
+    page.get_by_role("button", name="Export & download").click()
+    wait_text(page, "#action-status", "verified", 600)
+    link = page.locator("#download a").first
+    link.wait_for()
+    with page.expect_download() as dl:
+        link.click()
+    zpath = tmp_path / "subnet.zip"
+    dl.value.save_as(zpath)
+    shot(page, "07-download")
+    folder = tmp_path / "unzipped"
+    with zipfile.ZipFile(zpath) as z:
+        z.extractall(folder)
+    roots = [p.parent for p in folder.rglob("config.json")]
+    assert roots, "the zip holds a model folder"
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+            f"m = AutoModelForCausalLM.from_pretrained({str(roots[0])!r}, trust_remote_code=True); "
+            f"t = AutoTokenizer.from_pretrained({str(roots[0])!r}, trust_remote_code=True); "
+            "ids = t('The weather today', return_tensors='pt').input_ids; "
+            "out = m.generate(ids, max_new_tokens=5, do_sample=False); "
+            "assert 'explorer' not in sys.modules; print(out.shape[1] - ids.shape[1])")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.strip().splitlines()[-1]) >= 1
+    # no traceback ever reached the page
+    assert "Traceback" not in page.content()
