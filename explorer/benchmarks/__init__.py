@@ -26,6 +26,19 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([line(columns), "-+-".join("-" * w for w in widths), *(line(r) for r in cells)])
 
 
+def add_common_arguments(p, heldout_windows: int | None = None) -> None:
+    """--model/--dtype/--device/--corpus/--seq-len/--heldout-windows, with the shared defaults."""
+    from ..settings import DataSettings, ModelSettings
+
+    m, d = ModelSettings(), DataSettings()
+    p.add_argument("--model", default=m.model)
+    p.add_argument("--dtype", default=m.dtype)
+    p.add_argument("--device", default=m.device)
+    p.add_argument("--corpus", default=d.corpus)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--heldout-windows", type=int, default=heldout_windows or d.heldout_windows)
+
+
 def write_json(path: str | Path, data: dict) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -14,10 +14,9 @@ from ..data import heldout_windows, load_corpus
 from ..latency import SpeedSettings, measure_speed
 from ..loading import load_model
 from ..perplexity import perplexity
-from ..settings import DataSettings, ModelSettings
 from ..slicing import slice_model
 from ..subnet import LayerChoice, ModelShape, Subnet, round_width
-from . import format_table, machine, write_json
+from . import add_common_arguments, format_table, machine, write_json
 
 
 def magnitude_uniform(model, shape: ModelShape, fraction: float) -> Subnet:
@@ -79,13 +78,7 @@ def run(args) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    m, d = ModelSettings(), DataSettings()
-    p.add_argument("--model", default=m.model)
-    p.add_argument("--dtype", default=m.dtype)
-    p.add_argument("--device", default=m.device)
-    p.add_argument("--corpus", default=d.corpus)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--heldout-windows", type=int, default=d.heldout_windows)
+    add_common_arguments(p)
     p.add_argument("--fraction", type=float, default=0.7)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)

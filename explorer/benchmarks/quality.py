@@ -22,9 +22,8 @@ from ..loading import load_model
 from ..perplexity import perplexity
 from ..runs import open_run
 from ..search import SearchFinished, SearchSettings, run_search
-from ..settings import DataSettings, ModelSettings
 from ..slicing import slice_model
-from . import format_table, machine, write_json
+from . import add_common_arguments, format_table, machine, write_json
 
 
 def _search(lm, settings, run_dir, log) -> dict:
@@ -120,13 +119,7 @@ def run(args) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    m, d = ModelSettings(), DataSettings()
-    p.add_argument("--model", default=m.model)
-    p.add_argument("--dtype", default=m.dtype)
-    p.add_argument("--device", default=m.device)
-    p.add_argument("--corpus", default=d.corpus)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--heldout-windows", type=int, default=16)
+    add_common_arguments(p, heldout_windows=16)
     p.add_argument("--targets", default="0.8,0.7,0.6,0.5")
     p.add_argument("--preset", default="demo", choices=["demo", "paper"])
     p.add_argument("--seed", type=int, default=0)
