@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -86,6 +87,7 @@ class Handlers:
     def __init__(self, ui: UI, ws: Workspace, settings: AppSettings = AppSettings()):
         self.ui, self.ws, self.cfg = ui, ws, settings
         self._dense: dict[tuple, dict] = {}
+        self._dense_lock = threading.Lock()
 
     # ---- helpers ------------------------------------------------------------------------
     def _run(self, s: Session):
@@ -151,7 +153,7 @@ class Handlers:
         progress(0.05, desc=f"loading {key[0]}")
         lm = self.ws.model(key, progress=lambda msg: progress(0.2, desc=msg))
         progress(0.5, desc="measuring the dense model (held-out perplexity, speed)")
-        with self.ws.heavy(key, "measuring the dense model"):
+        with self._dense_lock:  # a second tab loading the same model waits for the first measurement
             dense = self._dense_metrics(key, lm)
         s.model_key = key
         return {self.ui.model_info: views.model_markdown(lm.summary(), dense), self.ui.session: s}
