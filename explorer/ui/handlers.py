@@ -38,12 +38,14 @@ class AppSettings:
     reform_windows: int = 16
     reform_seq_len: int = 256
     stream_interval_s: float = 1.0
+    search_overrides: tuple[tuple[str, object], ...] = ()  # applied under the user's own settings
 
     @classmethod
     def quick(cls) -> "AppSettings":
         """Small measurements for tests and slow machines (SUBNET_EXPLORER_QUICK=1)."""
         return cls(heldout_windows=2, seq_len=256, speed=SpeedSettings(prompt_len=32, new_tokens=8, repeats=1),
-                   reform_windows=8, reform_seq_len=128, stream_interval_s=0.5)
+                   reform_windows=8, reform_seq_len=128, stream_interval_s=0.5,
+                   search_overrides=(("calib_windows", 8), ("measure_max", 2)))
 
     @classmethod
     def from_env(cls) -> "AppSettings":
@@ -169,8 +171,9 @@ class Handlers:
         lm = self.ws.loaded(s.model_key)
         overrides = {k: int(v) for k, v in (("population", population), ("generations", generations),
                                             ("fitness_windows", fitness_windows)) if v not in (None, "")}
-        settings = SearchSettings.preset(preset, targets=parse_targets(targets), seed=int(seed or 0),
-                                         baselines=tuple(BASELINES) if baselines else (), **overrides)
+        settings = SearchSettings.preset(preset, **{**dict(self.cfg.search_overrides), **overrides},
+                                         targets=parse_targets(targets), seed=int(seed or 0),
+                                         baselines=tuple(BASELINES) if baselines else ())
         name = (run_name or "").strip() or f"{slug(s.model_key[0])}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = self.ws.new_run_dir(name)
         if run_dir.exists():
