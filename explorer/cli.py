@@ -18,7 +18,7 @@ log = logging.getLogger("explorer")
 
 # Modules that add subcommands: each has `register(subparsers)`; a step's CLI lives beside it.
 COMMAND_MODULES: tuple[str, ...] = ("explorer.cli_evaluate", "explorer.cli_search", "explorer.cli_reform")
-BENCHMARKS = ("dense", "quality", "reform")
+BENCHMARKS = ("dense", "quality", "reform", "zeroshot", "scaling")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -59,10 +59,9 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args, rest: list[str]) -> int:
-    mod = importlib.import_module(f"explorer.benchmarks.{args.name}")
-    p = argparse.ArgumentParser(prog=f"python -m explorer bench {args.name}", description=mod.__doc__)
-    mod.add_arguments(p)
-    mod.run(p.parse_args(rest))
+    from .benchmarks import main
+
+    main(args.name, rest, prog=f"python -m explorer bench {args.name}")
     return 0
 
 

@@ -33,7 +33,11 @@ def register(sub) -> None:
     from .cli import add_model_args
 
     d = SearchSettings()
-    p = sub.add_parser("search", help="search subnets at several size targets; writes a run directory")
+    p = sub.add_parser("search", help="search subnets at several size targets; writes a run directory", epilog=(
+        "Several processes (one model replica each) share the evaluations when launched by "
+        "`accelerate launch --multi_gpu --num_processes N -m explorer search ...` or "
+        "`python -m torch.distributed.run --nproc_per_node N -m explorer search ...`; with --device cuda "
+        "each process takes its own GPU. Process 0 writes the run directory and prints."))
     add_model_args(p)
     p.add_argument("--corpus", default=d.corpus, help="bbc (embedded), a UTF-8 text file, or hf:wikitext-2")
     p.add_argument("--targets", type=_targets, default=d.targets, help="fractions of total parameters, e.g. 0.9,0.7,0.5")
@@ -53,8 +57,7 @@ def register(sub) -> None:
 
 def cmd_search(args) -> int:
     from .cli import load_from_args
-    from .search import (CandidateEvaluated, FrontChanged, GenerationFinished, SearchCancelled, SearchFailed,
-                         SearchFinished, StageProgress, run_search)
+    from .search import run_search
 
     overrides = dict(args.set)
     if args.resume:
@@ -64,8 +67,38 @@ def cmd_search(args) -> int:
         if "probs" in overrides or "first_probs" in overrides:
             raise ExplorerError("mutation probabilities are preset-only")
         settings = SearchSettings.preset(args.preset, **overrides)
-    lm = load_from_args(args)
-    events = run_search(lm, settings, args.resume or args.out, resume=bool(args.resume))
+    from .distributed import init_from_env, rank_device, shutdown
+
+    group = init_from_env()  # several processes when a launcher started us (WORLD_SIZE > 1)
+    try:
+        args.device = rank_device(args.device, group)
+        lm = group.leader_then_others(lambda: load_from_args(args))  # one fills the model cache, then the rest
+        events = run_search(lm, settings, args.resume or args.out, resume=bool(args.resume))
+        if not group.leader:  # process 0 reports; the others only evaluate their share
+            return _quiet(events)
+        return _render(events, args.resume or args.out)
+    finally:
+        shutdown()
+
+
+def _quiet(events) -> int:
+    """Run the search without output; the exit code of its last event."""
+    from .search import SearchCancelled, SearchFailed
+
+    code = 0
+    for ev in events:
+        if isinstance(ev, SearchCancelled):
+            code = 130
+        elif isinstance(ev, SearchFailed):
+            code = 2
+    return code
+
+
+def _render(events, run_dir: str) -> int:
+    """Progress bars on stderr, the summary as JSON on stdout; the exit code."""
+    from .search import (CandidateEvaluated, FrontChanged, GenerationFinished, SearchCancelled, SearchFailed,
+                         SearchFinished, StageProgress)
+
     bar, stage = None, None
     code = 0
     try:
@@ -92,12 +125,12 @@ def cmd_search(args) -> int:
                 pass
             elif isinstance(ev, SearchFinished):
                 s = ev.summary
-                print(json.dumps({"run_dir": args.resume or args.out, "best": s["best"],
+                print(json.dumps({"run_dir": run_dir, "best": s["best"],
                                   "evaluated": s["evaluated"], "replayed": s["replayed"],
                                   "evals_per_s": round(s["evals_per_s"], 3), "wall_seconds": s["wall_seconds"],
                                   "latency_mean_abs_error": s["latency_mean_abs_error"]}, indent=2))
             elif isinstance(ev, SearchCancelled):
-                print(f"stopped: {ev.message}; resume with --resume {args.resume or args.out}", file=sys.stderr)
+                print(f"stopped: {ev.message}; resume with --resume {run_dir}", file=sys.stderr)
                 code = 130
             elif isinstance(ev, SearchFailed):
                 print(f"error: {ev.message}", file=sys.stderr)

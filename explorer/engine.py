@@ -4,24 +4,55 @@ baselines, the initial subnets and the generations, every candidate archived as 
 Determinism is the resume mechanism: random choices come from a generator seeded by (seed,
 target), and the only other input to a decision is fitness, which a resumed run reads back from
 the JSONL (`memo`) instead of evaluating again.
+
+Candidates are decided in batches (the baselines, the initial subnets, one generation's children)
+before any of them is evaluated, and a batch is archived in order afterwards. Nothing in a batch
+depends on another member's fitness (the early-stop bound is the elite's at the batch's start), so
+the batch can be evaluated by one process or split over several (`explorer.distributed`) with the
+same result.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
 
 from .baselines import baseline_subnet, wanda_scores
 from .errors import ExplorerError
 from .data import calibration_windows, load_corpus
+from .distributed import current_group, leader_first
 from .evolution import crossover, make_space, mutate
 from .events import check_cancel
-from .fitness import FitnessEvaluator
+from .fitness import FitnessEvaluator, FitnessResult
 from .importance import Importance, initial_subnet, iter_importance, split_subnet
 from .pareto import fronts_of
 from .runs import Candidate
 from .search import CandidateEvaluated, FrontChanged, GenerationFinished, StageProgress, _log
 from .subnet import Subnet
+
+
+CALIBRATION_FILES = ("importance.pt", "latency_model.json")  # written by _prepare, read back when present
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """One candidate the search has decided on, not yet archived (see the module docstring)."""
+
+    subnet: Subnet
+    target: float
+    generation: int
+    origin: str  # "search" | "init" | "baseline:<name>" | "dense"
+    biases: dict | None = None  # extra o_proj / down_proj biases (FLAP): such candidates are never copied
+    extra: dict | None = None  # more metrics to store (e.g. the init scoring)
+
+    @property
+    def key(self) -> tuple:
+        """The memo key: a candidate is the same if its target, subnet and origin are."""
+        return (round(self.target, 6), self.subnet.key(), self.origin)
 
 
 class SearchEngine:
@@ -46,6 +77,7 @@ class SearchEngine:
         self._created: tuple = ()  # cache keys stored by the last real evaluation
         self.by_key: dict[tuple, Candidate] = {}  # (target, subnet key) -> an evaluated candidate without biases
         self._scorings: dict[str, Importance] = {}
+        self.group = current_group()  # one process, or this one's place among several
         self.windows = windows
 
     # ---- calibration ------------------------------------------------------------------------
@@ -66,7 +98,8 @@ class SearchEngine:
             self.importance.save(path)
         fit = (self.windows[1] if self.windows is not None else
                calibration_windows(lm.tokenizer, corpus, s.fitness_windows, s.fitness_seq_len, seed=s.seed + 1))
-        self.evaluator = FitnessEvaluator(lm.model, self.shape, fit, cache_bytes=s.cache_mb * 2**20)
+        self.evaluator = FitnessEvaluator(lm.model, self.shape, fit, cache_bytes=s.cache_mb * 2**20,
+                                          dtype=getattr(torch, s.fitness_dtype), batch=s.fitness_batch)
         if s.latency:
             yield from self._latency_model()
 
@@ -91,23 +124,32 @@ class SearchEngine:
         for e in events:
             yield StageProgress(e.stage, e.done, e.total, e.message)
 
-    # ---- one candidate ------------------------------------------------------------------------
-    def _candidate(self, subnet: Subnet, target: float, generation: int, origin: str,
-                   bound: float | None = None, biases=None, extra: dict | None = None) -> tuple[Candidate, bool]:
-        """Evaluate (or replay from the run) and archive one candidate. Returns (candidate, replayed)."""
-        key = (round(target, 6), subnet.key(), origin)
+    # ---- candidates -----------------------------------------------------------------------------
+    def _known(self, job: Job) -> bool:
+        """Whether archiving `job` needs no evaluation: stored by an earlier (cancelled) run, or the
+        same subnet already evaluated at this target under another origin (copied)."""
+        return job.key in self.memo or (not job.biases and job.key[:2] in self.by_key)
+
+    def _evaluate(self, job: Job, bound: float | None) -> FitnessResult:
+        check_cancel(self.cancel)
+        return self.evaluator.evaluate(job.subnet, bound if self.s.early_stop else None, job.biases, self.cancel)
+
+    def _archive(self, job: Job, result: FitnessResult | None, created: tuple = ()) -> tuple[Candidate, bool]:
+        """Store one candidate: replayed from the run, copied from an equal subnet, or from `result`
+        (the job's evaluation; `created` = the cache keys it stored in this process). Returns
+        (candidate, replayed)."""
+        key, target, subnet = job.key, job.target, job.subnet
         if key in self.memo:
             c = self.memo[key]
             self.archive.append(c)
             self._created = ()
-            if not biases and not c.metrics.get("fitness_lower_bound"):
+            if not job.biases and not c.metrics.get("fitness_lower_bound"):
                 self.by_key.setdefault(key[:2], c)
             return c, True
-        check_cancel(self.cancel)
-        same = None if biases else self.by_key.get(key[:2])
+        same = None if job.biases else self.by_key.get(key[:2])
         if same is not None:  # e.g. an initial subnet that is exactly a baseline's: same fitness, no new work
-            c = Candidate(f"c{self.next_id:05d}", round(target, 6), generation, origin, subnet,
-                          {**same.metrics, "eval_seconds": 0.0, "copied_from": same.id, **(extra or {})})
+            c = Candidate(f"c{self.next_id:05d}", round(target, 6), job.generation, job.origin, subnet,
+                          {**same.metrics, "eval_seconds": 0.0, "copied_from": same.id, **(job.extra or {})})
             self.next_id += 1
             self.run.append(c)
             self.memo[key] = c
@@ -115,7 +157,9 @@ class SearchEngine:
             self._created = ()
             self.copies += 1
             return c, False
-        r = self.evaluator.evaluate(subnet, bound if self.s.early_stop else None, biases, self.cancel)
+        r = result
+        if r is None:
+            raise RuntimeError(f"candidate {subnet.key()} at {target} was neither known nor evaluated")
         self.eval_seconds += r.seconds
         self.evaluations += 1
         info = subnet.summary(self.shape)
@@ -124,30 +168,59 @@ class SearchEngine:
                    "fitness_ppl": r.ppl, "fitness_nll": r.nll, "fitness_tokens": r.tokens,
                    "fitness_windows": r.windows_done, "fitness_lower_bound": not r.complete,
                    "eval_seconds": round(r.seconds, 4), "reused_blocks": r.reused_blocks,
-                   "computed_blocks": r.computed_blocks, **(extra or {})}
+                   "computed_blocks": r.computed_blocks, **(job.extra or {})}
         if self.latency is not None:
             metrics["predicted_latency_ms"] = round(self.latency.predict(subnet), 4)
-        c = Candidate(f"c{self.next_id:05d}", round(target, 6), generation, origin, subnet, metrics)
+        c = Candidate(f"c{self.next_id:05d}", round(target, 6), job.generation, job.origin, subnet, metrics)
         self.next_id += 1
         self.run.append(c)
         self.memo[key] = c
-        if not biases and r.complete:
+        if not job.biases and r.complete:
             self.by_key[key[:2]] = c
         self.archive.append(c)
-        self._created = r.created
+        self._created = created
         return c, False
+
+    def _run(self, jobs: Sequence[Job], bound: float | None = None) -> Iterator[tuple[Candidate, bool]]:
+        """Archive a batch in order, yielding (candidate, replayed) for each.
+
+        One process evaluates each job just before archiving it, so a cancel lands between two
+        candidates with everything before it stored. Several processes first evaluate the batch's
+        unknown jobs (split round robin, gathered everywhere), then archive exactly like one process:
+        `bound` is fixed for the batch and a job evaluated in vain (a copy of an equal subnet earlier
+        in the same batch) is archived as the copy one process would have made."""
+        if not self.group.active:
+            for job in jobs:
+                if self._known(job):
+                    yield self._archive(job, None)
+                else:
+                    r = self._evaluate(job, bound)
+                    yield self._archive(job, r, r.created)
+            return
+        todo = [i for i, job in enumerate(jobs) if not self._known(job)]
+        created: dict[int, tuple] = {}  # cache keys are this process's own: only it may drop them
+
+        def work(i: int) -> FitnessResult:
+            r = self._evaluate(jobs[i], bound)
+            created[i] = r.created
+            return dataclasses.replace(r, created=())
+
+        results = dict(zip(todo, self.group.map(todo, work)))
+        for i, job in enumerate(jobs):
+            yield self._archive(job, results.get(i), created.get(i, ()))
 
     def _emit(self, c: Candidate, replayed: bool) -> CandidateEvaluated:
         return CandidateEvaluated(c, replayed, len(self.archive))
 
     # ---- the run --------------------------------------------------------------------------------
     def events(self) -> Iterator[Any]:
-        yield from self._prepare()
-        dense, replayed = self._candidate(Subnet.full(self.shape), 1.0, 0, "dense")
-        yield self._emit(dense, replayed)
+        # process 0 calibrates; the others load its files (importance.pt, latency_model.json)
+        yield from leader_first(self.group, self._prepare, self.run.path, CALIBRATION_FILES)
+        for c, replayed in self._run([Job(Subnet.full(self.shape), 1.0, 0, "dense")]):
+            yield self._emit(c, replayed)
         for target in self.s.targets:
             yield from self._target(target)
-        if self.s.latency:
+        if self.s.latency and self.group.leader:  # timing is process 0's; the others are done
             yield from self._measure_front()
 
     def _target(self, target: float) -> Iterator[Any]:
@@ -155,9 +228,11 @@ class SearchEngine:
         space = make_space(shape, target, s.window, s.multiple, s.head_multiple, s.depth)
         rng = random.Random(f"{s.seed}:{target}")
         self.evaluator.clear()
+        jobs = []
         for name in s.baselines:
             res = baseline_subnet(name, self.lm.model, imp, shape, target, s.multiple, s.head_multiple)
-            c, rep = self._candidate(res.subnet, target, 0, f"baseline:{name}", biases=res.biases or None)
+            jobs.append(Job(res.subnet, target, 0, f"baseline:{name}", biases=res.biases or None))
+        for c, rep in self._run(jobs):
             yield self._emit(c, rep)
         seen: set[str] = set()
         elite: list[Candidate] = []  # top k of everything evaluated at this target (search and init)
@@ -186,44 +261,25 @@ class SearchEngine:
             inits.append((name, initial_subnet(sc, shape, target, s.multiple, s.head_multiple)))
             inits += [(name, sub) for sub in (split_subnet(sc, shape, target, p, s.multiple) for p in picks)
                       if sub is not None]
+        jobs = []
         for name, sub in inits:
             if sub.key() in seen:
                 continue
             seen.add(sub.key())
-            c, rep = self._candidate(sub, target, 0, "init", extra={"init_scoring": name})
+            jobs.append(Job(sub, target, 0, "init", extra={"init_scoring": name}))
+        for c, rep in self._run(jobs):
             consider(c)
             yield self._emit(c, rep)
         init_best = elite[0].subnet
         imp = self._scoring(elite[0].metrics.get("init_scoring", "obs"))
 
-        def children(generation: int) -> list[tuple[str, Any]]:
-            if generation == 1:
-                return [("m0", None)] * s.population
-            return [("m", None)] * s.mutations + [("x", None)] * s.crossovers + [("f", None)] * s.fresh
-
         total_gens = 1 + s.generations
         for generation in range(1, total_gens + 1):
             gen_t0, gen_evals0, stopped, n_gen = time.perf_counter(), self.evaluations, 0, 0
-            parents = [c.subnet for c in elite]
-            for kind, _ in children(generation):
-                child = None
-                for _ in range(s.max_tries):
-                    if kind == "m0":
-                        child = mutate(init_best, imp, shape, space, rng, s.first_probs)
-                    elif kind == "m":
-                        child = mutate(rng.choice(parents), imp, shape, space, rng, s.probs)
-                    elif kind == "f":
-                        child = mutate(init_best, imp, shape, space, rng, s.probs)
-                    else:
-                        a, b = rng.sample(parents, 2) if len(parents) > 1 else (parents[0], parents[0])
-                        child = crossover(a, b, imp, shape, space, rng)
-                    if child is not None and child.key() not in seen:
-                        break
-                    child = None
-                if child is None:
-                    continue
-                seen.add(child.key())
-                c, rep = self._candidate(child, target, generation, "search", bound())
+            kinds = (["m0"] * s.population if generation == 1 else
+                     ["m"] * s.mutations + ["x"] * s.crossovers + ["f"] * s.fresh)
+            children = self._breed(kinds, [c.subnet for c in elite], init_best, imp, space, rng, seen)
+            for c, rep in self._run([Job(child, target, generation, "search") for child in children], bound()):
                 stopped += int(c.metrics.get("fitness_lower_bound", False))
                 n_gen += 1
                 consider(c)
@@ -235,6 +291,35 @@ class SearchEngine:
                                                     real / secs if real and secs > 0 else 0.0, n_gen, stopped,
                                                     total_gens))
             yield from self._front_event()
+
+    def _breed(self, kinds: list[str], parents: list[Subnet], init_best: Subnet, imp: Importance, space,
+               rng: random.Random, seen: set[str]) -> list[Subnet]:
+        """One generation's children, decided before any is evaluated: "m0" mutates the best initial
+        subnet with the first generation's probabilities, "m" a parent, "f" the best initial subnet,
+        "x" crosses two parents. A child out of the window or already seen is resampled (up to
+        max_tries, else skipped). Only `rng` and `seen` change, in this order, so a seed always
+        breeds the same children from the same parents."""
+        s, shape = self.s, self.shape
+        out: list[Subnet] = []
+        for kind in kinds:
+            child = None
+            for _ in range(s.max_tries):
+                if kind == "m0":
+                    child = mutate(init_best, imp, shape, space, rng, s.first_probs)
+                elif kind == "m":
+                    child = mutate(rng.choice(parents), imp, shape, space, rng, s.probs)
+                elif kind == "f":
+                    child = mutate(init_best, imp, shape, space, rng, s.probs)
+                else:
+                    a, b = rng.sample(parents, 2) if len(parents) > 1 else (parents[0], parents[0])
+                    child = crossover(a, b, imp, shape, space, rng)
+                if child is not None and child.key() not in seen:
+                    break
+                child = None
+            if child is not None:
+                seen.add(child.key())
+                out.append(child)
+        return out
 
     def _scoring(self, name: str) -> Importance:
         """"obs": METHOD section 2's saliency; "wanda": |W| * ||X|| from the same calibration pass

@@ -69,6 +69,23 @@ class Stream:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def forward_step(model, input_ids: torch.Tensor, cache):
+    """One forward with the KV cache -> (logits, cache), whichever name this transformers gives it."""
+    import inspect
+
+    name = getattr(model, "_cache_kwarg", None)
+    if name is None:
+        params = inspect.signature(model.forward).parameters
+        name = "cache" if "cache" in params else "past_key_values"
+        try:
+            model._cache_kwarg = name
+        except AttributeError:
+            pass
+    out = model(input_ids=input_ids, use_cache=True, **{name: cache})
+    new = getattr(out, "cache", None)
+    return out.logits, new if new is not None else getattr(out, "past_key_values", None)
+
+
 @torch.no_grad()
 def token_stream(model, tokenizer, prompt_ids: torch.Tensor, settings: DecodeSettings) -> Iterator[Stream]:
     """Yield the growing Stream after every new token (KV cache, one token per step)."""
@@ -79,9 +96,8 @@ def token_stream(model, tokenizer, prompt_ids: torch.Tensor, settings: DecodeSet
     new: list[int] = []
     for _ in range(settings.max_new_tokens):
         t0 = time.perf_counter()
-        out = model(input_ids=ids, cache=cache, use_cache=True)
-        cache = out.cache
-        logits = out.logits[0, -1].float().cpu()
+        logits, cache = forward_step(model, ids, cache)
+        logits = logits[0, -1].float().cpu()
         token = _choose(logits, settings, gen)
         state.seconds += time.perf_counter() - t0
         if token in eos:

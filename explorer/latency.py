@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .generation import forward_step
+
 
 @dataclass(frozen=True)
 class SpeedSettings:
@@ -76,15 +78,13 @@ def _one_run(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float
     device = prompt.device
     _sync(device)
     t0 = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True)
+    logits, cache = forward_step(model, prompt, None)
     _sync(device)
     t1 = time.perf_counter()
-    cache = out.cache
-    token = out.logits[:, -1:].argmax(-1)
+    token = logits[:, -1:].argmax(-1)
     for _ in range(new_tokens):
-        out = model(input_ids=token, cache=cache, use_cache=True)
-        cache = out.cache
-        token = out.logits[:, -1:].argmax(-1)
+        logits, cache = forward_step(model, token, cache)
+        token = logits[:, -1:].argmax(-1)
     _sync(device)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -108,32 +109,84 @@ def embedded_cache_dir() -> Path:
     return cache_root() / f"smollm2-135m-instruct-{_source_key(gguf)}"
 
 
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Cache folder of a user's GGUF file: keyed by its absolute path, size and mtime, so an edited or
+    replaced file is read again instead of serving stale weights."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "-", gguf.stem)[:40] or "model"
+    where = hashlib.sha1(str(gguf.resolve()).encode()).hexdigest()[:8]
+    return cache_root() / f"gguf-{stem}-{where}-{_source_key(gguf)}"
+
+
 def ensure_embedded_cache(progress=None) -> Path:
-    """Dequantise the GGUF once, verify, and write it atomically as a safetensors folder."""
+    """Dequantise the embedded GGUF once, verify, and write it atomically as a safetensors folder."""
     target = embedded_cache_dir()
     if (target / "complete.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    return dequantise_gguf(embedded_gguf(), target, "smollm2-135m-instruct-*",
+                           name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct", progress=progress)
 
-    gguf = embedded_gguf()
+
+def ensure_gguf_cache(gguf: Path, progress=None) -> Path:
+    """A local `.gguf` file, dequantised once into the cache like the embedded model."""
+    target = gguf_cache_dir(gguf)
+    if (target / "complete.json").is_file():
+        return target
+    stale = target.name.rsplit("-", 1)[0] + "-*"  # the same file before it changed
+    return dequantise_gguf(gguf, target, stale, name_or_path=str(gguf), progress=progress)
+
+
+def check_gguf_header(gguf: Path) -> None:
+    """Refuse what is plainly not a GGUF before transformers parses it: a message naming the file
+    beats a parser's reshape error."""
+    try:
+        with open(gguf, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {gguf}: {e.strerror or type(e).__name__}") from None
+    if head[:4] != b"GGUF":
+        raise ModelLoadError(f"{gguf} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    version = int.from_bytes(head[4:8], "little") if len(head) == 8 else -1
+    if version not in (2, 3):
+        raise ModelLoadError(f"{gguf} is not a readable GGUF file (format version {version}; versions 2 and 3 "
+                             "are supported); it may be corrupt")
+
+
+def dequantise_gguf(gguf: Path, target: Path, stale_glob: str, name_or_path: str, progress=None) -> Path:
+    """Dequantise a GGUF with transformers (`gguf_file=`), copy the weights into a fresh model of the
+    same class, check its logits match, and write it atomically as safetensors.
+
+    A truncated or corrupt file fails inside transformers with whatever its parser raises; that becomes
+    one ModelLoadError naming the file (the log keeps the traceback) and no cache folder is left.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_gguf_header(gguf)
     if progress:
-        progress("dequantising the embedded GGUF (first run only)")
+        progress(f"dequantising {gguf.name} (first run only)")
     log.info("dequantising %s into %s", gguf, target)
-    quant = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        quant = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # noqa: BLE001 - parsers raise ValueError, IndexError, KeyError...; the log keeps it
+        log.exception("reading %s failed", gguf)
+        raise ModelLoadError(f"could not read the GGUF file {gguf} (it may be truncated, corrupt or of an "
+                             f"unsupported kind): {_first_line(e)}") from None
+    arch = type(quant).__name__
+    if arch not in SUPPORTED:
+        raise ModelLoadError(f"{gguf} holds a {arch}; supported: {', '.join(SUPPORTED)}")
     config = quant.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    fresh = LlamaForCausalLM(config).eval()
+    config.name_or_path = name_or_path
+    fresh = type(quant)(config).eval()
     missing = fresh.load_state_dict(quant.state_dict(), strict=False)
     if missing.missing_keys and set(missing.missing_keys) != {"lm_head.weight"}:
-        raise ModelLoadError(f"the embedded GGUF lacks weights: {missing.missing_keys[:3]}")
+        raise ModelLoadError(f"the GGUF file {gguf} lacks weights: {missing.missing_keys[:3]}")
     fresh.tie_weights()
     probe = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog.")])
     with torch.no_grad():
         if not torch.allclose(fresh(probe).logits, quant(probe).logits, atol=1e-5):
-            raise ModelLoadError("the dequantised copy of the embedded model does not match the GGUF")
+            raise ModelLoadError(f"the dequantised copy of {gguf} does not match the GGUF")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
@@ -145,10 +198,15 @@ def ensure_embedded_cache(progress=None) -> Path:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for stale in target.parent.glob("smollm2-135m-instruct-*"):  # older sources
+    for stale in target.parent.glob(stale_glob):  # older versions of the same source
         if stale != target:
             shutil.rmtree(stale, ignore_errors=True)
     return target
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _read_config(folder: Path) -> dict:
@@ -178,8 +236,14 @@ def resolve(spec: str, trust_remote_code: bool = False) -> tuple[Path, str]:
         return ensure_embedded_cache(), "embedded"
     path = Path(spec).expanduser()
     if path.exists():
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            return ensure_gguf_cache(path), "gguf"
         if not path.is_dir():
-            raise ModelLoadError(f"{spec} is a file; give the folder that holds config.json and the weights")
+            raise ModelLoadError(f"{spec} is a file; give the folder that holds config.json and the weights "
+                                 "(or a .gguf file)")
+        if not (path / "config.json").is_file() and any(path.glob("*.gguf")):
+            raise ModelLoadError(f"{path} has no config.json but holds a GGUF file: give the .gguf file itself, "
+                                 f"e.g. {next(path.glob('*.gguf'))}")
         check_architecture(_read_config(path), str(path))
         return path, "local"
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") != 1
@@ -221,8 +285,7 @@ def load_model(spec: str = "default", dtype: str = "float32", device: str = "cpu
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - corrupt/truncated files raise many types; the log keeps it
         log.exception("loading %s failed", folder)
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"could not load the model from {folder}: {first}") from None
+        raise ModelLoadError(f"could not load the model from {folder}: {_first_line(e)}") from None
     if device not in ("auto", "cpu"):
         model.to(device)
     model.eval()

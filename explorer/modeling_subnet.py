@@ -11,6 +11,7 @@ the base model computes.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -22,6 +23,9 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_subnet import SubnetConfig
+
+# transformers 5.2x calls the KV cache field `cache`; earlier 5.x `past_key_values`.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 def base_inv_freq(config: SubnetConfig) -> tuple[torch.Tensor, float]:
@@ -96,8 +100,8 @@ class SubnetAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary(position_ids, q.dtype)  # [B, KV, T, d]
         group = self.n_heads // self.n_kv
-        cos_q, sin_q = cos.repeat_interleave(group, dim=1), sin.repeat_interleave(group, dim=1)
-        q = q * cos_q + rotate_half(q) * sin_q
+        qg = q.view(B, self.n_kv, group, T, self.head_dim)  # query heads of a KV group share its pairs
+        q = (qg * cos[:, :, None] + rotate_half(qg) * sin[:, :, None]).view(B, self.n_heads, T, self.head_dim)
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v, self.layer)
@@ -224,7 +228,7 @@ class SubnetForCausalLM(SubnetPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
 
 
 SubnetConfig.register_for_auto_class()

@@ -35,10 +35,12 @@ class SearchSettings:
     corpus: str = "bbc"
     calib_windows: int = 32  # importance calibration
     calib_seq_len: int = 256
-    fitness_windows: int = 2  # fitness perplexity
+    fitness_windows: int = 4  # fitness perplexity
     fitness_seq_len: int = 256
+    fitness_dtype: str = "auto"  # compute dtype of fitness; "auto" = bf16 where the hardware has it (stored resolved)
+    fitness_batch: int = 2  # windows per forward; early stop is checked between batches
     population: int = 10  # first generation: mutations of the best initial subnet
-    generations: int = 3  # after the first
+    generations: int = 4  # after the first
     top_k: int = 5
     mutations: int = 6  # per generation
     crossovers: int = 3
@@ -80,6 +82,8 @@ class SearchSettings:
         if "preset" in d:
             d["preset_name"] = d.pop("preset")
         d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        d.setdefault("fitness_dtype", "float32")  # runs from before the setting computed fitness in fp32
+        d.setdefault("fitness_batch", 1)
         for k in ("first_probs", "probs"):
             if isinstance(d.get(k), dict):
                 d[k] = Probs(**d[k])
@@ -183,7 +187,18 @@ def run_search(lm: LoadedModel, settings: SearchSettings, run_dir: str | Path,
                windows: tuple | None = None) -> Iterator[Any]:
     """Validate, then return the event iterator. With `resume`, the run's stored settings win.
 
-    `windows` = (calibration, fitness) token tensors replaces the corpus (tests on tiny models)."""
+    `windows` = (calibration, fitness) token tensors replaces the corpus (tests on tiny models).
+    Under torch.distributed every process calls this alike: process 0 owns `run_dir`, the others
+    mirror it in a scratch folder (`explorer.distributed.shared_run`)."""
+    from .distributed import current_group, shared_run
+
+    return shared_run(current_group(), Path(run_dir), resume,
+                      lambda folder: _start(lm, settings, folder, cancel, resume, windows))
+
+
+def _start(lm: LoadedModel, settings: SearchSettings, run_dir: Path, cancel: threading.Event | None,
+           resume: bool, windows: tuple | None) -> Iterator[Any]:
+    """run_search's work in one folder: validate, create or open the run, return its events."""
     from .runs import RunError, create_run, open_run
 
     run_dir = Path(run_dir)
@@ -205,6 +220,14 @@ def run_search(lm: LoadedModel, settings: SearchSettings, run_dir: str | Path,
     bad = [n for n in settings.init_scorings if n not in ("obs", "wanda")]
     if bad or not settings.init_scorings:
         raise ExplorerError(f"init_scorings must be a non-empty choice of obs, wanda (got {list(settings.init_scorings)})")
+    from .fitness import resolve_dtype
+
+    try:  # stored resolved, so a resumed run computes fitness the same way wherever it continues
+        settings = dataclasses.replace(settings, fitness_dtype=resolve_dtype(settings.fitness_dtype, lm.model.get_input_embeddings().weight.device))
+    except ValueError as e:
+        raise ExplorerError(str(e)) from None
+    if settings.fitness_batch < 1:
+        raise ExplorerError("fitness_batch must be at least 1")
     if not resume:
         run = create_run(run_dir, {**settings.to_dict(), "model": lm.name, "schema": SCHEMA}, lm.shape)
     return _events(lm, settings, run, cancel, resume, windows)

@@ -9,12 +9,11 @@ import zipfile
 
 import pytest
 
+from browser import ARGS, CHROMIUM, wait_text
+
 from conftest import ARTIFACTS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
 @pytest.fixture
@@ -39,14 +38,6 @@ def text(page, selector: str) -> str:
     return page.locator(selector).inner_text()
 
 
-def wait_text(page, selector: str, needle: str, timeout_s: float = 300) -> str:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        t = page.locator(selector).inner_text()
-        if needle in t:
-            return t
-        time.sleep(0.3)
-    raise AssertionError(f"{needle!r} never appeared in {selector}: {page.locator(selector).inner_text()[:500]}")
 
 
 def plot_points(page) -> int:

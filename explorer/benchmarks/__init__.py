@@ -44,3 +44,16 @@ def write_json(path: str | Path, data: dict) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(data, indent=2, default=str))
     return p
+
+
+def main(name: str, argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """Entry point of `bench/NAME.py` and `python -m explorer bench NAME`: parse, run, print, write."""
+    import argparse
+    import importlib
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    mod = importlib.import_module(f"explorer.benchmarks.{name}")
+    parser = argparse.ArgumentParser(prog=prog or f"bench/{name}.py", description=mod.__doc__)
+    mod.add_arguments(parser)
+    return mod.run(parser.parse_args(argv))

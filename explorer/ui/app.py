@@ -12,6 +12,7 @@ from .layout import BRIDGE_JS, CSS, UI, build
 from .workspace import ASSET_RUNS, Workspace
 
 DEFAULT_RUNS = Path(os.environ.get("SUBNET_EXPLORER_RUNS", Path.cwd() / "runs"))
+MAX_UPLOAD = "32mb"  # a subnet JSON of a 70B model is ~30 MB written out; the handler checks the exact bound
 DEFAULT_EXPORTS = Path(os.environ.get("SUBNET_EXPLORER_EXPORTS", Path.cwd() / "exports"))
 
 
@@ -24,13 +25,19 @@ def wire(ui: UI, h: Handlers) -> None:
     u.start_btn.click(
         h.search, [u.targets, u.preset, u.population, u.generations, u.fitness_windows, u.seed, u.run_name,
                    u.baselines, u.x_axis, u.y_axis, u.session], every(), api_name="search", concurrency_limit=None)
-    u.stop_btn.click(h.stop, [u.session], every(), api_name="stop_search", queue=False)
+    # Stop cancels whichever heavy job this tab runs (search, reformation, export, evaluation); the name
+    # stays "stop_search" for API users from before it did more. Queued (so its "nothing is running"
+    # toast reaches the page) but without a concurrency limit, so it never waits behind the job it stops.
+    u.stop_btn.click(h.stop, [u.session], every(), api_name="stop_search", concurrency_limit=None,
+                     show_progress="hidden")
     u.open_btn.click(h.open, [u.runs, u.x_axis, u.y_axis, u.session], every(), api_name="open_run")
     u.x_axis.change(h.replot, [u.x_axis, u.y_axis, u.session], every(), api_name=False)
     u.y_axis.change(h.replot, [u.x_axis, u.y_axis, u.session], every(), api_name=False)
     u.pick_bridge_btn.click(h.pick, [u.pick_bridge, u.x_axis, u.y_axis, u.session], every(), api_name=False)
     u.pick_btn.click(h.pick, [u.pick_box, u.x_axis, u.y_axis, u.session], every(), api_name="pick")
     u.pick_box.submit(h.pick, [u.pick_box, u.x_axis, u.y_axis, u.session], every(), api_name=False)
+    u.subnet_file.upload(h.open_subnet, [u.subnet_file, u.x_axis, u.y_axis, u.session], every(),
+                         api_name="open_subnet", concurrency_limit=None)
     u.reform_btn.click(h.reform, [u.session], every(), api_name="reform", concurrency_limit=None)
     u.eval_btn.click(h.evaluate, [u.eval_tasks, u.eval_limit, u.session], every(), api_name="evaluate",
                      concurrency_limit=None)
@@ -53,7 +60,8 @@ def create_app(runs_root: Path = DEFAULT_RUNS, exports_root: Path = DEFAULT_EXPO
 
 def launch_kwargs(ws: Workspace) -> dict:
     return {"css": CSS, "js": BRIDGE_JS, "allowed_paths": [str(ws.exports_root)], "theme": gr.themes.Soft(),
-            "footer_links": ["api"], "show_error": True}
+            "footer_links": ["api"], "show_error": True,
+            "max_file_size": MAX_UPLOAD}  # the only upload is a subnet JSON; Gradio refuses bigger bodies
 
 
 __all__ = ["create_app", "launch_kwargs", "ASSET_RUNS"]

