@@ -11,7 +11,7 @@ import time
 import torch
 
 from ..data import heldout_windows, load_corpus
-from ..latency import SpeedSettings, measure_speed
+from ..latency import SpeedSettings, measure_speeds
 from ..loading import load_model
 from ..perplexity import perplexity
 from ..slicing import slice_model
@@ -55,9 +55,11 @@ def run(args) -> dict:
     narrow = magnitude_uniform(lm.model, lm.shape, args.fraction)
     sliced = slice_model(lm.model, narrow, lm.shape)
     rows = []
-    for name, model, sub in (("dense", lm.model, dense), (f"uniform {args.fraction:.0%}", sliced, narrow)):
+    models = (("dense", lm.model, dense), (f"uniform {args.fraction:.0%}", sliced, narrow))
+    speeds = measure_speeds({name: model for name, model, _ in models}, lm.shape.vocab_size, speed)
+    for name, model, sub in models:
         ppl = perplexity(model, held)
-        sp = measure_speed(model, lm.shape.vocab_size, speed)
+        sp = speeds[name]
         rows.append({"model": name, "params": sub.params(lm.shape), "fraction": sub.fraction(lm.shape),
                      "ppl": ppl, "prefill_ms": sp.prefill_ms, "decode_tok_s": sp.decode_tokens_per_s,
                      "param_MB": sp.param_bytes / 2**20, "peak_MB": sp.peak_memory_bytes / 2**20,

@@ -100,7 +100,7 @@ def run(args) -> dict:
 def measure_shape(row: dict, dev: str, dtype: torch.dtype, args) -> None:
     from ..fitness import FitnessEvaluator, MaskedEvaluator, fast_dtype
     from ..importance import compute_importance, initial_subnet
-    from ..latency import SpeedSettings, measure_speed
+    from ..latency import SpeedSettings, measure_speeds
     from ..loading import LoadedModel
     from ..reform import ReformSettings, reform
     from ..subnet import ModelShape
@@ -146,9 +146,8 @@ def measure_shape(row: dict, dev: str, dtype: torch.dtype, args) -> None:
     row["reform_peak_extra_GiB"] = _peak(dev, base)
     print(f"{name}: reform {row['reform_s']:.1f}s", flush=True)
     sp = SpeedSettings(prompt_len=128, new_tokens=args.new_tokens, repeats=3)
-    dense = measure_speed(model, V, sp)
-    subm = result.model
-    s70 = measure_speed(subm, V, sp)
+    speeds = measure_speeds({"dense": model, "subnet": result.model}, V, sp)
+    dense, s70 = speeds["dense"], speeds["subnet"]
     row["dense_tok_s"] = dense.decode_tokens_per_s
     row["subnet_tok_s"] = s70.decode_tokens_per_s
     row["decode_speedup"] = s70.decode_tokens_per_s / dense.decode_tokens_per_s
