@@ -268,10 +268,11 @@ class MaskedEvaluator:
         self.tokens = int(windows.shape[0] * (windows.shape[1] - 1))
 
     @torch.no_grad()
-    def evaluate(self, subnet: Subnet) -> float:
-        """Perplexity on all windows."""
+    def evaluate(self, subnet: Subnet, windows: torch.Tensor | None = None) -> float:
+        """Perplexity on all windows (or on `windows`, so one masked copy serves several sets)."""
         from .perplexity import window_nll
 
+        windows = self.windows if windows is None else windows
         for i, layer in enumerate(subnet.layers):
             src, dst = self.base.model.layers[i], self.work.model.layers[i]
             for name, (which, dim) in SLICE_TABLE.items():
@@ -284,5 +285,5 @@ class MaskedEvaluator:
                 mask = torch.zeros(w.shape[dim], dtype=w.dtype, device=w.device)
                 mask[idx] = 1
                 out.copy_(w * (mask[:, None] if dim == 0 else mask[None, :]))
-        nll = window_nll(self.work, self.windows, batch_size=self.batch_size).sum().item()
-        return math.exp(nll / self.tokens)
+        nll = window_nll(self.work, windows, batch_size=self.batch_size).sum().item()
+        return math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import Cancelled, ExplorerError
+from .events import Progress
 from .evolution import Probs, make_space
 from .loading import LoadedModel
 from .subnet import ModelShape
@@ -114,13 +115,9 @@ class SearchStarted:
 
 
 @dataclass(frozen=True)
-class StageProgress:
-    """Calibration steps before the search proper (importance, latency model)."""
-
-    stage: str
-    done: int
-    total: int
-    message: str = ""
+class StageProgress(Progress):
+    """Calibration steps before the search proper (importance, latency model): a Progress of its own
+    type, so the UI and the CLI can tell it from the candidates' stream."""
 
 
 @dataclass(frozen=True)

@@ -74,11 +74,11 @@ def naive_rate(lm, run, settings, samples: int, seed: int = 0) -> dict:
                                 seed=settings.seed)
     out = {"evaluations": len(pick)}
     ppl_full = []
+    naive = MaskedEvaluator(lm.model, lm.shape, fit, batch_size=8)  # one masked copy for both sets
     for name, windows in (("same", fit), ("full", calib)):
-        naive = MaskedEvaluator(lm.model, lm.shape, windows, batch_size=min(len(windows), 8))
-        naive.evaluate(pick[0].subnet)  # warm-up
+        naive.evaluate(pick[0].subnet, windows)  # warm-up
         t0 = time.perf_counter()
-        ppls = [naive.evaluate(c.subnet) for c in pick]
+        ppls = [naive.evaluate(c.subnet, windows) for c in pick]
         secs = time.perf_counter() - t0
         out[name] = {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "seconds": secs,
                      "evals_per_s": len(pick) / secs}
