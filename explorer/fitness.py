@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .events import check_cancel
-from .modeling_subnet import RMSNorm, SubnetBlock, base_inv_freq
+from .modeling_subnet import RMSNorm, SubnetBlock, base_inv_freq, rope_table
 from .slicing import SLICE_TABLE, layer_indices, subnet_config
 from .subnet import ModelShape, Subnet
 
@@ -98,7 +98,7 @@ class FitnessEvaluator:
         self._bytes = 0
         self._blocks: OrderedDict = OrderedDict()  # (base layer, LayerChoice) -> SubnetBlock
         self._block_bytes = 0
-        self._inv_freq = None
+        self._rope = None  # cos/sin of the base rotary pairs at the window positions
         n = windows.shape[0]
         batch = max(1, min(batch, n))
         self._chunks = [(a, min(a + batch, n)) for a in range(0, n, batch)]
@@ -166,11 +166,8 @@ class FitnessEvaluator:
                 self._blocks.move_to_end(key)
                 self.stats["block_cache_hits"] += 1
                 return hit
-        if self._inv_freq is None:
-            self._inv_freq = base_inv_freq(config)
-        inv, scaling = self._inv_freq
         with torch.device("meta"):
-            block = SubnetBlock(config, j, inv.to("meta"), scaling)
+            block = SubnetBlock(config, j)
         src = self.base.model.layers[layer_id]
         idx = layer_indices(self.shape, layer, self.device)
         sd = {"input_layernorm.weight": src.input_layernorm.weight.data,
@@ -188,7 +185,7 @@ class FitnessEvaluator:
                 sd[bkey] = sd[bkey] + extra if bkey in sd else extra
         sd = {k: v.to(self.dtype) for k, v in sd.items()}
         block.load_state_dict(sd, assign=True, strict=True)
-        block.self_attn.inv_freq = inv[torch.tensor(config.attn_pairs[j], dtype=torch.long)].to(self.device)
+        block.self_attn.rope_index = block.self_attn.make_rope_index(config, j).to(self.device)
         self.stats["sliced_blocks"] += 1
         if not biases and self.block_cache_bytes > 0:
             size = sum(v.numel() * v.element_size() for v in sd.values())
@@ -214,6 +211,9 @@ class FitnessEvaluator:
             extra = {"o_bias": any("o_proj" in b for b in biases.values()),
                      "down_bias": any("down_proj" in b for b in biases.values())}
         config = subnet_config(self.base.config, subnet, self.shape, **extra)
+        if self._rope is None:
+            inv, scaling = base_inv_freq(config)
+            self._rope = rope_table(inv.to(self.device), scaling, self._positions, self.dtype)
         kept = [(i, l) for i, l in enumerate(subnet.layers) if l is not None]
         keys = self.prefix_keys(subnet)
         use_cache = not biases and self.cache_bytes > 0
@@ -235,7 +235,7 @@ class FitnessEvaluator:
                     continue
                 if j not in blocks:
                     blocks[j] = self._block(config, j, i, layer, biases.get(i) if biases else None)
-                x = blocks[j](x, self._positions, None, True, None)
+                x = blocks[j](x, self._rope, None, True, None)
                 computed += b - a
                 if use_cache and (i + 1) % self.cache_every == 0 and self._put((keys[i + 1], c), x):
                     created.append((keys[i + 1], c))

@@ -37,9 +37,23 @@ class SpeedReport:
     device: str
     threads: int
     settings: dict
+    prefill_ms_rounds: tuple[float, ...] = ()  # one per timed round, in round order
+    decode_ms_rounds: tuple[float, ...] = ()  # ms per token, one per timed round
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def paired_speedup(base: SpeedReport, other: SpeedReport, decode: bool = True) -> float:
+    """Median over rounds of base time / other time, each round's pair measured back to back.
+
+    On a shared machine the load drifts between rounds; a ratio within one round cancels the
+    drift that a ratio of two medians would keep."""
+    a, b = (base.decode_ms_rounds, other.decode_ms_rounds) if decode else (base.prefill_ms_rounds,
+                                                                         other.prefill_ms_rounds)
+    if not a or len(a) != len(b):
+        raise ValueError("paired speed-ups need reports from one measure_speeds call")
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 class _PeakRSS:
@@ -73,7 +87,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping: a decoded token is hundreds of small ops
 def _one_run(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     device = prompt.device
     _sync(device)
@@ -147,5 +161,7 @@ def measure_speeds(models: dict, vocab_size: int, settings: SpeedSettings = Spee
             device=str(device),
             threads=torch.get_num_threads(),
             settings=asdict(settings),
+            prefill_ms_rounds=tuple(1000 * p for p in prefill[name]),
+            decode_ms_rounds=tuple(1000 * d / settings.new_tokens for d in decode[name]),
         )
     return out

@@ -8,6 +8,11 @@ Per kept block, every attention head keeps the same number of rotary pairs; the 
 of a KV group share that group's pairs. A kept pair keeps its original frequency, and the
 softmax scale stays 1/sqrt(original head_dim), so a full-width subnet computes exactly what
 the base model computes.
+
+Decoding one token on a CPU is a few hundred small ops whose cost does not shrink with the
+widths, so this file keeps them few: q/k/v and gate/up are one projection each (checkpoints in
+the base model's separate-projection layout are fused on load), the rotary cos/sin of the base
+pairs are computed once per forward and gathered per block, and RMSNorm is one fused op in fp32.
 """
 from __future__ import annotations
 
@@ -50,9 +55,15 @@ def base_inv_freq(config: SubnetConfig) -> tuple[torch.Tensor, float]:
     return inv.float(), float(scaling)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rope_table(inv_freq: torch.Tensor, scaling: float, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """cos | sin | -sin of every *base* rotary pair at these positions: [B, T, 3P].
+
+    Computed once per forward; each block gathers its kept pairs from it (`SubnetAttention.rope_index`).
+    Decoding one token costs a few dozen small ops per block, so ops saved per block are a
+    visible share of a narrow subnet's time per token."""
+    freqs = position_ids[..., None].float() * inv_freq.float()  # [B, T, P], as the base model computes it
+    cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
+    return torch.cat((cos, sin, -sin), dim=-1).to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -62,14 +73,31 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
+        dtype = x.dtype  # low precision: normalise in fp32, round, then scale (as Llama does)
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 
+def _fuse_on_load(parts: tuple[str, ...], fused: str):
+    """A load_state_dict pre-hook: accept the base model's separate projections (q/k/v, gate/up),
+    as the slicer writes them, and concatenate them into the fused one."""
+
+    def hook(state_dict, prefix, *_):
+        for kind in ("weight", "bias"):
+            keys = [f"{prefix}{p}.{kind}" for p in parts]
+            if all(k in state_dict for k in keys):
+                state_dict[f"{prefix}{fused}.{kind}"] = torch.cat([state_dict.pop(k) for k in keys], dim=0)
+
+    return hook
+
+
 class SubnetAttention(nn.Module):
-    def __init__(self, config: SubnetConfig, layer: int, inv_freq: torch.Tensor, scaling: float):
+    """q, k and v come from one fused projection (one matmul instead of three per token)."""
+
+    def __init__(self, config: SubnetConfig, layer: int):
         super().__init__()
         pairs = config.attn_pairs[layer]
         self.layer = layer
@@ -77,63 +105,69 @@ class SubnetAttention(nn.Module):
         self.n_kv = config.num_key_value_heads
         self.head_dim = 2 * len(pairs[0])  # kept dims per head in this block
         self.softmax_scale = 1.0 / math.sqrt(config.base_head_dim)  # of the original head, on purpose
-        self.rope_scaling = scaling
         d, D = self.head_dim, config.hidden_size
-        self.q_proj = nn.Linear(D, self.n_heads * d, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(D, self.n_kv * d, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(D, self.n_kv * d, bias=config.qkv_bias)
+        self.qkv_proj = nn.Linear(D, (self.n_heads + 2 * self.n_kv) * d, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * d, D, bias=config.o_bias)
-        # The kept pairs' own frequencies, one row per KV group: [n_kv, d/2]
-        index = torch.tensor(pairs, dtype=torch.long)
-        self.register_buffer("inv_freq", inv_freq[index].clone(), persistent=False)
+        self.register_buffer("rope_index", self.make_rope_index(config, layer), persistent=False)
+        self._register_load_state_dict_pre_hook(_fuse_on_load(("q_proj", "k_proj", "v_proj"), "qkv_proj"))
 
-    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # position_ids [B, T] -> cos, sin [B, n_kv, T, d]
-        freqs = position_ids[:, None, :, None].float() * self.inv_freq.float()[None, :, None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.rope_scaling).to(dtype), (emb.sin() * self.rope_scaling).to(dtype)
+    @staticmethod
+    def make_rope_index(config: SubnetConfig, layer: int) -> torch.Tensor:
+        """[2, H + KV, d] indices into `rope_table`: cos and signed sin of the kept pairs, per
+        query head then per key head; the query heads of a KV group share that group's pairs, and
+        a kept pair keeps its own frequency. Signed sin (-sin on the first half) turns
+        rotate_half into a plain roll."""
+        P = config.base_head_dim // 2
+        pairs = torch.tensor(config.attn_pairs[layer], dtype=torch.long)  # [KV, d/2]
+        H, KV = config.num_attention_heads, config.num_key_value_heads
+        groups = torch.cat((torch.arange(H) // (H // KV), torch.arange(KV)))
+        idx = pairs[groups]  # [H + KV, d/2]
+        return torch.stack((torch.cat((idx, idx), -1), torch.cat((idx + 2 * P, idx + P), -1)))
 
-    def forward(self, x, position_ids, mask, is_causal, cache: Cache | None):
+    def forward(self, x, rope, mask, is_causal, cache: Cache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, d]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, KV, T, d]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = self.rotary(position_ids, q.dtype)  # [B, KV, T, d]
-        group = self.n_heads // self.n_kv
-        qg = q.view(B, self.n_kv, group, T, self.head_dim)  # query heads of a KV group share its pairs
-        q = (qg * cos[:, :, None] + rotate_half(qg) * sin[:, :, None]).view(B, self.n_heads, T, self.head_dim)
-        k = k * cos + rotate_half(k) * sin
+        H, KV, d = self.n_heads, self.n_kv, self.head_dim
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, d)
+        cos, sin = rope[:, :, self.rope_index].unbind(2)  # each [B, T, H + KV, d]
+        qk = qkv[:, :, :H + KV]
+        qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # == x * cos + rotate_half(x) * sin, exactly
+        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, H, T, d], [B, KV, T, d]
+        v = qkv[:, :, H + KV:].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.softmax_scale, enable_gqa=group > 1
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.softmax_scale, enable_gqa=H > KV
         )  # [B, H, T, d]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * d))
 
 
 class SubnetMLP(nn.Module):
+    """gate and up come from one fused projection."""
+
     def __init__(self, config: SubnetConfig, layer: int):
         super().__init__()
         D, P = config.hidden_size, config.intermediate_sizes[layer]
-        self.gate_proj = nn.Linear(D, P, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(D, P, bias=config.mlp_bias)
+        self.gate_up_proj = nn.Linear(D, 2 * P, bias=config.mlp_bias)
         self.down_proj = nn.Linear(P, D, bias=config.down_bias)
-        self.act_fn = ACT2FN[config.hidden_act]
+        # a plain function where there is one: a module call costs as much as the op at decode time
+        self.act_fn = F.silu if config.hidden_act == "silu" else ACT2FN[config.hidden_act]
+        self._register_load_state_dict_pre_hook(_fuse_on_load(("gate_proj", "up_proj"), "gate_up_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class SubnetBlock(nn.Module):
-    def __init__(self, config: SubnetConfig, layer: int, inv_freq: torch.Tensor, scaling: float):
+    def __init__(self, config: SubnetConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = SubnetAttention(config, layer, inv_freq, scaling)
+        self.self_attn = SubnetAttention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SubnetMLP(config, layer)
 
-    def forward(self, x, position_ids, mask, is_causal, cache):
-        x = x + self.self_attn(self.input_layernorm(x), position_ids, mask, is_causal, cache)
+    def forward(self, x, rope, mask, is_causal, cache):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -155,17 +189,18 @@ class SubnetPreTrainedModel(PreTrainedModel):
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, SubnetAttention):
-            inv_freq, _ = base_inv_freq(self.config)
-            index = torch.tensor(self.config.attn_pairs[module.layer], dtype=torch.long)
-            module.inv_freq.copy_(inv_freq[index])
+            module.rope_index.copy_(module.make_rope_index(self.config, module.layer))
+        elif isinstance(module, SubnetModel):
+            module.inv_freq.copy_(base_inv_freq(self.config)[0])
 
 
 class SubnetModel(SubnetPreTrainedModel):
     def __init__(self, config: SubnetConfig):
         super().__init__(config)
-        inv_freq, scaling = base_inv_freq(config)
+        inv_freq, self.rope_scaling = base_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # of the base model's rotary pairs
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(SubnetBlock(config, i, inv_freq, scaling) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(SubnetBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
@@ -179,8 +214,9 @@ class SubnetModel(SubnetPreTrainedModel):
         if position_ids is None:
             position_ids = (torch.arange(T, device=x.device) + past).unsqueeze(0).expand(B, T)
         mask, is_causal = self.attention_mask(attention_mask, B, T, past, x.device)
+        rope = rope_table(self.inv_freq, self.rope_scaling, position_ids, x.dtype)
         for block in self.layers:
-            x = block(x, position_ids, mask, is_causal, cache)
+            x = block(x, rope, mask, is_causal, cache)
         return self.norm(x), cache
 
     @staticmethod

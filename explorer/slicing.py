@@ -115,16 +115,16 @@ def build_model(config: SubnetConfig, state_dict: dict[str, torch.Tensor]) -> Su
         model = SubnetForCausalLM(config)
     if config.tie_word_embeddings:
         state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
-    for key in model.state_dict():
-        if key not in state_dict and not (key == "lm_head.weight" and config.tie_word_embeddings):
-            raise KeyError(f"sliced weights miss {key}")
-    model.load_state_dict(state_dict, assign=True, strict=False)
+    # strict=False only for the tied head; the pre-hooks fuse q/k/v and gate/up on the way in
+    missing, unexpected = model.load_state_dict(state_dict, assign=True, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise KeyError(f"sliced weights miss {missing} / have unexpected {unexpected}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    inv_freq, _ = base_inv_freq(config)
+    device = model.model.embed_tokens.weight.device
+    model.model.inv_freq = base_inv_freq(config)[0].to(device)  # buffers built on meta: fill them
     for block in model.model.layers:
-        attn = block.self_attn
-        index = torch.tensor(config.attn_pairs[attn.layer], dtype=torch.long)
-        attn.inv_freq = inv_freq[index].to(block.input_layernorm.weight.device)
+        block.self_attn.rope_index = block.self_attn.make_rope_index(config, block.self_attn.layer).to(device)
     model.config.dtype = model.model.embed_tokens.weight.dtype
     return model.eval()

@@ -11,7 +11,7 @@ import time
 import torch
 
 from ..data import heldout_windows, load_corpus
-from ..latency import SpeedSettings, measure_speeds
+from ..latency import SpeedSettings, measure_speeds, paired_speedup
 from ..loading import load_model
 from ..perplexity import perplexity
 from ..slicing import slice_model
@@ -65,9 +65,9 @@ def run(args) -> dict:
                      "param_MB": sp.param_bytes / 2**20, "peak_MB": sp.peak_memory_bytes / 2**20,
                      "ideal_speedup": sub.summary(lm.shape)["ideal_decode_speedup"], "speed": sp.to_dict()})
     d = rows[0]
-    for r in rows:
-        r["decode_speedup"] = r["decode_tok_s"] / d["decode_tok_s"]
-        r["prefill_speedup"] = d["prefill_ms"] / r["prefill_ms"]
+    for r in rows:  # median over rounds of the paired ratio (see latency.paired_speedup)
+        r["decode_speedup"] = paired_speedup(speeds[d["model"]], speeds[r["model"]])
+        r["prefill_speedup"] = paired_speedup(speeds[d["model"]], speeds[r["model"]], decode=False)
         r["measured_over_ideal"] = r["decode_speedup"] / r["ideal_speedup"]
     cols = ["model", "params", "fraction", "ppl", "prefill_ms", "decode_tok_s", "param_MB", "peak_MB",
             "decode_speedup", "prefill_speedup", "ideal_speedup", "measured_over_ideal"]

@@ -1,0 +1,68 @@
+"""Speed measurement: what it reports and how speed-ups are formed (never how fast anything is)."""
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from explorer.latency import SpeedReport, SpeedSettings, measure_speeds, paired_speedup, param_bytes
+from explorer.slicing import slice_model
+from explorer.subnet import LayerChoice, ModelShape, Subnet
+
+
+def report(decode_rounds, prefill_rounds=None) -> SpeedReport:
+    prefill_rounds = prefill_rounds or decode_rounds
+    return SpeedReport(prefill_ms=0.0, decode_tokens_per_s=0.0, decode_ms_per_token=0.0, param_bytes=0,
+                       peak_memory_bytes=0, device="cpu", threads=1, settings={},
+                       prefill_ms_rounds=tuple(prefill_rounds), decode_ms_rounds=tuple(decode_rounds))
+
+
+def test_paired_speedup_is_the_median_of_per_round_ratios():
+    base, other = report([10, 40, 30], [8, 8, 8]), report([5, 10, 30], [4, 2, 8])
+    # per round 2, 4, 1 -> 2; the ratio of the medians would say 30 / 10 = 3
+    assert paired_speedup(base, other) == pytest.approx(2.0)
+    assert paired_speedup(base, other, decode=False) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="one measure_speeds call"):
+        paired_speedup(base, report([1, 2]))
+
+
+def half_subnet(shape: ModelShape) -> Subnet:
+    half = shape.n_pairs // 2
+    return Subnet(tuple(LayerChoice(tuple(tuple(range(half)) for _ in range(shape.num_kv_heads)),
+                                    tuple(range(shape.intermediate_size // 2))) for _ in range(shape.num_layers)))
+
+
+def test_measure_speeds_times_every_model_every_round(tiny):
+    shape = ModelShape.from_config(tiny.config)
+    small = slice_model(tiny, half_subnet(shape), shape)
+    settings = SpeedSettings(prompt_len=8, new_tokens=3, repeats=4, warmup=1)
+    out = measure_speeds({"dense": tiny, "half": small}, shape.vocab_size, settings)
+    for rep in out.values():
+        assert len(rep.decode_ms_rounds) == len(rep.prefill_ms_rounds) == 4
+        assert all(t > 0 for t in rep.decode_ms_rounds + rep.prefill_ms_rounds)
+        assert rep.decode_ms_per_token == pytest.approx(statistics.median(rep.decode_ms_rounds))
+        assert rep.decode_tokens_per_s == pytest.approx(1000 / rep.decode_ms_per_token)
+    assert out["dense"].param_bytes == param_bytes(tiny)
+    assert out["half"].param_bytes < out["dense"].param_bytes
+    assert paired_speedup(out["dense"], out["half"]) > 0
+
+
+def test_fused_projections_load_from_the_base_layout_and_save_fused(tiny, tmp_path):
+    """The slicer writes q/k/v and gate/up separately (the base model's layout); the sliced model
+    holds them fused, and that is what an export stores."""
+    shape = ModelShape.from_config(tiny.config)
+    model = slice_model(tiny, half_subnet(shape), shape)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    half_q = shape.num_heads * shape.head_dim // 2
+    base_attn = tiny.model.layers[0].self_attn
+    assert torch.equal(attn.qkv_proj.weight[:half_q],
+                       base_attn.q_proj.weight.view(shape.num_heads, shape.head_dim, -1)[:, [0, 1, 2, 3, 8, 9, 10, 11]]
+                       .reshape(half_q, -1))
+    width = shape.intermediate_size // 2
+    assert torch.equal(mlp.gate_up_proj.weight[width:], tiny.model.layers[0].mlp.up_proj.weight[:width])
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    keys = set(load_file(tmp_path / "model.safetensors"))
+    assert "model.layers.0.self_attn.qkv_proj.weight" in keys and "model.layers.0.mlp.gate_up_proj.weight" in keys
+    assert not any(k.endswith(("q_proj.weight", "gate_proj.weight")) for k in keys)
