@@ -50,15 +50,19 @@ class Failure:
     kind: str  # exception class name
     message: str
     cancelled: bool
+    user_error: bool  # an ExplorerError: bad input that every process would have refused alike
 
     @classmethod
     def of(cls, rank: int, e: BaseException) -> "Failure":
-        return cls(rank, type(e).__name__, str(e), isinstance(e, Cancelled))
+        return cls(rank, type(e).__name__, str(e), isinstance(e, Cancelled), isinstance(e, ExplorerError))
 
     def error(self) -> ExplorerError:
-        """The exception the other processes raise: a cancel stays a cancel."""
+        """The exception the other processes raise: a cancel stays a cancel, an input error keeps its
+        own message, anything else names the process it happened in."""
         if self.cancelled:
             return Cancelled(self.message)
+        if self.user_error:
+            return ExplorerError(self.message)
         return ExplorerError(f"process {self.rank} failed: {self.kind}: {self.message}")
 
 
@@ -99,6 +103,17 @@ class Group:
         dist.broadcast_object_list(box, src=0, group=self.pg)
         return box[0]
 
+    def tell(self, error: BaseException | None, data: Any = None) -> None:
+        """Process 0's verdict on a step the others wait for: its failure, or the data they need."""
+        self.broadcast((None if error is None else Failure.of(0, error), data))
+
+    def hear(self) -> Any:
+        """The other processes' side of `tell`: process 0's data, or its failure raised here."""
+        failure, data = self.broadcast()
+        if failure is not None:
+            raise failure.error()
+        return data
+
     def leader_then_others(self, fn: Callable[[], R]) -> R:
         """`fn()` on process 0 first, then on the others: for steps that fill a cache every process
         reads (the first run's dequantised embedded model, a hub download), which concurrent copies
@@ -109,13 +124,11 @@ class Group:
             try:
                 out = fn()
             except Exception as e:  # noqa: BLE001 - the others must hear of it before it propagates
-                self.broadcast(Failure.of(0, e))
+                self.tell(e)
                 raise
-            self.broadcast(None)
+            self.tell(None)
             return out
-        failure = self.broadcast()
-        if failure is not None:
-            raise failure.error()
+        self.hear()
         return fn()
 
     def map(self, items: Sequence[T], fn: Callable[[T], R]) -> list[R]:
@@ -234,13 +247,11 @@ def shared_run(group: Group, run_dir: Path, resume: bool, start: Callable[[Path]
         try:
             events = start(run_dir)
         except Exception as e:  # noqa: BLE001 - the other processes must hear of it before it propagates
-            group.broadcast((Failure.of(0, e), {}))
+            group.tell(e)
             raise
-        group.broadcast((None, _read_files(run_dir, RUN_FILES) if resume else {}))
+        group.tell(None, _read_files(run_dir, RUN_FILES) if resume else {})
         return events
-    failure, files = group.broadcast()
-    if failure is not None:
-        raise ExplorerError(failure.message)  # process 0's own message: the same input error here
+    files = group.hear()  # process 0's input error is raised here with its own message
     scratch = Path(tempfile.mkdtemp(prefix=f"explorer-rank{group.rank}-"))
     try:
         _write_files(scratch, files)
@@ -267,20 +278,14 @@ def leader_first(group: Group, steps: Callable[[], Iterator[Any]], folder: Path,
         yield from steps()
         return
     if group.leader:
-        failure = None
         try:
             yield from steps()
         except Exception as e:  # noqa: BLE001 - sent to the others, then re-raised
-            failure = e
-        group.broadcast((None if failure is None else Failure.of(0, failure),
-                         {} if failure is not None else _read_files(folder, files)))
-        if failure is not None:
-            raise failure
+            group.tell(e)
+            raise
+        group.tell(None, _read_files(folder, files))
         return
-    failure, data = group.broadcast()
-    if failure is not None:
-        raise failure.error()
-    _write_files(folder, data)
+    _write_files(folder, group.hear())
     yield from steps()
 
 

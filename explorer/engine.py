@@ -162,9 +162,7 @@ class SearchEngine:
             raise RuntimeError(f"candidate {subnet.key()} at {target} was neither known nor evaluated")
         self.eval_seconds += r.seconds
         self.evaluations += 1
-        info = subnet.summary(self.shape)
-        metrics = {"params": info["params"], "fraction": info["fraction"],
-                   "prunable_fraction": info["prunable_fraction"], "flops_per_token": info["flops_per_token"],
+        metrics = {**subnet.size_metrics(self.shape),
                    "fitness_ppl": r.ppl, "fitness_nll": r.nll, "fitness_tokens": r.tokens,
                    "fitness_windows": r.windows_done, "fitness_lower_bound": not r.complete,
                    "eval_seconds": round(r.seconds, 4), "reused_blocks": r.reused_blocks,

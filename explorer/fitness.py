@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .events import check_cancel
 from .modeling_subnet import RMSNorm, SubnetBlock, base_inv_freq, rope_table
-from .slicing import SLICE_TABLE, layer_indices, subnet_config
+from .slicing import SLICE_TABLE, block_state_dict, fill_buffers, layer_indices, subnet_config
 from .subnet import ModelShape, Subnet
 
 
@@ -168,15 +168,7 @@ class FitnessEvaluator:
                 return hit
         with torch.device("meta"):
             block = SubnetBlock(config, j)
-        src = self.base.model.layers[layer_id]
-        idx = layer_indices(self.shape, layer, self.device)
-        sd = {"input_layernorm.weight": src.input_layernorm.weight.data,
-              "post_attention_layernorm.weight": src.post_attention_layernorm.weight.data}
-        for name, (which, dim) in SLICE_TABLE.items():
-            lin = src.get_submodule(name)
-            sd[name + ".weight"] = lin.weight.data.index_select(dim, idx[which])
-            if lin.bias is not None:
-                sd[name + ".bias"] = lin.bias.data.index_select(0, idx[which]) if dim == 0 else lin.bias.data
+        sd = block_state_dict(self.base.model.layers[layer_id], layer, self.shape)
         for name, bkey, flag in (("o_proj", "self_attn.o_proj.bias", config.o_bias),
                                  ("down_proj", "mlp.down_proj.bias", config.down_bias)):
             if flag:
@@ -185,7 +177,7 @@ class FitnessEvaluator:
                 sd[bkey] = sd[bkey] + extra if bkey in sd else extra
         sd = {k: v.to(self.dtype) for k, v in sd.items()}
         block.load_state_dict(sd, assign=True, strict=True)
-        block.self_attn.rope_index = block.self_attn.make_rope_index(config, j).to(self.device)
+        fill_buffers(block, config, self.device)
         self.stats["sliced_blocks"] += 1
         if not biases and self.block_cache_bytes > 0:
             size = sum(v.numel() * v.element_size() for v in sd.values())

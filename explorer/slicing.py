@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .configuration_subnet import SubnetConfig
-from .modeling_subnet import SubnetForCausalLM, base_inv_freq
+from .modeling_subnet import SubnetAttention, SubnetForCausalLM, SubnetModel, base_inv_freq
 from .subnet import ModelShape, Subnet
 
 # projection -> (which index set, sliced dim: 0 = output rows, 1 = input columns)
@@ -76,6 +76,19 @@ def layer_indices(shape: ModelShape, layer, device) -> dict[str, torch.Tensor]:
     return {"q": as_tensor(q), "kv": as_tensor(kv), "mlp": as_tensor(layer.mlp_channels)}
 
 
+def block_state_dict(block: nn.Module, layer, shape: ModelShape) -> dict[str, torch.Tensor]:
+    """One base block's weights cut to a LayerChoice, in the base model's (separate-projection) names."""
+    idx = layer_indices(shape, layer, block.input_layernorm.weight.device)
+    sd = {"input_layernorm.weight": block.input_layernorm.weight.data,
+          "post_attention_layernorm.weight": block.post_attention_layernorm.weight.data}
+    for name, (which, dim) in SLICE_TABLE.items():
+        lin = block.get_submodule(name)
+        sd[name + ".weight"] = lin.weight.data.index_select(dim, idx[which])
+        if lin.bias is not None:  # a bias follows the output rows; input slicing keeps it whole
+            sd[name + ".bias"] = lin.bias.data.index_select(0, idx[which]) if dim == 0 else lin.bias.data
+    return sd
+
+
 def sliced_state_dict(base: nn.Module, subnet: Subnet, shape: ModelShape) -> dict[str, torch.Tensor]:
     inner = base.model
     sd: dict[str, torch.Tensor] = {
@@ -83,22 +96,19 @@ def sliced_state_dict(base: nn.Module, subnet: Subnet, shape: ModelShape) -> dic
         "model.norm.weight": inner.norm.weight.data,
         "lm_head.weight": base.lm_head.weight.data,
     }
-    j = 0
-    for i, layer in enumerate(subnet.layers):
-        if layer is None:
-            continue
-        block = inner.layers[i]
-        idx = layer_indices(shape, layer, block.input_layernorm.weight.device)
-        prefix = f"model.layers.{j}."
-        sd[prefix + "input_layernorm.weight"] = block.input_layernorm.weight.data
-        sd[prefix + "post_attention_layernorm.weight"] = block.post_attention_layernorm.weight.data
-        for name, (which, dim) in SLICE_TABLE.items():
-            lin = block.get_submodule(name)
-            sd[prefix + name + ".weight"] = lin.weight.data.index_select(dim, idx[which])
-            if lin.bias is not None:  # a bias follows the output rows; input slicing keeps it whole
-                sd[prefix + name + ".bias"] = lin.bias.data.index_select(0, idx[which]) if dim == 0 else lin.bias.data
-        j += 1
+    kept = [(i, layer) for i, layer in enumerate(subnet.layers) if layer is not None]
+    for j, (i, layer) in enumerate(kept):
+        sd.update({f"model.layers.{j}.{k}": v for k, v in block_state_dict(inner.layers[i], layer, shape).items()})
     return sd
+
+
+def fill_buffers(module: nn.Module, config: SubnetConfig, device) -> None:
+    """Set the computed (never stored) buffers of a model or block that was built on `meta`."""
+    for m in module.modules():
+        if isinstance(m, SubnetAttention):
+            m.rope_index = m.make_rope_index(config, m.layer).to(device)
+        elif isinstance(m, SubnetModel):
+            m.inv_freq = base_inv_freq(config)[0].to(device)
 
 
 def slice_model(base: nn.Module, subnet: Subnet, shape: ModelShape | None = None) -> SubnetForCausalLM:
@@ -122,9 +132,6 @@ def build_model(config: SubnetConfig, state_dict: dict[str, torch.Tensor]) -> Su
         raise KeyError(f"sliced weights miss {missing} / have unexpected {unexpected}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    device = model.model.embed_tokens.weight.device
-    model.model.inv_freq = base_inv_freq(config)[0].to(device)  # buffers built on meta: fill them
-    for block in model.model.layers:
-        block.self_attn.rope_index = block.self_attn.make_rope_index(config, block.self_attn.layer).to(device)
+    fill_buffers(model, config, model.model.embed_tokens.weight.device)
     model.config.dtype = model.model.embed_tokens.weight.dtype
     return model.eval()

@@ -190,13 +190,16 @@ class Subnet:
         attn = sum(4 * shape.num_heads * l.head_dim * context for l in self.layers if l is not None)
         return 2 * self.decode_weights(shape) + attn
 
+    def size_metrics(self, shape: ModelShape) -> dict:
+        """The size figures every candidate of a run stores."""
+        return {"params": self.params(shape), "fraction": round(self.fraction(shape), 6),
+                "prunable_fraction": round(self.prunable_fraction(shape), 6),
+                "flops_per_token": self.flops_per_token(shape)}
+
     def summary(self, shape: ModelShape) -> dict:
         kept = [l for l in self.layers if l is not None]
         return {
-            "params": self.params(shape),
-            "fraction": round(self.fraction(shape), 6),
-            "prunable_fraction": round(self.prunable_fraction(shape), 6),
-            "flops_per_token": self.flops_per_token(shape),
+            **self.size_metrics(shape),
             "layers_kept": len(kept),
             "head_dims": [l.head_dim if l else 0 for l in self.layers],
             "mlp_widths": [l.width if l else 0 for l in self.layers],

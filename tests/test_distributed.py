@@ -120,3 +120,16 @@ def test_two_processes_resume_a_run_one_process_stored(reference, tmp_path):
     assert min(s["fitness"]["evaluations"] for s in stats) > 0
     assert sum(s["fitness"]["evaluations"] for s in stats) == summary["evaluated"]
     assert not list((tmp_path / "scratch").glob("explorer-rank*"))
+
+
+def test_a_failure_is_raised_alike_on_the_other_processes():
+    """What process 0's failure becomes on the others: an input error keeps its own message (every
+    process would have refused it alike), a cancel stays a cancel, anything else names the process."""
+    from explorer.distributed import Failure
+    from explorer.errors import Cancelled, ExplorerError
+
+    e = Failure.of(0, ExplorerError("no model at /nowhere")).error()
+    assert type(e) is ExplorerError and str(e) == "no model at /nowhere"
+    assert isinstance(Failure.of(1, Cancelled()).error(), Cancelled)
+    e = Failure.of(1, RuntimeError("CUDA out of memory")).error()
+    assert type(e) is ExplorerError and str(e) == "process 1 failed: RuntimeError: CUDA out of memory"

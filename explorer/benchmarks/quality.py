@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from ..baselines import BASELINES, BaselineResult, baseline_subnet, slice_with_biases
 from ..data import calibration_windows, heldout_windows, load_corpus
 from ..fitness import MaskedEvaluator
@@ -41,19 +43,11 @@ def _search(lm, settings, run_dir, log) -> dict:
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
-    """Rank correlation (no ties expected among perplexities)."""
-    def ranks(v):
-        order = sorted(range(len(v)), key=v.__getitem__)
-        r = [0.0] * len(v)
-        for k, i in enumerate(order):
-            r[i] = float(k)
-        return r
-    ra, rb = ranks(a), ranks(b)
-    n = len(a)
-    if n < 2:
+    """Rank correlation: Pearson's on the ranks (no ties expected among perplexities)."""
+    if len(a) < 2:
         return math.nan
-    d2 = sum((x - y) ** 2 for x, y in zip(ra, rb))
-    return 1 - 6 * d2 / (n * (n * n - 1))
+    ranks = torch.tensor([a, b], dtype=torch.float64).argsort(1).argsort(1).double()
+    return float(torch.corrcoef(ranks)[0, 1])
 
 
 def naive_rate(lm, run, settings, samples: int, seed: int = 0) -> dict:

@@ -306,7 +306,7 @@ class Handlers:
                                         "preset": "uploaded subnets", "targets": []}, lm.shape)
                 dense = self._dense.get(key, {})
                 run.append(Candidate("dense", 1.0, 0, "dense", Subnet.full(lm.shape),
-                                     {**subnet_metrics(Subnet.full(lm.shape), lm.shape),
+                                     {**Subnet.full(lm.shape).size_metrics(lm.shape),
                                       **({"heldout_ppl": dense["heldout_ppl"]} if dense else {})}))
                 run.set_status("finished")
             run = open_run(path)
@@ -316,7 +316,7 @@ class Handlers:
         if cid in known:
             return name, known[cid]
         c = Candidate(cid, round(subnet.fraction(lm.shape), 4), 0, "upload", subnet,
-                      subnet_metrics(subnet, lm.shape))
+                      subnet.size_metrics(lm.shape))
         model = self.ws.subnet_model((key, name, cid, "sliced"), lambda: build_candidate_model(lm, c))
         c = replace(c, metrics={**c.metrics, "heldout_ppl": perplexity(model, self._heldout(lm))})
         with self.ws.upload_lock:
@@ -531,13 +531,6 @@ def read_subnet_file(path: Path, shape: ModelShape) -> Subnet:
     except SubnetError as e:
         raise SubnetError(f"{name} does not fit the loaded model ({shape.num_layers} layers, {shape.num_kv_heads} "
                           f"KV groups of {shape.n_pairs} rotary pairs, MLP {shape.intermediate_size}): {e}") from None
-
-
-def subnet_metrics(subnet: Subnet, shape: ModelShape) -> dict:
-    """The size figures a search candidate carries, for a subnet that did not come from a search."""
-    return {"params": subnet.params(shape), "fraction": round(subnet.fraction(shape), 6),
-            "prunable_fraction": round(subnet.prunable_fraction(shape), 6),
-            "flops_per_token": subnet.flops_per_token(shape)}
 
 
 def tab_id(request: gr.Request | None) -> str:

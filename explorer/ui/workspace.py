@@ -157,11 +157,6 @@ class Workspace:
         job.cancel.set()
         return job.kind
 
-    def running(self, tab: str) -> str | None:
-        with self._guard:
-            job = self._jobs.get(tab)
-        return job.kind if job else None
-
     # ---- runs -----------------------------------------------------------------------------
     def run_dir(self, name: str) -> Path:
         """A run by name: the user's runs first, then the shipped ones. Names cannot escape."""
