@@ -39,7 +39,7 @@ def main(argv=None) -> None:
 
     hf_logging.set_verbosity_error()
     from explorer.ui.app import create_app, launch_kwargs
-    from explorer.ui.handlers import AppSettings
+    from explorer.workbench import AppSettings
 
     demo, ws = create_app(Path(args.runs_dir), Path(args.exports_dir), default_model=args.model,
                           settings=AppSettings.from_env())

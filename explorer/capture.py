@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .devices import execution_device
 from .events import check_cancel
 
 
-class _Stop(Exception):
-    pass
+class Stop(Exception):
+    """Raised by a hook once it has what it needs, so the rest of the forward is not computed."""
 
 
 @dataclass
@@ -41,7 +42,7 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
     from .subnet import ModelShape
 
     first = model.model.layers[0]
-    device = next(first.parameters()).device
+    device = execution_device(model.model.embed_tokens)
     if getattr(model.config, "model_type", "") != "subnet_llm":  # base models; subnets are smaller still
         need = calibration_bytes(ModelShape.from_config(model.config), len(windows), windows.shape[1], batch_size)
         check_fits(need, f"calibration on {len(windows)} windows of {windows.shape[1]} tokens", device)
@@ -51,7 +52,7 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
         got.hidden.append(args[0])
         got.args.append(tuple(args[1:]))
         got.kwargs.append(dict(kwargs))
-        raise _Stop
+        raise Stop
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -59,7 +60,7 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
             check_cancel(cancel)
             try:
                 model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
-            except _Stop:
+            except Stop:
                 pass
     finally:
         handle.remove()
@@ -78,15 +79,36 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
 
 @dataclass
 class InputStats:
-    """Running fp32 sums over calibration tokens of a linear layer's input X [n, d]."""
+    """Running sums over calibration tokens of a linear layer's input X [n, d].
+
+    `xtx` (fp32) serves the Hessian of OBS; the per-channel moments are kept apart in fp64 and
+    shifted by the first batch's mean, so the variance of a channel with a large mean and little
+    fluctuation (the channels FLAP removes and compensates) does not vanish in cancellation."""
 
     xtx: torch.Tensor  # [d, d]  sum of x x^T
-    xsum: torch.Tensor  # [d]    sum of x
+    xsum: torch.Tensor  # [d]    sum of x (fp64)
     n: int = 0
+    shift: torch.Tensor | None = None  # [d] fp64, the first batch's mean
+    dsum: torch.Tensor | None = None  # [d] fp64, sum of (x - shift)
+    dsq: torch.Tensor | None = None  # [d] fp64, sum of (x - shift)^2
+
+    def add(self, x: torch.Tensor) -> None:
+        """x [n, d] in fp32."""
+        self.xtx.addmm_(x.T, x)
+        xd = x.double()
+        if self.shift is None:
+            self.shift = xd.mean(0)
+            self.dsum = torch.zeros_like(self.shift)
+            self.dsq = torch.zeros_like(self.shift)
+        c = xd - self.shift
+        self.dsum += c.sum(0)
+        self.dsq += c.pow(2).sum(0)
+        self.xsum += xd.sum(0)
+        self.n += x.shape[0]
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.xsum / max(self.n, 1)
+        return (self.xsum / max(self.n, 1)).float()
 
     @property
     def sq_norm(self) -> torch.Tensor:
@@ -96,13 +118,36 @@ class InputStats:
     @property
     def variance(self) -> torch.Tensor:
         """Per input channel, the variance over tokens (FLAP's fluctuation)."""
-        return (self.sq_norm / max(self.n, 1) - self.mean.pow(2)).clamp_min(0)
+        if self.dsum is None:
+            return torch.zeros_like(self.xsum).float()
+        n = max(self.n, 1)
+        return (self.dsq / n - (self.dsum / n).pow(2)).clamp_min(0).float()
 
-    def hessian(self, damp: float = 0.01) -> torch.Tensor:
-        """H = 2 X^T X / n + damp * mean(diag H) * I (METHOD section 2)."""
-        h = 2 * self.xtx / max(self.n, 1)
-        h = h + damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
-        return h
+
+@dataclass(frozen=True)
+class ChannelMeans:
+    """Per base layer, the mean over calibration tokens of the inputs of `o_proj` and `down_proj`,
+    from one pass of the dense model: bias compensation (FLAP) adds W[:, removed] @ mean[removed]
+    back as a bias for the channels a subnet removes. Small (a vector per layer and projection),
+    so a run stores it and every later step rebuilds a candidate's biases exactly."""
+
+    o_proj: tuple[torch.Tensor, ...]  # [num_heads * head_dim] per layer
+    down_proj: tuple[torch.Tensor, ...]  # [intermediate_size] per layer
+
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"{name}.{i}": t.float().contiguous().cpu() for name in ("o_proj", "down_proj")
+                   for i, t in enumerate(getattr(self, name))}
+        save_file(tensors, str(path))
+
+    @classmethod
+    def load(cls, path) -> "ChannelMeans":
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        n = len([k for k in t if k.startswith("o_proj.")])
+        return cls(tuple(t[f"o_proj.{i}"] for i in range(n)), tuple(t[f"down_proj.{i}"] for i in range(n)))
 
 
 @dataclass
@@ -110,23 +155,20 @@ class StatsCollector:
     """Hooks on named linear layers that fill an InputStats each; remove() when done."""
 
     modules: dict[str, nn.Linear]
+    device: torch.device | None = None  # where the sums live (default: each layer's weight device)
     stats: dict[str, InputStats] = field(default_factory=dict)
     _handles: list = field(default_factory=list)
 
     def __post_init__(self):
         for name, lin in self.modules.items():
             d = lin.in_features
-            dev = lin.weight.device
-            self.stats[name] = InputStats(torch.zeros(d, d, device=dev), torch.zeros(d, device=dev))
+            dev = self.device or lin.weight.device
+            self.stats[name] = InputStats(torch.zeros(d, d, device=dev), torch.zeros(d, device=dev, dtype=torch.float64))
             self._handles.append(lin.register_forward_pre_hook(self._hook(name)))
 
     def _hook(self, name: str):
         def hook(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            s = self.stats[name]
-            s.xtx.addmm_(x.T, x)
-            s.xsum.add_(x.sum(0))
-            s.n += x.shape[0]
+            self.stats[name].add(args[0].detach().reshape(-1, args[0].shape[-1]).float().to(self.stats[name].xtx.device))
         return hook
 
     def remove(self) -> None:
@@ -141,8 +183,10 @@ class StatsCollector:
         self.remove()
 
 
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """The seven projections of a Llama-family block, by their transformers names."""
-    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    return {n: block.get_submodule(n) for n in names}
+    return {n: block.get_submodule(n) for n in PROJECTIONS}

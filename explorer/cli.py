@@ -12,6 +12,7 @@ import sys
 from tqdm import tqdm
 
 from .errors import Cancelled, ExplorerError
+from .events import Progress
 from .settings import DataSettings, ModelSettings
 
 log = logging.getLogger("explorer")
@@ -21,6 +22,32 @@ COMMAND_MODULES: tuple[str, ...] = ("explorer.cli_evaluate", "explorer.cli_searc
 BENCHMARKS = ("dense", "quality", "reform", "zeroshot", "scaling")
 
 
+class Bars:
+    """An event sink for the CLI: one tqdm bar per stage on stderr (a new stage closes the previous
+    bar), with the stage's message beside it."""
+
+    def __init__(self):
+        self.bar: tqdm | None = None
+        self.stage = ""
+
+    def __call__(self, event) -> None:
+        if not isinstance(event, Progress):
+            return
+        if self.bar is None or event.stage != self.stage:
+            self.close()
+            self.stage = event.stage
+            self.bar = tqdm(total=event.total, desc=event.stage, file=sys.stderr)
+        self.bar.total = event.total
+        self.bar.update(event.done - self.bar.n)
+        if event.message:
+            self.bar.set_postfix_str(event.message, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     m = ModelSettings()
     p.add_argument("--model", default=m.model, help="'default' (embedded SmolLM2-135M-Instruct), a folder or a hub id")
@@ -28,6 +55,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=m.device, help="cpu, cuda, cuda:N or auto")
     p.add_argument("--trust-remote-code", action="store_true", default=m.trust_remote_code,
                    help="allow the model folder's own Python code to run (off by default)")
+    p.add_argument("--max-memory", default=m.max_memory, metavar="DEV=SIZE,...",
+                   help="with --device auto: per-device caps, e.g. cpu=2GB,0=20GB (the rest is offloaded to disk)")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -40,20 +69,23 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 def load_from_args(args):
     from .loading import load_model
 
-    return load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    return load_model(args.model, args.dtype, args.device, args.trust_remote_code,
+                      max_memory=getattr(args, "max_memory", None))
 
 
 def cmd_info(args) -> int:
-    from .data import heldout_windows, load_corpus
-    from .perplexity import perplexity
+    from .evaluation import EvalSettings, heldout_perplexity
 
     lm = load_from_args(args)
     info = lm.summary()
     if not args.no_ppl:
-        held = heldout_windows(lm.tokenizer, load_corpus(args.corpus), args.heldout_windows, args.seq_len)
-        with tqdm(total=len(held), desc="held-out perplexity", unit="win", file=sys.stderr) as bar:
-            info["heldout_ppl"] = perplexity(lm.model, held, on_batch=lambda d, t: bar.update(d - bar.n))
-        info["heldout"] = {"corpus": args.corpus, "windows": int(held.shape[0]), "seq_len": args.seq_len}
+        s = EvalSettings(corpus=args.corpus, heldout_windows=args.heldout_windows, seq_len=args.seq_len)
+        bars = Bars()
+        try:
+            info["heldout_ppl"] = heldout_perplexity(lm.model, lm.tokenizer, s, on_event=bars)
+        finally:
+            bars.close()
+        info["heldout"] = {"corpus": args.corpus, "windows": args.heldout_windows, "seq_len": args.seq_len}
     print(json.dumps(info, indent=2))
     return 0
 
@@ -84,13 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def log_path() -> str:
+    """Where the CLI's log (and every traceback) goes: SUBNET_EXPLORER_LOG, else the app's log file."""
+    return os.environ.get("SUBNET_EXPLORER_LOG", "subnet-explorer.log")
+
+
 def setup_logging(verbose: bool) -> None:
-    target = os.environ.get("SUBNET_EXPLORER_LOG")
-    handlers: list[logging.Handler] = [logging.FileHandler(target)] if target else []
+    handlers: list[logging.Handler] = []
+    try:
+        handlers.append(logging.FileHandler(log_path()))
+    except OSError:
+        pass  # an unwritable log location must not stop the command
     if verbose:
         handlers.append(logging.StreamHandler(sys.stderr))
-    logging.basicConfig(level=logging.INFO if (verbose or target) else logging.WARNING,
-                        handlers=handlers or [logging.NullHandler()], force=True,
+    logging.basicConfig(level=logging.INFO, handlers=handlers or [logging.NullHandler()], force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -116,3 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stopped: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug or an unforeseen input: one line here, the traceback in the log
+        log.exception("unexpected error")
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"error: unexpected {type(e).__name__}: {first} (the traceback is in {log_path()})", file=sys.stderr)
+        return 1

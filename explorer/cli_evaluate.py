@@ -6,10 +6,8 @@ import re
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from .evaluation import DEFAULT_TASKS, EvalError, EvalSettings, evaluate, format_result, load_any, parse_tasks
-from .events import Progress
+from .cli import Bars
 
 
 def register(sub) -> None:
@@ -29,30 +27,6 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=s.batch_size)
     p.add_argument("--out", default=None, help="JSON path (default runs/evaluate-<model>.json)")
     p.set_defaults(func=cmd_evaluate)
-
-
-class Bars:
-    """One tqdm bar per stage, on stderr; a new stage closes the previous bar."""
-
-    def __init__(self):
-        self.bar: tqdm | None = None
-        self.stage = ""
-
-    def __call__(self, event) -> None:
-        if not isinstance(event, Progress):
-            return
-        if event.stage != self.stage or self.bar is None:
-            self.close()
-            self.stage = event.stage
-            self.bar = tqdm(total=event.total, desc=event.stage, unit="seq" if "zero" in event.stage else "win",
-                            file=sys.stderr, leave=True)
-        self.bar.total = event.total
-        self.bar.update(event.done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def default_out(name: str) -> Path:

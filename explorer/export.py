@@ -6,9 +6,16 @@ per-layer widths, kept rotary pairs, `per_layer_config`, `auto_map`), the remote
 engine runs the very same code, so there is no second copy to keep in sync), the tokenizer,
 `generation_config.json`, `subnet.json`, `export.json` and a `README.md` model card.
 
-Atomic: everything is written into a temporary sibling folder, verified there by loading it
-with plain transformers in a subprocess that cannot import `explorer`, and only then renamed to
-the target; a killed export leaves only a `*_partial_*` folder behind, never one that looks done.
+Verified against an independent reference, never against itself: the folder is reloaded with
+plain transformers (fp32, CPU) in a subprocess that cannot import `explorer`, and its logits and
+greedy tokens must match the *base* model's own transformers class with the omitted weights
+zeroed (`explorer.reference`), plus the compensation biases or the reformed o_proj / down_proj
+weights the provenance names. A reformed export must carry exactly the weights its reformation
+produced (their digest), and every other weight must be the base model's.
+
+Atomic: everything is written into a temporary sibling folder, verified there, and only then
+renamed to the target; a killed export leaves only a `*_partial_*` folder behind, never one that
+looks done.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import torch
 from . import configuration_subnet, modeling_subnet
 from .errors import ExplorerError
 from .events import EventSink, Progress, check_cancel, no_event
+from .loading import is_subnet_folder
 from .subnet import Subnet
 
 PROBE_TEXT = "The history of the city begins with a small settlement on the river, where"
@@ -67,17 +75,9 @@ def source_files() -> dict[str, Path]:
             "modeling_subnet.py": Path(modeling_subnet.__file__)}
 
 
-def _is_our_export(path: Path) -> bool:
-    try:
-        return json.loads((path / "config.json").read_text()).get("model_type") == "subnet_llm" and (
-            path / "subnet.json").is_file()
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def check_target(out_dir: Path) -> None:
     """Refuse to replace anything but an empty folder or an earlier export."""
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not _is_our_export(out_dir))):
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not is_subnet_folder(out_dir, need_record=True))):
         raise ExportError(f"{out_dir} exists and is not an earlier export; choose another --out")
 
 
@@ -153,7 +153,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 folder, probe_path, out_path = sys.argv[1:4]
 probe = load_file(probe_path)
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype="auto").eval()
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
 tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 with torch.no_grad():
     logits = model(input_ids=probe["ids"]).logits.float()
@@ -167,22 +167,28 @@ print("VERIFY_REPORT " + json.dumps({
     "text": tok.decode(tokens[0, prompt.shape[1]:], skip_special_tokens=True),
 }), flush=True)
 '''
+TOLERANCE = 1e-4  # max |logit difference|, fp32 on CPU: a sliced matmul sums in another order than the reference
 
 
-def verify_folder(folder: Path, lm, model, timeout: float = 600.0) -> dict:
-    """Reload `folder` with plain transformers in a subprocess that cannot import `explorer`;
-    compare its logits with the in-memory model and its greedy tokens with ours."""
+def probe_ids(tokenizer, config, min_tokens: int = 64) -> torch.Tensor:
+    """Probe tokens, repeated until longer than the model's smallest sliding window (so a window
+    that is ignored shows) and at least `min_tokens`, within the context."""
+    from .architecture import layer_windows
+
+    ids = tokenizer.encode(PROBE_TEXT)
+    windows = [w for w in layer_windows(config) if w is not None]
+    want = max(min_tokens, (min(windows) + 16) if windows else 0)
+    want = min(want, getattr(config, "max_position_embeddings", 2048))
+    while len(ids) < want:
+        ids = ids + ids
+    return torch.tensor([ids[:want]])
+
+
+def reload_in_fresh_process(folder: Path, ids: torch.Tensor, prompt: torch.Tensor, timeout: float = 600.0) -> dict:
+    """Logits on `ids` and greedy tokens after `prompt` of the folder, loaded by plain transformers in
+    a subprocess that cannot import `explorer`."""
     from safetensors.torch import load_file, save_file
 
-    tok = lm.tokenizer
-    device = next(model.parameters()).device
-    ids = torch.tensor([tok.encode(PROBE_TEXT)])
-    prompt = torch.tensor([tok.encode(PROMPT_TEXT)])
-    with torch.no_grad():
-        want = model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
-        p = prompt.to(device)
-        want_tokens = model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=NEW_TOKENS,
-                                     do_sample=False).cpu()
     with tempfile.TemporaryDirectory(prefix="subnet_verify_") as work:
         w = Path(work)
         save_file({"ids": ids, "prompt": prompt, "n": torch.tensor(NEW_TOKENS)}, w / "probe.safetensors")
@@ -203,19 +209,39 @@ def verify_folder(folder: Path, lm, model, timeout: float = 600.0) -> dict:
         got = load_file(w / "out.safetensors")
     if report["explorer_imported"]:
         raise ExportError("verification imported the explorer package; the export is not self-contained")
+    return {**report, "logits": got["logits"], "tokens": got["tokens"]}
+
+
+@torch.no_grad()
+def verify_folder(folder: Path, lm, model, subnet: Subnet, means=None, reformed=None) -> dict:
+    """Compare the reloaded folder with the independent reference (see the module docstring)."""
+    from .reference import weights_match, zeroed_reference
+
+    tok = lm.tokenizer
+    problems = weights_match(lm.model, model, subnet, lm.shape)
+    if problems:
+        raise ExportError(f"the model's weights are not the base model's cut to the subnet ({problems[0]}, ...)")
+    if reformed is not None:
+        from .reform import reformed_digest
+
+        if reformed_digest(model) != reformed["digest"]:
+            raise ExportError("the weights are not the ones this reformation produced; refusing to label them "
+                              "reformed")
+    ref = zeroed_reference(lm.model, subnet, lm.shape, means if reformed is None else None,
+                           reformed=model if reformed is not None else None)
+    ids, prompt = probe_ids(tok, lm.model.config), torch.tensor([tok.encode(PROMPT_TEXT)])
+    want = ref(input_ids=ids).logits.float()
+    want_tokens = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                               do_sample=False)
+    del ref
+    got = reload_in_fresh_process(folder, ids, prompt)
     diff = float((got["logits"] - want).abs().max())
     same = got["tokens"].shape == want_tokens.shape and bool(torch.equal(got["tokens"], want_tokens))
-    return {"max_logit_diff": diff, "same_tokens": same, "sample_text": report["text"], "class": report["class"],
-            "prompt": PROMPT_TEXT}
-
-
-def tolerance(model) -> float:
-    """1e-5 for fp32 on CPU (the reload runs on CPU too); half precision, or a GPU model compared
-    with its CPU reload, rounds differently, so allow more there."""
-    p = next(model.parameters())
-    if p.dtype != torch.float32:
-        return 5e-2
-    return 1e-5 if p.device.type == "cpu" else 1e-3
+    what = ("the base model's transformers class with the omitted weights zeroed"
+            + (" and the reformed o_proj/down_proj written in" if reformed is not None else
+               " plus the compensation biases" if means is not None else ""))
+    return {"max_logit_diff": diff, "same_tokens": same, "sample_text": got["text"], "class": got["class"],
+            "prompt": PROMPT_TEXT, "probe_tokens": int(ids.shape[1]), "reference": what}
 
 
 # ---- the whole step --------------------------------------------------------------------------
@@ -248,10 +274,15 @@ def zip_folder(folder: Path) -> Path:
     return target
 
 
-def export_subnet(lm, subnet_model, subnet: Subnet, out_dir: str | Path, metrics: dict, provenance: dict,
+def export_subnet(lm, subnet_model, subnet: Subnet, out_dir: str | Path, metrics: dict, provenance: dict, *,
                   verify: bool = True, make_zip: bool = True, on_event: EventSink = no_event,
-                  cancel: threading.Event | None = None, extra_files: dict[str, str] | None = None) -> ExportResult:
-    """Write, verify and install the export; raises ExportError if it does not verify."""
+                  cancel: threading.Event | None = None, extra_files: dict[str, str] | None = None,
+                  means=None, reformed=None) -> ExportResult:
+    """Write, verify and install the export; raises ExportError if it does not verify.
+
+    `means`: the channel means of a bias-compensated subnet; `reformed`: {"digest", "settings"} of
+    the reformation whose model this is (ReformResult.digest and its settings). Both decide what
+    the model must match, and what the provenance says."""
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser().resolve()
     check_target(out)
@@ -264,14 +295,16 @@ def export_subnet(lm, subnet_model, subnet: Subnet, out_dir: str | Path, metrics
             (tmp / name).write_text(text)
         check_cancel(cancel)
         on_event(Progress("export", 1, EXPORT_STEPS, "reloading in a fresh process"))
+        provenance = {**provenance, "reformed": reformed is not None, "compensated": means is not None}
+        if reformed is not None:
+            provenance.update(reform_digest=reformed["digest"], reform_settings=reformed["settings"])
         verification: dict = {"verified": False}
         if verify:
-            verification = verify_folder(tmp, lm, subnet_model)
-            tol = tolerance(subnet_model)
-            if not verification["max_logit_diff"] <= tol or not verification["same_tokens"]:
-                raise ExportError(f"the reloaded export differs from the subnet (max logit difference "
+            verification = verify_folder(tmp, lm, subnet_model, subnet, means, reformed)
+            if not verification["max_logit_diff"] <= TOLERANCE or not verification["same_tokens"]:
+                raise ExportError(f"the reloaded export differs from the reference (max logit difference "
                                   f"{verification['max_logit_diff']:.3g}, same tokens: {verification['same_tokens']})")
-            verification = {"verified": True, **verification, "tolerance": tol}
+            verification = {"verified": True, **verification, "tolerance": TOLERANCE}
         check_cancel(cancel)
         on_event(Progress("export", 2, EXPORT_STEPS, "model card"))
         record = {"metrics": metrics, "provenance": provenance, "verification": verification,

@@ -14,7 +14,8 @@ from typing import Iterator
 
 import torch
 
-from .capture import StatsCollector, block_linears, capture_block_inputs, run_block
+from .capture import ChannelMeans, StatsCollector, block_linears, capture_block_inputs, run_block
+from .devices import execution_device, onloaded
 from .events import EventSink, Progress, check_cancel, no_event
 from .subnet import LayerChoice, ModelShape, Subnet, SubnetError, round_width
 
@@ -51,6 +52,10 @@ class Importance:
         self.attn_order = [[tuple(g.argsort(descending=True, stable=True).tolist()) for g in a] for a in self.attn]
         self.mlp_order = [tuple(m.argsort(descending=True, stable=True).tolist()) for m in self.mlp]
 
+    def channel_means(self) -> ChannelMeans:
+        """The dense model's mean o_proj / down_proj inputs: what bias compensation needs."""
+        return ChannelMeans(tuple(s["o_in"].mean for s in self.stats), tuple(s["down_in"].mean for s in self.stats))
+
     def save(self, path) -> None:
         torch.save({"attn": self.attn, "mlp": self.mlp, "tokens": self.tokens, "damp": self.damp,
                     "stats": [{k: vars(v) for k, v in s.items()} for s in self.stats]}, path)
@@ -78,7 +83,7 @@ def hinv_diag(xtx: torch.Tensor, n: int, damp: float) -> torch.Tensor:
 
 def saliency(weight: torch.Tensor, hinv: torch.Tensor) -> torch.Tensor:
     """phi_ij = W_ij^2 / [H^-1]_jj  -> [out, in]."""
-    return weight.detach().float().pow(2) / hinv[None, :]
+    return weight.detach().float().pow(2) / hinv.to(weight.device)[None, :]
 
 
 def block_scores(block, hinv: dict[str, torch.Tensor], shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,16 +112,69 @@ def iter_importance(model, windows: torch.Tensor, shape: ModelShape, batch_size:
     for i, block in enumerate(model.model.layers):
         check_cancel(cancel)
         lin = block_linears(block)
-        with StatsCollector({k: lin[v] for k, v in STAT_INPUTS.items()}) as col:
+        with StatsCollector({k: lin[v] for k, v in STAT_INPUTS.items()}, execution_device(block)) as col:
             outputs = run_block(block, inputs)
         hinv = {k: hinv_diag(s.xtx, s.n, damp) for k, s in col.stats.items()}
-        a, m = block_scores(block, {k: v.to(lin["mlp.up_proj"].weight.device) for k, v in hinv.items()}, shape)
+        with onloaded(block):
+            a, m = block_scores(block, hinv, shape)
         attn.append(a.cpu())
         mlp.append(m.cpu())
         stats.append({k: ChannelStats(s.sq_norm.cpu(), s.mean.cpu(), s.variance.cpu(), s.n) for k, s in col.stats.items()})
         inputs = inputs.with_hidden(outputs)
         yield Progress("importance", i + 1, L, f"block {i + 1}/{L}")
     yield Importance(attn, mlp, stats, tokens=int(windows.numel()), damp=damp)
+
+
+def _per_pair(per_dim_q: torch.Tensor, per_dim_kv: torch.Tensor, shape: ModelShape) -> torch.Tensor:
+    """Sum per-dimension scores of the query heads [H, hd] and KV heads [KV, hd] into [KV, n_pairs]."""
+    hd, half, g = shape.head_dim, shape.n_pairs, shape.group_size
+    d = per_dim_kv + per_dim_q.view(shape.num_kv_heads, g, hd).sum(1)
+    return d[:, :half] + d[:, half:]
+
+
+@torch.no_grad()
+def wanda_importance(model, stats: Importance, shape: ModelShape) -> Importance:
+    """|W_ij| * ||X_j|| summed per rotary pair and MLP channel over every projection, from the same
+    calibration pass: first order, no weight update (it can rank better where nothing is reformed)."""
+    attn, mlp = [], []
+    for i, block in enumerate(model.model.layers):
+        with onloaded(block):
+            lin = {k: v.weight.detach().float().abs().cpu() for k, v in block_linears(block).items()}
+        norm = {k: st.sq_norm.clamp_min(0).sqrt() for k, st in stats.stats[i].items()}  # ||X_j||
+        q = lin["self_attn.q_proj"] @ norm["attn_in"] + lin["self_attn.o_proj"].sum(0) * norm["o_in"]
+        kv = lin["self_attn.k_proj"] @ norm["attn_in"] + lin["self_attn.v_proj"] @ norm["attn_in"]
+        attn.append(_per_pair(q.view(shape.num_heads, -1), kv.view(shape.num_kv_heads, -1), shape))
+        mlp.append(lin["mlp.gate_proj"] @ norm["mlp_in"] + lin["mlp.up_proj"] @ norm["mlp_in"]
+                   + lin["mlp.down_proj"].sum(0) * norm["down_in"])
+    return Importance(attn, mlp, stats.stats, stats.tokens, stats.damp)
+
+
+@torch.no_grad()
+def wifv_importance(model, stats: Importance, shape: ModelShape) -> Importance:
+    """FLAP's fluctuation (input variance x squared column norm of o_proj / down_proj) per rotary
+    pair and MLP channel: it ranks what bias compensation can stand in for, because a channel
+    that barely varies is well replaced by its mean."""
+    attn, mlp = [], []
+    for i, block in enumerate(model.model.layers):
+        with onloaded(block):
+            lin = block_linears(block)
+            wo = lin["self_attn.o_proj"].weight.detach().float().cpu().pow(2).sum(0)
+            wd = lin["mlp.down_proj"].weight.detach().float().cpu().pow(2).sum(0)
+        o = wo * stats.stats[i]["o_in"].variance
+        attn.append(_per_pair(o.view(shape.num_heads, -1), torch.zeros(shape.num_kv_heads, shape.head_dim), shape))
+        mlp.append(wd * stats.stats[i]["down_in"].variance)
+    return Importance(attn, mlp, stats.stats, stats.tokens, stats.damp)
+
+
+SCORINGS = {"obs": None, "wanda": wanda_importance, "wifv": wifv_importance}
+
+
+def scoring(name: str, model, importance: Importance, shape: ModelShape) -> Importance:
+    """An Importance ranking the same structures by `name`: "obs" (METHOD section 2, the pass
+    itself), "wanda" or "wifv" (from the same pass's input statistics)."""
+    if name not in SCORINGS:
+        raise SubnetError(f"unknown scoring {name!r}; choose from {', '.join(SCORINGS)}")
+    return importance if SCORINGS[name] is None else SCORINGS[name](model, importance, shape)
 
 
 def compute_importance(model, windows: torch.Tensor, shape: ModelShape, on_event: EventSink | None = None,
@@ -143,12 +201,12 @@ def round_pairs(pairs: float, pair_multiple: int, limit: int) -> int:
     return round_width(pairs, max(1, pair_multiple), limit)
 
 
-def uniform_params(shape: ModelShape, pairs: int, width: int) -> int:
-    return shape.fixed_params + shape.num_layers * shape.block_params(2 * pairs, width)
+def uniform_params(shape: ModelShape, pairs: int, width: int, compensated: bool = False) -> int:
+    return shape.fixed_params + shape.num_layers * shape.block_params(2 * pairs, width, compensated)
 
 
 def initial_subnet(importance: Importance, shape: ModelShape, fraction: float, multiple: int = 8,
-                   head_multiple: int = 8) -> Subnet:
+                   head_multiple: int = 8, compensated: bool = False) -> Subnet:
     """The same keep ratio in every block (attention and MLP alike), top scores kept, the largest
     ratio whose rounded widths stay within `fraction` of the total parameters."""
     budget = fraction * shape.dense_params
@@ -159,11 +217,11 @@ def initial_subnet(importance: Importance, shape: ModelShape, fraction: float, m
         r = (lo + hi) / 2
         pairs = round_pairs(r * shape.n_pairs, pm, shape.n_pairs)
         width = round_width(r * shape.intermediate_size, multiple, shape.intermediate_size)
-        if uniform_params(shape, pairs, width) <= budget:
+        if uniform_params(shape, pairs, width, compensated) <= budget:
             best, lo = (pairs, width), r
         else:
             hi = r
-    if uniform_params(shape, shape.n_pairs, shape.intermediate_size) <= budget:
+    if uniform_params(shape, shape.n_pairs, shape.intermediate_size, compensated) <= budget:
         best = (shape.n_pairs, shape.intermediate_size)
     if best is None:
         raise SubnetError(f"{fraction:.0%} of the parameters is below the smallest uniform subnet")
@@ -171,21 +229,22 @@ def initial_subnet(importance: Importance, shape: ModelShape, fraction: float, m
     return Subnet(tuple(top_layer(importance, i, pairs, width) for i in range(shape.num_layers)))
 
 
-def split_subnet(importance: Importance, shape: ModelShape, fraction: float, pairs: int, multiple: int = 8) -> Subnet | None:
+def split_subnet(importance: Importance, shape: ModelShape, fraction: float, pairs: int, multiple: int = 8,
+                 compensated: bool = False) -> Subnet | None:
     """Uniform subnet with a given attention width; the MLP gets the largest uniform width that
     fits the budget, and leftover budget widens the MLP of the most important blocks.
     None when the attention alone exceeds the budget."""
     budget = fraction * shape.dense_params - shape.fixed_params
-    L, P, D = shape.num_layers, shape.intermediate_size, shape.hidden_size
-    per_block = budget / L - shape.attn_params(2 * pairs) - 2 * D - (D if shape.mlp_bias else 0)
-    per_channel = shape.mlp_params(1) - shape.mlp_params(0)
-    width = int(per_block // per_channel) // multiple * multiple
+    L, P = shape.num_layers, shape.intermediate_size
+    per_channel = shape.mlp_params(2) - shape.mlp_params(1)
+    base = shape.block_params(2 * pairs, 1, compensated) - per_channel  # the block without its MLP channels
+    width = int((budget / L - base) // per_channel) // multiple * multiple
     if width < multiple:
         return None
     width = min(width, P)
     widths = [width] * L
-    spare = budget - L * shape.block_params(2 * pairs, width)
-    step = shape.mlp_params(width + multiple) - shape.mlp_params(width)
+    spare = budget - L * shape.block_params(2 * pairs, width, compensated)
+    step = multiple * per_channel
     rank = sorted(range(L), key=lambda i: -float(importance.mlp[i][list(importance.mlp_order[i][width:width + multiple])].sum()))
     for i in rank:
         if spare < step or widths[i] + multiple > P:

@@ -209,6 +209,18 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(e).__name__
 
 
+def is_subnet_folder(path: str | Path, need_record: bool = False) -> bool:
+    """Whether a folder holds an exported subnet (config `model_type` "subnet_llm"; with `need_record`
+    also its subnet.json, as every export writes)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file() or (need_record and not (Path(path) / "subnet.json").is_file()):
+        return False
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8")).get("model_type") == "subnet_llm"
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
+
+
 def _read_config(folder: Path) -> dict:
     cfg = folder / "config.json"
     if not cfg.is_file():
@@ -223,11 +235,28 @@ def check_architecture(config: dict, where: str) -> None:
     archs = config.get("architectures") or []
     mtype = config.get("model_type", "")
     if any(a in SUPPORTED for a in archs) or (not archs and mtype in SUPPORTED_TYPES):
+        _check_settings(config, where)
         return
     what = ", ".join(archs) or mtype or "unknown"
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise ModelLoadError(f"{where} is not a causal language model ({what}); supported: {', '.join(SUPPORTED)}")
     raise ModelLoadError(f"{where} has an unsupported architecture ({what}); supported: {', '.join(SUPPORTED)}")
+
+
+def _check_settings(config: dict, where: str) -> None:
+    """Refuse up front what the sliced model would compute differently (an unsupported rope type)."""
+    from transformers import AutoConfig
+
+    from .architecture import ArchitectureError, check_architecture as check_exact
+
+    try:
+        cfg = AutoConfig.for_model(**config)
+    except Exception:  # noqa: BLE001 - an unreadable config is reported by the load itself
+        return
+    try:
+        check_exact(cfg)
+    except ArchitectureError as e:
+        raise ModelLoadError(f"{where}: {e}") from None
 
 
 def resolve(spec: str, trust_remote_code: bool = False) -> tuple[Path, str]:
@@ -261,9 +290,27 @@ def resolve(spec: str, trust_remote_code: bool = False) -> tuple[Path, str]:
     return folder, "hub"
 
 
+def parse_max_memory(text: str | None) -> dict | None:
+    """"cpu=2GB,0=20GB" -> {"cpu": "2GB", 0: "20GB"}: accelerate's per-device caps for `--device auto`."""
+    if not text:
+        return None
+    out: dict = {}
+    for part in text.split(","):
+        name, sep, size = part.strip().partition("=")
+        if not sep or not size.strip():
+            raise ModelLoadError(f"--max-memory takes DEVICE=SIZE pairs like cpu=2GB,0=20GB, got {part!r}")
+        name = name.strip()
+        out[int(name) if name.isdigit() else name] = size.strip()
+    return out
+
+
 def load_model(spec: str = "default", dtype: str = "float32", device: str = "cpu",
-               trust_remote_code: bool = False, progress=None) -> LoadedModel:
-    """Load a supported causal LM for exploration (eval mode, no grads)."""
+               trust_remote_code: bool = False, progress=None, max_memory: str | None = None) -> LoadedModel:
+    """Load a supported causal LM for exploration (eval mode, no grads).
+
+    `device="auto"` lets accelerate spread the model over the GPUs and the CPU (`max_memory` caps
+    each device; what does not fit is offloaded to disk), and every step reads weights through
+    `explorer.devices`, so it computes exactly what one device computes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -280,6 +327,12 @@ def load_model(spec: str = "default", dtype: str = "float32", device: str = "cpu
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if device == "auto":
         kwargs["device_map"] = "auto"
+        caps = parse_max_memory(max_memory)
+        if caps:
+            kwargs["max_memory"] = caps
+            kwargs["offload_folder"] = str(cache_root() / "offload" / hashlib.sha1(str(folder).encode()).hexdigest()[:12])
+    elif max_memory:
+        raise ModelLoadError("--max-memory goes with --device auto")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
@@ -292,6 +345,12 @@ def load_model(spec: str = "default", dtype: str = "float32", device: str = "cpu
     model.requires_grad_(False)
     if type(model).__name__ not in SUPPORTED:
         raise ModelLoadError(f"{type(model).__name__} is not supported; supported: {', '.join(SUPPORTED)}")
+    from .architecture import ArchitectureError, check_architecture as check_exact
+
+    try:
+        check_exact(model.config)
+    except ArchitectureError as e:
+        raise ModelLoadError(f"{spec}: {e}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     name = "default" if kind == "embedded" else spec

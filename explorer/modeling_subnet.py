@@ -4,10 +4,13 @@ This is the single implementation used for search, reformation, evaluation, gene
 export; `explorer.export` copies this file verbatim into each exported folder, so it imports
 only torch and transformers, and its config through a relative import.
 
-Per kept block, every attention head keeps the same number of rotary pairs; the query heads
-of a KV group share that group's pairs. A kept pair keeps its original frequency, and the
-softmax scale stays 1/sqrt(original head_dim), so a full-width subnet computes exactly what
-the base model computes.
+Per kept block, a subset of the KV groups is kept, each with the same number of query heads
+and the same number of rotary pairs; the query heads of a KV group share that group's pairs. A
+kept pair keeps its original frequency (any rope type transformers defines, including the ones
+that change with the sequence length), the softmax scale stays 1/sqrt(original head_dim), and a
+block of a sliding-window layer keeps its window, so a full-width subnet computes exactly what
+the base model computes. A block may skip attention or its MLP entirely (FLAP-style subnets):
+that sublayer then adds only its bias.
 
 Decoding one token on a CPU is a few hundred small ops whose cost does not shrink with the
 widths, so this file keeps them few: q/k/v and gate/up are one projection each (checkpoints in
@@ -33,37 +36,89 @@ from .configuration_subnet import SubnetConfig
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
-def base_inv_freq(config: SubnetConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and attention scaling of the *base* model's rotary embedding."""
-    params = dict(config.base_rope_parameters)
+def rope_parameters_of(config: SubnetConfig) -> dict:
+    return dict(config.base_rope_parameters)
+
+
+def _rope_shim(config: SubnetConfig):
+    """A plain LlamaConfig carrying the base model's rotary settings: transformers' rope functions
+    read head_dim, max_position_embeddings and rope_parameters from a config."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=config.hidden_size, num_attention_heads=config.base_num_attention_heads,
+                       head_dim=config.base_head_dim, max_position_embeddings=config.max_position_embeddings,
+                       rope_parameters=rope_parameters_of(config))
+
+
+def base_inv_freq(config: SubnetConfig, seq_len=None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling of the *base* model's rotary embedding, by
+    transformers' own rope functions (every rope type it defines), always computed on the CPU:
+    models are built on `meta`, where a rope function would produce tensors without data."""
+    params = rope_parameters_of(config)
     rope_type = params.get("rope_type", "default")
     dim = config.base_head_dim
-    if rope_type == "default":
-        inv = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        return inv, 1.0
-    from transformers import LlamaConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    with torch.device("cpu"):
+        if rope_type == "default":
+            inv = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+            return inv, 1.0
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    shim = LlamaConfig(
-        hidden_size=config.hidden_size,
-        num_attention_heads=config.num_attention_heads,
-        head_dim=dim,
-        max_position_embeddings=config.max_position_embeddings,
-        rope_parameters=params,
-    )
-    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](shim, "cpu")
+        kwargs = {} if seq_len is None else {"seq_len": seq_len}
+        inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](_rope_shim(config), "cpu", **kwargs)
     return inv.float(), float(scaling)
 
 
-def rope_table(inv_freq: torch.Tensor, scaling: float, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """cos | sin | -sin of every *base* rotary pair at these positions: [B, T, 3P].
+class SubnetRotary(nn.Module):
+    """The base model's rotary frequencies, with transformers' runtime updates: `dynamic` NTK
+    rescales once a sequence grows past the cached length (and resets below the original one),
+    `longrope` switches to its long factors past the original context. The state machine is the
+    one of transformers' `dynamic_rope_update`, so a subnet follows the base model step by step.
 
-    Computed once per forward; each block gathers its kept pairs from it (`SubnetAttention.rope_index`).
-    Decoding one token costs a few dozen small ops per block, so ops saved per block are a
-    visible share of a narrow subnet's time per token."""
-    freqs = position_ids[..., None].float() * inv_freq.float()  # [B, T, P], as the base model computes it
-    cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
-    return torch.cat((cos, sin, -sin), dim=-1).to(dtype)
+    `table(position_ids, dtype)` is cos | sin | -sin of every base pair: [B, T, 3P], computed
+    once per forward; each block gathers its kept pairs (`SubnetAttention.rope_index`)."""
+
+    def __init__(self, config: SubnetConfig):
+        super().__init__()
+        self.config = config
+        self.rope_type = rope_parameters_of(config).get("rope_type", "default")
+        inv, self.attention_scaling = base_inv_freq(config)
+        self.register_buffer("inv_freq", inv, persistent=False)
+        self.register_buffer("original_inv_freq", inv.clone(), persistent=False)
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        self.long_inv_freq = None
+
+    def reset(self, device) -> None:
+        """Recompute the buffers on `device` (a model built on `meta` has none)."""
+        inv, self.attention_scaling = base_inv_freq(self.config)
+        self.inv_freq = inv.to(device)
+        self.original_inv_freq = inv.clone().to(device)
+        self.max_seq_len_cached = self.original_max_seq_len
+        self.long_inv_freq = None
+
+    def _update(self, position_ids: torch.Tensor) -> None:
+        device = position_ids.device
+        if "dynamic" in self.rope_type:
+            seq_len = torch.max(position_ids) + 1
+            if seq_len > self.max_seq_len_cached:  # growth
+                inv, self.attention_scaling = base_inv_freq(self.config, seq_len=seq_len.cpu())
+                self.inv_freq = inv.to(device)
+                self.max_seq_len_cached = seq_len
+            if seq_len < self.original_max_seq_len and self.max_seq_len_cached > self.original_max_seq_len:  # reset
+                self.inv_freq = self.original_inv_freq.to(device)
+                self.max_seq_len_cached = self.original_max_seq_len
+        elif self.rope_type == "longrope":
+            seq_len = torch.max(position_ids) + 1
+            original = rope_parameters_of(self.config)["original_max_position_embeddings"]
+            if self.long_inv_freq is None:
+                self.long_inv_freq = base_inv_freq(self.config, seq_len=original + 1)[0]
+            self.inv_freq = torch.where(seq_len > original, self.long_inv_freq.to(device),
+                                        self.original_inv_freq.to(device))
+
+    def table(self, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        self._update(position_ids)
+        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device).float()  # [B, T, P]
+        cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+        return torch.cat((cos, sin, -sin), dim=-1).to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -95,14 +150,18 @@ def _fuse_on_load(parts: tuple[str, ...], fused: str):
 
 
 class SubnetAttention(nn.Module):
-    """q, k and v come from one fused projection (one matmul instead of three per token)."""
+    """q, k and v come from one fused projection (one matmul instead of three per token).
 
-    def __init__(self, config: SubnetConfig, layer: int):
+    `cache_slot` is this block's layer in the KV cache: blocks without attention take none, so
+    slots count the blocks that attend."""
+
+    def __init__(self, config: SubnetConfig, layer: int, cache_slot: int = 0):
         super().__init__()
         pairs = config.attn_pairs[layer]
         self.layer = layer
-        self.n_heads = config.num_attention_heads
-        self.n_kv = config.num_key_value_heads
+        self.cache_slot = cache_slot
+        self.n_kv = len(pairs)
+        self.n_heads = self.n_kv * config.heads_per_group[layer]
         self.head_dim = 2 * len(pairs[0])  # kept dims per head in this block
         self.softmax_scale = 1.0 / math.sqrt(config.base_head_dim)  # of the original head, on purpose
         d, D = self.head_dim, config.hidden_size
@@ -113,14 +172,14 @@ class SubnetAttention(nn.Module):
 
     @staticmethod
     def make_rope_index(config: SubnetConfig, layer: int) -> torch.Tensor:
-        """[2, H + KV, d] indices into `rope_table`: cos and signed sin of the kept pairs, per
+        """[2, H + KV, d] indices into the rope table: cos and signed sin of the kept pairs, per
         query head then per key head; the query heads of a KV group share that group's pairs, and
         a kept pair keeps its own frequency. Signed sin (-sin on the first half) turns
         rotate_half into a plain roll."""
         P = config.base_head_dim // 2
         pairs = torch.tensor(config.attn_pairs[layer], dtype=torch.long)  # [KV, d/2]
-        H, KV = config.num_attention_heads, config.num_key_value_heads
-        groups = torch.cat((torch.arange(H) // (H // KV), torch.arange(KV)))
+        KV, r = pairs.shape[0], config.heads_per_group[layer]
+        groups = torch.cat((torch.arange(KV * r) // r, torch.arange(KV)))
         idx = pairs[groups]  # [H + KV, d/2]
         return torch.stack((torch.cat((idx, idx), -1), torch.cat((idx + 2 * P, idx + P), -1)))
 
@@ -134,7 +193,7 @@ class SubnetAttention(nn.Module):
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, H, T, d], [B, KV, T, d]
         v = qkv[:, :, H + KV:].transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer)
+            k, v = cache.update(k, v, self.cache_slot)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.softmax_scale, enable_gqa=H > KV
         )  # [B, H, T, d]
@@ -158,17 +217,83 @@ class SubnetMLP(nn.Module):
         return self.down_proj(self.act_fn(gate) * up)
 
 
-class SubnetBlock(nn.Module):
-    def __init__(self, config: SubnetConfig, layer: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = SubnetAttention(config, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SubnetMLP(config, layer)
+class SkippedSublayer(nn.Module):
+    """A sublayer that keeps no head (or no channel): its output is its projection's bias alone.
 
-    def forward(self, x, rope, mask, is_causal, cache):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    The bias lives under the projection's usual name (`o_proj.bias` / `down_proj.bias`), so a
+    checkpoint names it like any other."""
+
+    def __init__(self, config: SubnetConfig, name: str, bias: bool):
+        super().__init__()
+        self.name = name
+        proj = nn.Module()
+        proj.register_parameter("bias", nn.Parameter(torch.zeros(config.hidden_size)) if bias else None)
+        self.add_module(name, proj)
+
+    def forward(self, x: torch.Tensor, *_args) -> torch.Tensor | None:
+        bias = getattr(self, self.name).bias
+        return None if bias is None else bias
+
+
+class SubnetBlock(nn.Module):
+    def __init__(self, config: SubnetConfig, layer: int, cache_slot: int = 0):
+        super().__init__()
+        self.window = config.sliding_windows[layer]  # None: full attention
+        if config.attn_pairs[layer]:
+            self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.self_attn = SubnetAttention(config, layer, cache_slot)
+        else:
+            self.input_layernorm = None
+            self.self_attn = SkippedSublayer(config, "o_proj", config.o_bias)
+        if config.intermediate_sizes[layer]:
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.mlp = SubnetMLP(config, layer)
+        else:
+            self.post_attention_layernorm = None
+            self.mlp = SkippedSublayer(config, "down_proj", config.down_bias)
+
+    def forward(self, x, rope, masks: dict, cache):
+        if self.input_layernorm is not None:
+            mask, is_causal = masks[self.window]
+            x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache)
+        elif (b := self.self_attn(x)) is not None:
+            x = x + b
+        if self.post_attention_layernorm is not None:
+            return x + self.mlp(self.post_attention_layernorm(x))
+        b = self.mlp(x)
+        return x if b is None else x + b
+
+
+def attention_mask(attention_mask, B: int, T: int, past: int, device,
+                   window: int | None = None) -> tuple[torch.Tensor | None, bool]:
+    """A boolean [B, 1, T, past+T] mask, or none where SDPA's own causal path is exact.
+
+    `window`: a sliding-window layer's span, as transformers masks it (key index > query index -
+    window), on cache positions."""
+    S = past + T
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    windowed = window is not None and S > window
+    if not padded and not windowed:
+        if past == 0:
+            return None, T > 1
+        if T == 1:
+            return None, False
+    q_pos = torch.arange(past, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if windowed:
+        mask = mask & (k_pos > q_pos - window)
+    mask = mask[None, None]  # [1, 1, T, S]
+    if padded:
+        mask = mask & attention_mask[:, None, None, -S:].bool()
+        # A fully masked row (a left-pad position) would give NaN; let it see itself instead.
+        mask = mask | ~mask.any(-1, keepdim=True)
+    return mask.expand(B, 1, T, S), False
+
+
+def block_masks(windows, attention_mask_, B: int, T: int, past: int, device) -> dict:
+    """window -> (mask, is_causal) for every window the blocks use (None: full attention)."""
+    return {w: attention_mask(attention_mask_, B, T, past, device, w) for w in set(windows)}
 
 
 class SubnetPreTrainedModel(PreTrainedModel):
@@ -188,19 +313,32 @@ class SubnetPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, std=0.02)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, SkippedSublayer):
+            bias = getattr(module, module.name).bias
+            if bias is not None:
+                nn.init.zeros_(bias)
         elif isinstance(module, SubnetAttention):
             module.rope_index.copy_(module.make_rope_index(self.config, module.layer))
-        elif isinstance(module, SubnetModel):
-            module.inv_freq.copy_(base_inv_freq(self.config)[0])
+        elif isinstance(module, SubnetRotary):
+            module.reset(module.inv_freq.device)
+
+
+def cache_slots(config: SubnetConfig) -> list[int]:
+    """Per kept block, its layer in the KV cache (blocks that skip attention share slot 0 unused)."""
+    slots, n = [], 0
+    for pairs in config.attn_pairs:
+        slots.append(n if pairs else 0)
+        n += bool(pairs)
+    return slots
 
 
 class SubnetModel(SubnetPreTrainedModel):
     def __init__(self, config: SubnetConfig):
         super().__init__(config)
-        inv_freq, self.rope_scaling = base_inv_freq(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # of the base model's rotary pairs
+        self.rotary = SubnetRotary(config)  # of the base model's rotary pairs
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(SubnetBlock(config, i) for i in range(config.num_hidden_layers))
+        slots = cache_slots(config)
+        self.layers = nn.ModuleList(SubnetBlock(config, i, slots[i]) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
@@ -213,29 +351,11 @@ class SubnetModel(SubnetPreTrainedModel):
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = (torch.arange(T, device=x.device) + past).unsqueeze(0).expand(B, T)
-        mask, is_causal = self.attention_mask(attention_mask, B, T, past, x.device)
-        rope = rope_table(self.inv_freq, self.rope_scaling, position_ids, x.dtype)
+        masks = block_masks(self.config.sliding_windows, attention_mask, B, T, past, x.device)
+        rope = self.rotary.table(position_ids, x.dtype)
         for block in self.layers:
-            x = block(x, rope, mask, is_causal, cache)
+            x = block(x, rope, masks, cache)
         return self.norm(x), cache
-
-    @staticmethod
-    def attention_mask(attention_mask, B: int, T: int, past: int, device) -> tuple[torch.Tensor | None, bool]:
-        """A boolean [B, 1, T, past+T] mask, or none where SDPA's own causal path is exact."""
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        if not padded:
-            if past == 0:
-                return None, T > 1
-            if T == 1:
-                return None, False
-        S = past + T
-        q_pos = torch.arange(past, S, device=device)[:, None]
-        mask = (torch.arange(S, device=device)[None, :] <= q_pos)[None, None]  # [1, 1, T, S]
-        if padded:
-            mask = mask & attention_mask[:, None, None, -S:].bool()
-            # A fully masked row (a left-pad position) would give NaN; let it see itself instead.
-            mask = mask | ~mask.any(-1, keepdim=True)
-        return mask.expand(B, 1, T, S), False
 
 
 class SubnetForCausalLM(SubnetPreTrainedModel, GenerationMixin):

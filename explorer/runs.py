@@ -3,9 +3,13 @@
     run.json          settings (model spec, targets, preset, seed, corpus, base ModelShape),
                       created time and status (running / finished / cancelled / failed)
     candidates.jsonl  one JSON object per evaluated candidate, appended and flushed as it happens
+                      (a shipped, finished run may hold it xz-compressed: candidates.jsonl.xz)
     annotations.jsonl later measurements of a candidate ({"id", "metrics"}), merged on read
     events.jsonl      optional log of the search's events
     importance.pt     the calibration scores, so a resume skips calibration
+    channel_means.safetensors  the dense model's mean o_proj / down_proj inputs: every compensated
+                      candidate's biases are rebuilt from it, exactly
+    latency_model.json the latency model the predictions came from
 
 `open_run` needs no model: a run can be browsed (candidates, fronts) anywhere.
 """
@@ -15,13 +19,14 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import ExplorerError
 from .pareto import fronts_of
 from .subnet import ModelShape, Subnet
 
+SHIPPED_RUNS = Path(__file__).resolve().parents[1] / "assets" / "runs"  # precomputed runs the project ships
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 SEARCH_ORIGINS = ("search", "init")
 
@@ -35,18 +40,22 @@ class Candidate:
     id: str
     target: float
     generation: int
-    origin: str  # "search" | "init" | "baseline:<name>" | "dense"
+    origin: str  # "search" | "init" | "baseline:<name>" | "dense" | "upload"
     subnet: Subnet
     metrics: dict = field(default_factory=dict, compare=False)
+    compensated: bool = False  # its model carries bias compensation (rebuilt from the run's channel means)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "target": self.target, "generation": self.generation, "origin": self.origin,
-                "subnet": self.subnet.to_dict(compact=True), "metrics": self.metrics}
+                "compensated": self.compensated, "subnet": self.subnet.to_dict(compact=True), "metrics": self.metrics}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Candidate":
-        return cls(str(d["id"]), float(d["target"]), int(d["generation"]), str(d["origin"]),
-                   Subnet.from_dict(d["subnet"]), dict(d.get("metrics", {})))
+        origin = str(d["origin"])
+        # FLAP candidates of runs written before the field was stored were evaluated with their biases
+        compensated = bool(d.get("compensated", origin == "baseline:flap"))
+        return cls(str(d["id"]), float(d["target"]), int(d["generation"]), origin, Subnet.from_dict(d["subnet"]),
+                   dict(d.get("metrics", {})), compensated)
 
     @property
     def fitness(self) -> float:
@@ -58,7 +67,7 @@ class Candidate:
 def run_path(name: str, root: str | Path) -> Path:
     """A run's folder under `root`; names are plain (no separators, no '..'), so none escapes it."""
     if not isinstance(name, str) or not RUN_NAME.match(name) or ".." in name:
-        raise RunError(f"invalid run name {name!r}: use letters, digits, '.', '_' and '-' (up to 100)")
+        raise RunError(f"not a valid run name {name!r}: use letters, digits, '.', '_' and '-' (up to 100)")
     root = Path(root).resolve()
     path = (root / name).resolve()
     if path.parent != root:
@@ -110,7 +119,7 @@ class Run:
         for d in _read_jsonl(self.path / "candidates.jsonl"):
             c = Candidate.from_dict(d)
             if c.id in extra:
-                c = Candidate(c.id, c.target, c.generation, c.origin, c.subnet, {**c.metrics, **extra[c.id]})
+                c = replace(c, metrics={**c.metrics, **extra[c.id]})
             out.append(c)
         return out
 
@@ -122,6 +131,33 @@ class Run:
 
     def log_event(self, record: dict) -> None:
         _append_jsonl(self.path / "events.jsonl", record)
+
+    def channel_means(self):
+        """The channel means that compensated candidates' biases are built from (capture.ChannelMeans):
+        `channel_means.safetensors`, or for older runs the means inside `importance.pt`."""
+        from .capture import ChannelMeans
+
+        f = self.path / "channel_means.safetensors"
+        if f.is_file():
+            return ChannelMeans.load(f)
+        if (self.path / "importance.pt").is_file():
+            from .importance import Importance
+
+            return Importance.load(self.path / "importance.pt").channel_means()
+        raise RunError(f"{self.path} has no channel means (channel_means.safetensors), so its bias-compensated "
+                       "candidates cannot be rebuilt")
+
+    def latency_model(self):
+        """The run's latency model (latency_model.LatencyModel), or None."""
+        f = self.path / "latency_model.json"
+        if not f.is_file():
+            return None
+        from .latency_model import LatencyModel
+
+        try:
+            return LatencyModel.from_dict(json.loads(f.read_text(encoding="utf-8")))
+        except (ValueError, TypeError, KeyError):
+            return None  # a latency model from an older version: predictions stay as stored
 
     def fronts(self) -> dict[str, list[str]]:
         """Candidate ids on the quality-vs-parameters and quality-vs-latency fronts."""
@@ -188,10 +224,17 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
+    """The records of a JSONL file, or of its xz-compressed copy (shipped runs: `candidates.jsonl.xz`)."""
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    elif path.with_name(path.name + ".xz").is_file():
+        import lzma
+
+        text = lzma.decompress(path.with_name(path.name + ".xz").read_bytes()).decode("utf-8")
+    else:
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         if not line.strip():
             continue
         try:

@@ -1,166 +1,324 @@
-"""The search engine (METHOD section 3): several targets in one run, every candidate archived,
-streamed as typed events.
+"""The search (METHOD section 3): several targets in one run, every candidate archived as it is
+found, streamed as typed events (`explorer.events`).
 
 `run_search` validates its input eagerly (bad targets raise ExplorerError before any work),
-then returns an iterator of events; the CLI and the UI only render them. Every evaluated
-candidate is appended to the run directory as it happens. The search is deterministic for a
-seed, which is what makes resume cheap: a resumed run replays the same decisions and takes the
-fitness of every stored candidate from the JSONL instead of evaluating it again.
+then returns the event iterator `search`, which reads top to bottom like the method:
+
+    calibrate; measure the dense model
+    for each target:
+        the baselines; the initial subnets (importance-ranked, several scorings)
+        for each generation: breed children from the elite, evaluate, select, archive, fronts
+    time the front for real
+
+The parts each do one job and are passed in: `calibration` (statistics, cached on disk),
+`archive` (numbering, resume, twins), `evaluator` (one process or several), `latency_model`
+(prediction and paired measurement). The search is deterministic for a seed, which is what makes
+resume cheap: a resumed run replays the same decisions and takes the fitness of every stored
+candidate from the run directory instead of evaluating it again.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import random
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+
+from .archive import Archive, Job
+from .baselines import BASELINES, baseline_subnet
+from .calibration import FILES as CALIBRATION_FILES, Calibration, calibrate
+from .distributed import Group, current_group, leader_first, shared_run
 from .errors import Cancelled, ExplorerError
-from .events import Progress
-from .evolution import Probs, make_space
-from .loading import LoadedModel
-from .subnet import ModelShape
+from .evaluator import BatchEvaluator
+from .events import (CandidateEvaluated, FrontChanged, GenerationFinished, LatencyMeasured, SearchCancelled,
+                     SearchFailed, SearchFinished, SearchStarted, StageProgress, check_cancel)
+from .evolution import Space, crossover, make_space, mutate
+from .fitness import FitnessEvaluator, resolve_dtype
+from .importance import SCORINGS, Importance, initial_subnet, split_subnet
+from .loading import LoadedModel, cache_root
+from .pareto import fronts_of
+from .runs import SHIPPED_RUNS, Candidate, Run, RunError, create_run, open_run
+from .settings import PRESETS, SearchSettings
+from .subnet import ModelShape, Subnet
 
-SCHEMA = 1
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """Everything that decides a search's result; saved in run.json. Defaults = the demo preset."""
-
-    targets: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5)  # fractions of total parameters
-    preset_name: str = "demo"  # stored as "preset" in run.json
-    seed: int = 0
-    corpus: str = "bbc"
-    calib_windows: int = 32  # importance calibration
-    calib_seq_len: int = 256
-    fitness_windows: int = 4  # fitness perplexity
-    fitness_seq_len: int = 256
-    fitness_dtype: str = "auto"  # compute dtype of fitness; "auto" = bf16 where the hardware has it (stored resolved)
-    fitness_batch: int = 2  # windows per forward; early stop is checked between batches
-    population: int = 10  # first generation: mutations of the best initial subnet
-    generations: int = 4  # after the first
-    top_k: int = 5
-    mutations: int = 6  # per generation
-    crossovers: int = 3
-    fresh: int = 1  # mutations of the initial subnet
-    first_probs: Probs = Probs(depth=0.0, ratio=0.15, mask=0.0)
-    probs: Probs = Probs(depth=0.02, ratio=0.1, mask=0.02)
-    window: float = 0.005  # a candidate's size lies in [target - window, target]
-    multiple: int = 8  # MLP widths rounded to this
-    head_multiple: int = 8  # kept head dims rounded to this (whole rotary pairs)
-    depth: bool = True  # allow dropping blocks (METHOD's depth ranges)
-    split_init: int = 4  # extra initial subnets: uniform, at this many attention widths
-    init_scorings: tuple[str, ...] = ("obs", "wanda")  # scores that rank the initial subnets' channels
-    baselines: tuple[str, ...] = ("magnitude", "wanda-sp", "flap")
-    early_stop: bool = True
-    cache_mb: int = 384  # prefix hidden-state cache
-    latency: bool = True  # fit a latency model and measure the front for real
-    measure_max: int = 8  # front members measured for real
-    max_tries: int = 20  # resamples for a child that is out of the window or already seen
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "SearchSettings":
-        if name not in PRESETS:
-            raise ExplorerError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(overrides) - fields)
-        if bad:
-            raise ExplorerError(f"unknown search setting(s): {', '.join(bad)}")
-        overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["preset"] = d.pop("preset_name")
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SearchSettings":
-        d = dict(d)
-        if "preset" in d:
-            d["preset_name"] = d.pop("preset")
-        d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
-        d.setdefault("fitness_dtype", "float32")  # runs from before the setting computed fitness in fp32
-        d.setdefault("fitness_batch", 1)
-        for k in ("first_probs", "probs"):
-            if isinstance(d.get(k), dict):
-                d[k] = Probs(**d[k])
-        for k in ("targets", "baselines", "init_scorings"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
+SCHEMA = 2
+log = logging.getLogger(__name__)
 
 
-PRESETS: dict[str, SearchSettings] = {
-    "demo": SearchSettings(),
-    "paper": SearchSettings(
-        preset_name="paper", calib_windows=128, calib_seq_len=2048, fitness_windows=5, fitness_seq_len=2048,
-        population=100, generations=50, top_k=10, mutations=50, crossovers=30, fresh=20,
-        first_probs=Probs(depth=0.0, ratio=0.3, mask=0.6), probs=Probs(depth=0.1, ratio=0.1, mask=0.3),
-        window=0.01, cache_mb=2048, measure_max=16),
-}
+# ---- the loop ---------------------------------------------------------------------------------
+def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event | None = None,
+           windows: tuple | None = None, group: Group | None = None) -> Iterator[Any]:
+    """The search's events (see the module docstring). Process 0 calibrates; the others of a
+    distributed search load its files and evaluate their share of every batch."""
+    group = group or current_group()
+    t0 = time.perf_counter()
+    cal: Calibration = yield from leader_first(group, lambda: _calibrate(lm, s, run, cancel, windows), run.path,
+                                               CALIBRATION_FILES)
+    latency = yield from leader_first(group, lambda: _latency(lm, s, run, cancel, fit=False), run.path,
+                                      ("latency_model.json",))
+    archive = Archive(run, lm.shape, latency)
+    fitness = FitnessEvaluator(lm.model, lm.shape, cal.fitness, cache_bytes=s.cache_mb * 2**20,
+                               dtype=getattr(torch, s.fitness_dtype), batch=s.fitness_batch, means=cal.means)
+    evaluate = BatchEvaluator(fitness, archive, group, cancel)
+    best: dict[float, Candidate] = {}
+    fronts: dict = {"params": [], "latency": []}
+
+    def emit(pairs) -> Iterator[CandidateEvaluated]:
+        for c, replayed in pairs:
+            yield CandidateEvaluated(c, replayed, len(archive.candidates))
+
+    try:
+        yield from emit(evaluate.run([Job(Subnet.full(lm.shape), 1.0, 0, "dense")]))
+        for target in s.targets:
+            space = make_space(lm.shape, target, s.window, s.multiple, s.head_multiple, s.depth, compensated=s.compensate)
+            rng = random.Random(f"{s.seed}:{target}")
+            fitness.clear()  # prefix states of another target serve no candidate of this one
+            baselines = baseline_jobs(lm, s, cal, target)
+            yield from emit(evaluate.run(baselines))
+
+            elite = Elite(s.top_k)
+            seen: set[str] = set()
+            inits = initial_jobs(lm, s, cal, target, seen, baselines if s.seed_baselines else ())
+            for c, replayed in evaluate.run(inits):
+                if not elite.consider(c):
+                    evaluate.forget(c)
+                yield CandidateEvaluated(c, replayed, len(archive.candidates))
+            init_best = elite.best.subnet  # its scoring orders every later mask edit at this target
+            scored_by = elite.best.metrics.get("init_scoring", "obs")
+            imp = cal.scoring(BASELINE_SCORING.get(scored_by, scored_by), lm.model, lm.shape)
+
+            generations = 1 + s.generations
+            for generation in range(1, generations + 1):
+                t_gen, evals0, stopped, n = time.perf_counter(), archive.evaluations, 0, 0
+                kinds = (["m0"] * s.population if generation == 1 else
+                         ["m"] * s.mutations + ["x"] * s.crossovers + ["f"] * s.fresh)
+                children = breed(kinds, elite.parents, init_best, imp, lm.shape, space, rng, seen, s)
+                jobs = [Job(child, target, generation, "search", s.compensate) for child in children]
+                for c, replayed in evaluate.run(jobs, elite.bound() if s.early_stop else None):
+                    stopped += int(c.metrics.get("fitness_lower_bound", False))
+                    n += 1
+                    if not elite.consider(c):
+                        evaluate.forget(c)
+                    yield CandidateEvaluated(c, replayed, len(archive.candidates))
+                best[target] = elite.best
+                secs, real = time.perf_counter() - t_gen, archive.evaluations - evals0
+                yield GenerationFinished(target, generation, elite.best.fitness, elite.best.id,
+                                         real / secs if real and secs > 0 else 0.0, n, stopped, generations)
+                now = fronts_of(archive.candidates)
+                if now != fronts:
+                    fronts = now
+                    yield FrontChanged(tuple(now["params"]), tuple(now["latency"]))
+        if s.latency and group.leader:  # timing is process 0's, after every candidate is found
+            if latency is None:
+                latency = yield from _latency(lm, s, run, cancel, fit=True)
+                predict_archive(run, archive, latency, lm.shape)
+                fronts = fronts_of(archive.candidates)
+                yield FrontChanged(tuple(fronts["params"]), tuple(fronts["latency"]))
+            yield from measure_front(lm, run, archive, best, fronts, cal, s.measure_max, cancel)
+    except Cancelled as e:
+        yield SearchCancelled(summary(archive, best, fronts, fitness, latency, time.perf_counter() - t0), str(e))
+        return
+    yield SearchFinished(summary(archive, best, fronts, fitness, latency, time.perf_counter() - t0))
 
 
-# ---- events ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SearchStarted:
-    run_dir: str
-    targets: tuple[float, ...]
-    settings: dict
-    resumed: bool
-    stored: int  # candidates already in the run
+class Elite:
+    """The top k of everything evaluated at a target (initial subnets and children): the parents."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.members: list[Candidate] = []
+
+    def consider(self, c: Candidate) -> bool:
+        """Add `c` if it ranks among the top k; whether it is in the elite now."""
+        if c.fitness < math.inf:
+            self.members.append(c)
+            self.members.sort(key=lambda x: (x.metrics["fitness_nll"], x.id))
+            del self.members[self.k:]
+        return any(e.id == c.id for e in self.members)
+
+    def bound(self) -> float | None:
+        """The k-th best summed NLL: a child that exceeds it cannot become a parent (early stop)."""
+        return self.members[-1].metrics["fitness_nll"] if len(self.members) >= self.k else None
+
+    @property
+    def best(self) -> Candidate:
+        if not self.members:
+            raise ExplorerError("no initial subnet could be evaluated at this target")
+        return self.members[0]
+
+    @property
+    def parents(self) -> list[Subnet]:
+        return [c.subnet for c in self.members]
 
 
-@dataclass(frozen=True)
-class StageProgress(Progress):
-    """Calibration steps before the search proper (importance, latency model): a Progress of its own
-    type, so the UI and the CLI can tell it from the candidates' stream."""
+# ---- the parts of a target ------------------------------------------------------------------------
+def baseline_jobs(lm: LoadedModel, s: SearchSettings, cal: Calibration, target: float) -> list[Job]:
+    """The baselines' subnets at this target (METHOD section 6), each with its own compensation."""
+    jobs = []
+    for name in s.baselines:
+        res = baseline_subnet(name, lm.model, cal.importance, lm.shape, target, cal.calib[:s.baseline_windows])
+        jobs.append(Job(res.subnet, target, 0, f"baseline:{name}", res.compensated))
+    return jobs
 
 
-@dataclass(frozen=True)
-class CandidateEvaluated:
-    candidate: Any  # runs.Candidate
-    replayed: bool  # taken from the run directory, not evaluated again
-    evaluated: int  # candidates so far in this run
+# the scoring that orders mask edits of a child of a baseline's subnet: the one the baseline ranks by
+BASELINE_SCORING = {"flap": "wifv", "flap-uniform": "wifv", "wanda-sp": "wanda", "magnitude": "obs"}
 
 
-@dataclass(frozen=True)
-class GenerationFinished:
-    target: float
-    generation: int
-    best_fitness: float
-    best_id: str
-    evals_per_s: float  # this generation's real evaluations per second of evaluation time
-    evaluated: int  # evaluated in this generation (replayed included)
-    stopped_early: int
-    generations: int  # total per target, for progress bars
+def initial_jobs(lm: LoadedModel, s: SearchSettings, cal: Calibration, target: float, seen: set[str],
+                 baselines: tuple | list = ()) -> list[Job]:
+    """The same keep ratio in every block (METHOD section 2), and uniform splits that keep more
+    attention and less MLP (or the reverse), for each scoring; with `baselines`, their subnets
+    too, evaluated the search's way (so the search starts from the best subnet it knows and can
+    only improve on it); duplicates are skipped."""
+    space = make_space(lm.shape, target, s.window, s.multiple, s.head_multiple, s.depth, compensated=s.compensate)
+    opts = space.pair_options
+    picks = sorted({opts[len(opts) - 1 - round(k * (len(opts) - 1) / max(1, s.split_init - 1))]
+                    for k in range(s.split_init)}) if s.split_init else []  # widest attention first
+    jobs = []
+    for name in s.init_scorings:
+        sc = cal.scoring(name, lm.model, lm.shape)
+        subs = [initial_subnet(sc, lm.shape, target, s.multiple, s.head_multiple, s.compensate)]
+        subs += [split_subnet(sc, lm.shape, target, p, s.multiple, s.compensate) for p in picks]
+        for sub in subs:
+            if sub is not None and sub.key() not in seen:
+                seen.add(sub.key())
+                jobs.append(Job(sub, target, 0, "init", s.compensate, extra={"init_scoring": name}))
+    for b in baselines:
+        name = b.origin.split(":", 1)[1]
+        if b.subnet.key() not in seen:
+            seen.add(b.subnet.key())
+            jobs.append(Job(b.subnet, target, 0, "init", s.compensate, extra={"init_scoring": name}))
+    return jobs
 
 
-@dataclass(frozen=True)
-class FrontChanged:
-    params: tuple[str, ...]
-    latency: tuple[str, ...]
+def breed(kinds: list[str], parents: list[Subnet], init_best: Subnet, imp: Importance, shape: ModelShape,
+          space: Space, rng: random.Random, seen: set[str], s: SearchSettings) -> list[Subnet]:
+    """One generation's children, decided before any is evaluated: "m0" mutates the best initial
+    subnet with the first generation's probabilities, "m" a parent, "f" the best initial subnet,
+    "x" crosses two parents. A child out of the window or already seen is resampled (up to
+    max_tries, else skipped). Only `rng` and `seen` change, in this order, so a seed always
+    breeds the same children from the same parents."""
+    out: list[Subnet] = []
+    for kind in kinds:
+        child = None
+        for _ in range(s.max_tries):
+            if kind == "m0":
+                child = mutate(init_best, imp, shape, space, rng, s.first_probs)
+            elif kind == "m":
+                child = mutate(rng.choice(parents), imp, shape, space, rng, s.probs)
+            elif kind == "f":
+                child = mutate(init_best, imp, shape, space, rng, s.probs)
+            else:
+                a, b = rng.sample(parents, 2) if len(parents) > 1 else (parents[0], parents[0])
+                child = crossover(a, b, imp, shape, space, rng)
+            if child is not None and child.key() not in seen:
+                break
+            child = None
+        if child is not None:
+            seen.add(child.key())
+            out.append(child)
+    return out
 
 
-@dataclass(frozen=True)
-class SearchFinished:
-    summary: dict
+def measure_front(lm: LoadedModel, run: Run, archive: Archive, best: dict, fronts: dict, cal: Calibration,
+                  limit: int, cancel: threading.Event | None) -> Iterator[Any]:
+    """Time front members for real, paired with the dense model (best per target first), off the
+    critical path: every candidate was found before this runs."""
+    from .latency_model import measure
+    from .slicing import candidate_model
+
+    by_id = {c.id: c for c in archive.candidates}
+    ids = [c.id for c in best.values()] + list(fronts["params"]) + list(fronts["latency"])
+    chosen = [by_id[i] for i in dict.fromkeys(ids) if i in by_id and by_id[i].origin != "dense"
+              and "measured_speedup" not in by_id[i].metrics][:limit]
+    if not chosen:
+        return
+    yield StageProgress("measure front", 0, len(chosen), f"timing {len(chosen)} front members with the dense model")
+    models = {c.id: candidate_model(lm.model, c, cal.means) for c in chosen}
+    got = measure(lm.model, models, lm.shape.vocab_size, cancel=cancel)
+    for n, c in enumerate(chosen):
+        m = got[c.id]
+        run.annotate(c.id, m.metrics())
+        yield LatencyMeasured(c.id, m.to_dict())
+        yield StageProgress("measure front", n + 1, len(chosen), c.id)
 
 
-@dataclass(frozen=True)
-class SearchCancelled:
-    summary: dict
-    message: str = "cancelled by the user"
+def summary(archive: Archive, best: dict, fronts: dict, fitness: FitnessEvaluator, latency, wall: float) -> dict:
+    by_target = {str(t): {"id": c.id, "fitness_ppl": c.fitness, "params": c.metrics["params"],
+                          "fraction": c.metrics["fraction"], "predicted_latency_ms": c.metrics.get("predicted_latency_ms")}
+                 for t, c in sorted(best.items(), reverse=True)}
+    return {"best": by_target, "candidates": len(archive.candidates), "evaluated": archive.evaluations,
+            "copied": archive.copies, "replayed": len(archive.candidates) - archive.evaluations - archive.copies,
+            "eval_seconds": round(archive.eval_seconds, 3),
+            "evals_per_s": archive.evaluations / archive.eval_seconds if archive.eval_seconds else 0.0,
+            "wall_seconds": round(wall, 3), "fitness": dict(fitness.stats), "fronts": fronts,
+            "latency_model": latency.to_dict() if latency else None}
 
 
-@dataclass(frozen=True)
-class SearchFailed:
-    message: str
+# ---- calibration steps (process 0; the others load the files they write) ----------------------------
+def _calibrate(lm, s, run, cancel, windows) -> Iterator[Any]:
+    cal = None
+    seeds = tuple(p for p in SHIPPED_RUNS.iterdir() if (p / "importance.pt").is_file()) if SHIPPED_RUNS.is_dir() else ()
+    for item in calibrate(lm, s, run.path, cancel, windows, cache_dir=cache_root() / "importance", seeds=seeds):
+        if isinstance(item, Calibration):
+            cal = item
+        else:
+            yield item
+    return cal
 
 
+def _latency(lm, s, run, cancel, fit: bool) -> Iterator[Any]:
+    """The run's latency model: its own file (resume), else the machine's cached one, else (with `fit`)
+    fitted now; without `fit` and without a cached model, None (the search then fits it at the end,
+    off the path to the first points)."""
+    import json
+
+    from .latency_model import LatencyModel, cached_latency_model
+
+    if not s.latency:
+        return None
+    path = run.path / "latency_model.json"
+    if path.is_file():
+        return LatencyModel.from_dict(json.loads(path.read_text()))
+    spaces = [make_space(lm.shape, t, s.window, s.multiple, s.head_multiple, s.depth) for t in s.targets]
+    head_dims = sorted({2 * p for sp in spaces for p in sp.pair_options})
+    widths = sorted({w for sp in spaces for w in sp.width_options})
+    events: list = []
+    if fit:
+        yield StageProgress("latency model", 0, 1, "timing sliced models with the dense one (cached per machine)")
+    model, cached = cached_latency_model(lm, head_dims, widths, cache_root() / "latency", events.append, cancel,
+                                         fit=fit)
+    if model is None:
+        return None
+    for e in events:
+        yield StageProgress(e.stage, e.done, e.total, e.message)
+    path.write_text(json.dumps(model.to_dict(), indent=2))
+    yield StageProgress("latency model", 1, 1, "reused from the cache" if cached else
+                        f"fitted (mean error {model.fit_error:.1%})")
+    return model
+
+
+def predict_archive(run: Run, archive: Archive, latency, shape: ModelShape) -> None:
+    """Predicted latencies for the candidates archived before the latency model existed (annotations)."""
+    for c in archive.candidates:
+        if "predicted_latency_ms" not in c.metrics:
+            ms = latency.dense_ms if c.origin == "dense" else latency.predict(c.subnet, shape)
+            extra = {"predicted_latency_ms": round(ms, 4)}
+            if c.origin == "dense":
+                extra.update(measured_ms=round(latency.dense_ms, 4), measured_speedup=1.0, measured_reliable=True)
+            run.annotate(c.id, extra)
+    archive.latency = latency
+    stored = {c.id: c for c in run.candidates()}  # with the annotations merged
+    archive.candidates[:] = [stored.get(c.id, c) for c in archive.candidates]
+
+
+# ---- entry: validate, create or open the run, then the events -------------------------------------------
 def validate_targets(targets, shape: ModelShape, settings: SearchSettings) -> tuple[float, ...]:
     if not targets:
         raise ExplorerError("give at least one target fraction, e.g. 0.7")
@@ -172,100 +330,90 @@ def validate_targets(targets, shape: ModelShape, settings: SearchSettings) -> tu
             raise ExplorerError(f"target {t!r} is not a number") from None
         if not (0 < t <= 1) or math.isnan(t):
             raise ExplorerError(f"target {t} is outside (0, 1]: targets are fractions of the total parameters")
-        make_space(shape, t, settings.window, settings.multiple, settings.head_multiple, settings.depth)
+        make_space(shape, t, settings.window, settings.multiple, settings.head_multiple, settings.depth,
+                   compensated=settings.compensate)
         out.append(round(t, 6))
     if len(set(out)) != len(out):
         raise ExplorerError("targets repeat")
     return tuple(sorted(out, reverse=True))
 
 
+def resolve(lm: LoadedModel, settings: SearchSettings) -> SearchSettings:
+    """Validate every setting and resolve the ones that depend on the machine (fitness dtype)."""
+    settings = dataclasses.replace(settings, targets=validate_targets(settings.targets, lm.shape, settings))
+    unknown = [b for b in settings.baselines if b not in BASELINES]
+    if unknown:
+        raise ExplorerError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
+    bad = [n for n in settings.init_scorings if n not in SCORINGS]
+    if bad or not settings.init_scorings:
+        raise ExplorerError(f"init_scorings must be a non-empty choice of {', '.join(SCORINGS)} "
+                            f"(got {list(settings.init_scorings)})")
+    if settings.fitness_batch < 1:
+        raise ExplorerError("fitness_batch must be at least 1")
+    if settings.baseline_windows < 1:
+        raise ExplorerError("baseline_windows must be at least 1")
+    device = next(p for p in lm.model.parameters() if p.device.type != "meta").device
+    try:  # stored resolved, so a resumed run computes fitness the same way wherever it continues
+        return dataclasses.replace(settings, fitness_dtype=resolve_dtype(settings.fitness_dtype, device))
+    except ValueError as e:
+        raise ExplorerError(str(e)) from None
+
+
 def run_search(lm: LoadedModel, settings: SearchSettings, run_dir: str | Path,
                cancel: threading.Event | None = None, resume: bool = False, *,
-               windows: tuple | None = None) -> Iterator[Any]:
+               windows: tuple | None = None, group: Group | None = None) -> Iterator[Any]:
     """Validate, then return the event iterator. With `resume`, the run's stored settings win.
 
     `windows` = (calibration, fitness) token tensors replaces the corpus (tests on tiny models).
     Under torch.distributed every process calls this alike: process 0 owns `run_dir`, the others
     mirror it in a scratch folder (`explorer.distributed.shared_run`)."""
-    from .distributed import current_group, shared_run
+    group = group or current_group()
+    return shared_run(group, Path(run_dir), resume,
+                      lambda folder: _start(lm, settings, folder, cancel, resume, windows, group))
 
-    return shared_run(current_group(), Path(run_dir), resume,
-                      lambda folder: _start(lm, settings, folder, cancel, resume, windows))
 
-
-def _start(lm: LoadedModel, settings: SearchSettings, run_dir: Path, cancel: threading.Event | None,
-           resume: bool, windows: tuple | None) -> Iterator[Any]:
-    """run_search's work in one folder: validate, create or open the run, return its events."""
-    from .runs import RunError, create_run, open_run
-
-    run_dir = Path(run_dir)
+def _start(lm, settings, run_dir: Path, cancel, resume: bool, windows, group: Group) -> Iterator[Any]:
     if resume:
         run = open_run(run_dir)
-        stored = dict(run.settings)
-        stored.pop("model", None)
-        stored.pop("schema", None)
+        stored = {k: v for k, v in run.settings.items() if k not in ("model", "schema")}
         settings = SearchSettings.from_dict(stored)
         if run.shape != lm.shape:
             raise RunError(f"the run was made on a different model ({run.settings.get('model')})")
-    targets = validate_targets(settings.targets, lm.shape, settings)
-    settings = dataclasses.replace(settings, targets=targets)
-    from .baselines import BASELINES
-
-    unknown = [b for b in settings.baselines if b not in BASELINES]
-    if unknown:
-        raise ExplorerError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
-    bad = [n for n in settings.init_scorings if n not in ("obs", "wanda")]
-    if bad or not settings.init_scorings:
-        raise ExplorerError(f"init_scorings must be a non-empty choice of obs, wanda (got {list(settings.init_scorings)})")
-    from .fitness import resolve_dtype
-
-    try:  # stored resolved, so a resumed run computes fitness the same way wherever it continues
-        settings = dataclasses.replace(settings, fitness_dtype=resolve_dtype(settings.fitness_dtype, lm.model.get_input_embeddings().weight.device))
-    except ValueError as e:
-        raise ExplorerError(str(e)) from None
-    if settings.fitness_batch < 1:
-        raise ExplorerError("fitness_batch must be at least 1")
+    settings = resolve(lm, settings)
     if not resume:
         run = create_run(run_dir, {**settings.to_dict(), "model": lm.name, "schema": SCHEMA}, lm.shape)
-    return _events(lm, settings, run, cancel, resume, windows)
+    return _events(lm, settings, run, cancel, resume, windows, group)
 
 
-def _events(lm, settings, run, cancel, resume, windows) -> Iterator[Any]:
-    from .engine import SearchEngine
-
-    engine = SearchEngine(lm, settings, run, cancel, windows)
-    stored = len(engine.memo)
-    yield _log(run, SearchStarted(str(run.path), settings.targets, settings.to_dict(), resume, stored))
+def _events(lm, settings, run: Run, cancel, resume, windows, group: Group) -> Iterator[Any]:
+    """The search's events framed by its start and its end, which the run's status records."""
+    yield _log(run, SearchStarted(str(run.path), settings.targets, settings.to_dict(), resume, len(run.candidates())))
     if resume:
         run.set_status("running")
     try:
-        yield from engine.events()
-    except Cancelled as e:
+        for ev in search(lm, settings, run, cancel, windows, group):
+            if isinstance(ev, SearchFinished):
+                run.set_status("finished", summary=ev.summary)
+            elif isinstance(ev, SearchCancelled):
+                run.set_status("cancelled")
+            yield _log(run, ev)
+    except Cancelled as e:  # before the first candidate (calibration)
         run.set_status("cancelled")
-        yield _log(run, SearchCancelled(engine.summary(), str(e)))
-        return
+        yield _log(run, SearchCancelled({}, str(e)))
     except ExplorerError as e:
         run.set_status("failed", error=str(e))
         yield _log(run, SearchFailed(str(e)))
-        return
     except Exception as e:  # noqa: BLE001 - reported as an event; the run keeps what it found
-        import logging
-
-        logging.getLogger(__name__).exception("search failed")
+        log.exception("search failed")
         run.set_status("failed", error=f"{type(e).__name__}: {e}")
         yield _log(run, SearchFailed(f"{type(e).__name__}: {e}"))
-        return
-    summary = engine.summary()
-    run.set_status("finished", summary=summary)
-    yield _log(run, SearchFinished(summary))
 
 
-def _log(run, event):
+def _log(run: Run, event):
     if not isinstance(event, (CandidateEvaluated, StageProgress)):
         run.log_event({"event": type(event).__name__, "time": time.time(),
                        **{f.name: getattr(event, f.name) for f in dataclasses.fields(event)}})
     return event
 
 
-__all__ = ["SearchSettings", "PRESETS", "run_search", "SearchStarted", "StageProgress", "CandidateEvaluated",
-           "GenerationFinished", "FrontChanged", "SearchFinished", "SearchCancelled", "SearchFailed"]
+__all__ = ["SearchSettings", "PRESETS", "run_search", "search", "Elite", "validate_targets", "check_cancel"]

@@ -1,7 +1,14 @@
-"""Defaults shared by the CLI, the app and the benchmarks: one place, one value."""
+"""Defaults shared by the CLI, the app and the benchmarks: one place, one value.
+
+Each step's settings are one frozen dataclass; the CLI's flags and the app's widgets read their
+defaults from these, and a search saves its resolved `SearchSettings` in run.json.
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+from .errors import ExplorerError
 
 
 @dataclass(frozen=True)
@@ -10,6 +17,7 @@ class ModelSettings:
     dtype: str = "float32"
     device: str = "cpu"  # cpu, cuda, cuda:N, or auto (accelerate device_map)
     trust_remote_code: bool = False
+    max_memory: str | None = None  # with device auto: per-device caps, e.g. "cpu=2GB" (the rest is offloaded)
 
 
 @dataclass(frozen=True)
@@ -19,3 +27,111 @@ class DataSettings:
     heldout_windows: int = 32  # windows of held-out perplexity (evenly spaced over the held-out text)
     calibration_windows: int = 128
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class Probs:
+    """Per-block mutation probabilities (METHOD section 3)."""
+
+    depth: float = 0.1
+    ratio: float = 0.1
+    mask: float = 0.3
+    alpha: float = 0.8  # share of kept indices a mask mutation keeps
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Everything that decides a search's result; saved in run.json. Defaults = the demo preset."""
+
+    targets: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5)  # fractions of total parameters
+    preset_name: str = "demo"  # stored as "preset" in run.json
+    seed: int = 0
+    corpus: str = "bbc"
+    calib_windows: int = 32  # importance calibration
+    calib_seq_len: int = 256
+    fitness_windows: int = 4  # fitness perplexity
+    fitness_seq_len: int = 256
+    fitness_dtype: str = "auto"  # compute dtype of fitness; "auto" = bf16 where the hardware has it (stored resolved)
+    fitness_batch: int = 2  # windows per forward; early stop is checked between batches
+    compensate: bool = True  # bias compensation (FLAP's mean of the removed inputs) for every searched subnet
+    population: int = 10  # first generation: mutations of the best initial subnet
+    generations: int = 4  # after the first
+    top_k: int = 5
+    mutations: int = 6  # per generation
+    crossovers: int = 3
+    fresh: int = 1  # mutations of the initial subnet
+    first_probs: Probs = Probs(depth=0.0, ratio=0.15, mask=0.0)
+    probs: Probs = Probs(depth=0.02, ratio=0.1, mask=0.02)
+    window: float = 0.005  # a candidate's size lies in [target - window, target]
+    multiple: int = 8  # MLP widths rounded to this
+    head_multiple: int = 8  # kept head dims rounded to this (whole rotary pairs)
+    depth: bool = True  # allow dropping blocks (METHOD's depth ranges)
+    split_init: int = 4  # extra initial subnets: uniform, at this many attention widths
+    init_scorings: tuple[str, ...] = ("obs", "wanda", "wifv")  # scores that rank the initial subnets' channels
+    baselines: tuple[str, ...] = ("magnitude", "wanda-sp", "flap", "flap-uniform")
+    seed_baselines: bool = True  # the baselines' subnets are initial subnets too (evaluated the search's way)
+    baseline_windows: int = 8  # calibration windows of Wanda-sp's sequential pass (the first ones)
+    early_stop: bool = True
+    cache_mb: int = 384  # prefix hidden-state cache
+    latency: bool = True  # fit a latency model (cached per machine) and measure the front for real
+    measure_max: int = 10  # front members measured for real
+    max_tries: int = 20  # resamples for a child that is out of the window or already seen
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "SearchSettings":
+        if name not in PRESETS:
+            raise ExplorerError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(overrides) - fields)
+        if bad:
+            raise ExplorerError(f"unknown search setting(s): {', '.join(bad)}")
+        overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["preset"] = d.pop("preset_name")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchSettings":
+        d = dict(d)
+        if "preset" in d:
+            d["preset_name"] = d.pop("preset")
+        d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        d.setdefault("fitness_dtype", "float32")  # runs from before the setting computed fitness in fp32
+        d.setdefault("fitness_batch", 1)
+        d.setdefault("compensate", False)  # runs from before compensation searched without it
+        d.setdefault("seed_baselines", False)
+        for k in ("first_probs", "probs"):
+            if isinstance(d.get(k), dict):
+                d[k] = Probs(**d[k])
+        for k in ("targets", "baselines", "init_scorings"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """"generations=8" -> ("generations", 8): a KEY=VALUE override of a settings field (JSON values,
+    else the text itself)."""
+    import argparse
+    import json
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip().replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip().replace("-", "_"), value
+
+
+PRESETS: dict[str, SearchSettings] = {
+    "demo": SearchSettings(),
+    "paper": SearchSettings(
+        preset_name="paper", calib_windows=128, calib_seq_len=2048, fitness_windows=5, fitness_seq_len=2048,
+        population=100, generations=50, top_k=10, mutations=50, crossovers=30, fresh=20,
+        first_probs=Probs(depth=0.0, ratio=0.3, mask=0.6), probs=Probs(depth=0.1, ratio=0.1, mask=0.3),
+        window=0.01, cache_mb=2048, measure_max=16, baseline_windows=128),
+}

@@ -1,17 +1,26 @@
-"""Subnet + base model -> a physically smaller SubnetForCausalLM.
+"""Subnet + base model -> a physically smaller SubnetForCausalLM: the one way a candidate's model
+is built, for fitness, reformation, evaluation, prompts, export and the benchmarks.
 
 Which projections lose output rows and which lose input columns is the whole story, so it is
 written as a table (as in gpt-fast). Embeddings, norms and lm_head are shared with the base
 model, not copied: slicing is cheap enough to run for every candidate of a search.
+
+Bias compensation (FLAP): with the dense model's mean inputs of `o_proj` / `down_proj`
+(`capture.ChannelMeans`), the removed columns' mean contribution W[:, removed] @ mean[removed]
+becomes a bias of the sliced projection, so a subnet keeps the average of what it removed.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .capture import ChannelMeans
 from .configuration_subnet import SubnetConfig
-from .modeling_subnet import SubnetAttention, SubnetForCausalLM, SubnetModel, base_inv_freq
-from .subnet import ModelShape, Subnet
+from .devices import is_offloaded, onloaded
+from .architecture import layer_windows, rope_parameters
+from .errors import ExplorerError
+from .modeling_subnet import SubnetAttention, SubnetForCausalLM, SubnetRotary
+from .subnet import LayerChoice, ModelShape, Subnet
 
 # projection -> (which index set, sliced dim: 0 = output rows, 1 = input columns)
 SLICE_TABLE: dict[str, tuple[str, int]] = {
@@ -23,26 +32,16 @@ SLICE_TABLE: dict[str, tuple[str, int]] = {
     "mlp.up_proj": ("mlp", 0),
     "mlp.down_proj": ("mlp", 1),
 }
-
-
-def rope_parameters(config) -> dict:
-    """The base model's rotary settings, from transformers 5 `rope_parameters` or older fields."""
-    params = getattr(config, "rope_parameters", None)
-    if isinstance(params, dict) and "rope_theta" in params:
-        return {k: v for k, v in params.items() if v is not None}
-    scaling = dict(getattr(config, "rope_scaling", None) or {})
-    scaling.setdefault("rope_type", scaling.pop("type", "default"))
-    scaling["rope_theta"] = getattr(config, "rope_theta", 10000.0)
-    return scaling
-
-
-def subnet_config(base_config, subnet: Subnet, shape: ModelShape, **extra) -> SubnetConfig:
+# the projections whose input columns are cut: compensation and reformation act on these
+INPUT_SLICED = {name: which for name, (which, dim) in SLICE_TABLE.items() if dim == 1}
+def subnet_config(base_config, subnet: Subnet, shape: ModelShape, compensated: bool = False) -> SubnetConfig:
     kept = [(i, l) for i, l in enumerate(subnet.layers) if l is not None]
+    windows = layer_windows(base_config)
     return SubnetConfig(
         vocab_size=shape.vocab_size,
         hidden_size=shape.hidden_size,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
+        base_num_attention_heads=shape.num_heads,
+        base_num_key_value_heads=shape.num_kv_heads,
         base_head_dim=shape.head_dim,
         hidden_act=getattr(base_config, "hidden_act", "silu"),
         rms_norm_eps=base_config.rms_norm_eps,
@@ -51,54 +50,96 @@ def subnet_config(base_config, subnet: Subnet, shape: ModelShape, **extra) -> Su
         tie_word_embeddings=shape.tie_word_embeddings,
         layer_ids=[i for i, _ in kept],
         attn_pairs=[[list(g) for g in l.attn_pairs] for _, l in kept],
+        heads_per_group=[l.heads_per_group(shape) for _, l in kept],
         intermediate_sizes=[l.width for _, l in kept],
+        sliding_windows=[windows[i] for i, _ in kept],
         qkv_bias=shape.qkv_bias,
-        o_bias=shape.o_bias or extra.pop("o_bias", False),
+        o_bias=shape.o_bias or compensated,
         mlp_bias=shape.mlp_bias,
-        down_bias=shape.mlp_bias or extra.pop("down_bias", False),
+        down_bias=shape.mlp_bias or compensated,
         base_num_hidden_layers=shape.num_layers,
         base_intermediate_size=shape.intermediate_size,
         base_model_type=getattr(base_config, "model_type", "llama"),
         bos_token_id=getattr(base_config, "bos_token_id", None),
         eos_token_id=getattr(base_config, "eos_token_id", None),
         pad_token_id=getattr(base_config, "pad_token_id", None),
-        **extra,
     )
 
 
-def layer_indices(shape: ModelShape, layer, device) -> dict[str, torch.Tensor]:
-    """Row/column indices of the base block's projections that a LayerChoice keeps."""
-    dims = layer.head_dims(shape)  # per KV group, kept dims of the original head
+def layer_indices(shape: ModelShape, layer: LayerChoice, device) -> dict[str, torch.Tensor]:
+    """Row/column indices of the base block's projections that a LayerChoice keeps: "q" (query rows
+    and o_proj columns), "kv" (key and value rows), "mlp" (gate/up rows and down_proj columns)."""
+    dims = layer.head_dims(shape)  # per kept KV group, kept dims of the original head
     hd, g = shape.head_dim, shape.group_size
-    q = [h * hd + d for h in range(shape.num_heads) for d in dims[h // g]]
-    kv = [k * hd + d for k in range(shape.num_kv_heads) for d in dims[k]]
+    q = [h * hd + d for h in layer.query_heads(shape) for d in dims[layer.kv_groups.index(h // g)]]
+    kv = [k * hd + d for k, ds in zip(layer.kv_groups, dims) for d in ds]
     as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
     return {"q": as_tensor(q), "kv": as_tensor(kv), "mlp": as_tensor(layer.mlp_channels)}
 
 
-def block_state_dict(block: nn.Module, layer, shape: ModelShape) -> dict[str, torch.Tensor]:
-    """One base block's weights cut to a LayerChoice, in the base model's (separate-projection) names."""
-    idx = layer_indices(shape, layer, block.input_layernorm.weight.device)
-    sd = {"input_layernorm.weight": block.input_layernorm.weight.data,
-          "post_attention_layernorm.weight": block.post_attention_layernorm.weight.data}
-    for name, (which, dim) in SLICE_TABLE.items():
-        lin = block.get_submodule(name)
-        sd[name + ".weight"] = lin.weight.data.index_select(dim, idx[which])
-        if lin.bias is not None:  # a bias follows the output rows; input slicing keeps it whole
-            sd[name + ".bias"] = lin.bias.data.index_select(0, idx[which]) if dim == 0 else lin.bias.data
+def removed_mask(total: int, kept: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones(total, dtype=torch.bool, device=kept.device)
+    mask[kept] = False
+    return mask
+
+
+def compensation_bias(weight: torch.Tensor, mean: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """W[:, removed] @ mean[removed], in fp32: the mean output of the removed input columns."""
+    removed = removed_mask(weight.shape[1], kept)
+    m = mean.to(weight.device, torch.float32) * removed
+    return weight.detach().float() @ m
+
+
+def block_state_dict(block: nn.Module, layer: LayerChoice, shape: ModelShape, means: ChannelMeans | None = None,
+                     index: int | None = None) -> dict[str, torch.Tensor]:
+    """One base block's weights cut to a LayerChoice, in the base model's (separate-projection) names.
+
+    A skipped sublayer (no KV group, or no MLP channel) keeps only its output projection's bias.
+    With `means` (and the block's base `index`), o_proj and down_proj also get the compensation
+    bias of the columns they lose (added to their own bias, if they have one)."""
+    offloaded = is_offloaded(block)
+    own = (lambda t: t.clone()) if offloaded else (lambda t: t)  # offloaded weights return to meta afterwards
+    with onloaded(block):
+        idx = layer_indices(shape, layer, block.self_attn.o_proj.weight.device)
+        kept = {"self_attn": layer.n_kv > 0, "mlp": layer.width > 0}
+        sd: dict[str, torch.Tensor] = {}
+        if kept["self_attn"]:
+            sd["input_layernorm.weight"] = own(block.input_layernorm.weight.data)
+        if kept["mlp"]:
+            sd["post_attention_layernorm.weight"] = own(block.post_attention_layernorm.weight.data)
+        for name, (which, dim) in SLICE_TABLE.items():
+            lin = block.get_submodule(name)
+            sublayer_kept = kept[name.split(".")[0]]
+            if dim == 0:  # output rows (and their bias) follow the kept indices
+                if sublayer_kept:
+                    sd[name + ".weight"] = lin.weight.data.index_select(0, idx[which])
+                    if lin.bias is not None:
+                        sd[name + ".bias"] = lin.bias.data.index_select(0, idx[which])
+                continue
+            if sublayer_kept:  # input columns: the bias stays whole
+                sd[name + ".weight"] = lin.weight.data.index_select(1, idx[which])
+            bias = own(lin.bias.data) if lin.bias is not None else None
+            if means is not None:
+                mean = (means.o_proj if which == "q" else means.down_proj)[index]
+                extra = compensation_bias(lin.weight.data, mean, idx[which]).to(lin.weight.dtype)
+                bias = extra if bias is None else bias + extra
+            if bias is not None:
+                sd[name + ".bias"] = bias
     return sd
 
 
-def sliced_state_dict(base: nn.Module, subnet: Subnet, shape: ModelShape) -> dict[str, torch.Tensor]:
+def sliced_state_dict(base: nn.Module, subnet: Subnet, shape: ModelShape,
+                      means: ChannelMeans | None = None) -> dict[str, torch.Tensor]:
     inner = base.model
-    sd: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": inner.embed_tokens.weight.data,
-        "model.norm.weight": inner.norm.weight.data,
-        "lm_head.weight": base.lm_head.weight.data,
-    }
+    sd: dict[str, torch.Tensor] = {}
+    for key, module in (("model.embed_tokens.weight", inner.embed_tokens), ("model.norm.weight", inner.norm),
+                        ("lm_head.weight", base.lm_head)):
+        with onloaded(module):
+            sd[key] = module.weight.data.clone() if is_offloaded(module) else module.weight.data
     kept = [(i, layer) for i, layer in enumerate(subnet.layers) if layer is not None]
     for j, (i, layer) in enumerate(kept):
-        sd.update({f"model.layers.{j}.{k}": v for k, v in block_state_dict(inner.layers[i], layer, shape).items()})
+        block = block_state_dict(inner.layers[i], layer, shape, means, i)
+        sd.update({f"model.layers.{j}.{k}": v for k, v in block.items()})
     return sd
 
 
@@ -107,16 +148,31 @@ def fill_buffers(module: nn.Module, config: SubnetConfig, device) -> None:
     for m in module.modules():
         if isinstance(m, SubnetAttention):
             m.rope_index = m.make_rope_index(config, m.layer).to(device)
-        elif isinstance(m, SubnetModel):
-            m.inv_freq = base_inv_freq(config)[0].to(device)
+        elif isinstance(m, SubnetRotary):
+            m.reset(device)
 
 
-def slice_model(base: nn.Module, subnet: Subnet, shape: ModelShape | None = None) -> SubnetForCausalLM:
-    """Build the physically smaller model that computes exactly the subnet of `base`."""
+def slice_model(base: nn.Module, subnet: Subnet, shape: ModelShape | None = None,
+                means: ChannelMeans | None = None) -> SubnetForCausalLM:
+    """Build the physically smaller model that computes exactly the subnet of `base` (with `means`:
+    plus the bias compensation of every removed o_proj / down_proj column)."""
     shape = shape or ModelShape.from_config(base.config)
     subnet.validate(shape)
-    config = subnet_config(base.config, subnet, shape)
-    return build_model(config, sliced_state_dict(base, subnet, shape))
+    config = subnet_config(base.config, subnet, shape, compensated=means is not None)
+    return build_model(config, sliced_state_dict(base, subnet, shape, means))
+
+
+def with_output_biases(model: SubnetForCausalLM) -> SubnetForCausalLM:
+    """Give every o_proj and down_proj a bias (zeros where it had none) and say so in the config:
+    reformation fits them. In place; returns the model."""
+    for block in model.model.layers:
+        for lin in (block.self_attn.o_proj, block.mlp.down_proj):
+            if getattr(lin, "bias", None) is None:
+                ref = model.model.embed_tokens.weight
+                lin.bias = nn.Parameter(torch.zeros(model.config.hidden_size, dtype=ref.dtype, device=ref.device),
+                                        requires_grad=False)
+    model.config.o_bias = model.config.down_bias = True
+    return model
 
 
 def build_model(config: SubnetConfig, state_dict: dict[str, torch.Tensor]) -> SubnetForCausalLM:
@@ -135,3 +191,12 @@ def build_model(config: SubnetConfig, state_dict: dict[str, torch.Tensor]) -> Su
     fill_buffers(model, config, model.model.embed_tokens.weight.device)
     model.config.dtype = model.model.embed_tokens.weight.dtype
     return model.eval()
+
+
+def candidate_model(base: nn.Module, candidate, means: ChannelMeans | None) -> SubnetForCausalLM:
+    """The model of a run's candidate (anything with `.subnet` and `.compensated`): its subnet
+    sliced from `base`, with bias compensation exactly when its fitness was measured with it. The
+    one way a candidate's model is built, for fitness, the app, the CLI and the benchmarks."""
+    if candidate.compensated and means is None:
+        raise ExplorerError("this candidate is bias-compensated, but its run's channel means are missing")
+    return slice_model(base, candidate.subnet, None, means if candidate.compensated else None)

@@ -31,11 +31,13 @@ from explorer.subnet import ModelShape  # noqa: E402
 
 
 def settings() -> SearchSettings:
-    """Two targets, three generations each: enough batches (baselines, inits, generations with an
-    early-stop bound, copies of baselines) to exercise every path of the distributed archive."""
-    return SearchSettings.preset("demo", targets=(0.8, 0.6), head_multiple=4, population=6, generations=2,
+    """Three targets, three generations each: enough batches (baselines, inits, generations with an
+    early-stop bound, copies: at 100 % the uncompensated baselines are the dense model; FLAP is
+    compensated, the search is not, so both kinds of fitness) to exercise
+    every path of the distributed archive."""
+    return SearchSettings.preset("demo", targets=(1.0, 0.8, 0.6), head_multiple=4, population=6, generations=2,
                                  mutations=4, crossovers=2, fresh=1, top_k=3, window=0.01, latency=False,
-                                 split_init=2, seed=3)
+                                 split_init=2, seed=3, compensate=False)
 
 
 def model_and_windows() -> tuple[LoadedModel, tuple[torch.Tensor, torch.Tensor]]:
@@ -65,7 +67,7 @@ def search(run_dir: Path, resume: bool = False, cancel: threading.Event | None =
 
 def main() -> int:
     from explorer.distributed import init_from_env, shutdown
-    from explorer.search import SearchCancelled, SearchFailed, SearchFinished
+    from explorer.events import SearchCancelled, SearchFailed, SearchFinished
 
     p = argparse.ArgumentParser()
     p.add_argument("run_dir", type=Path)
@@ -87,7 +89,7 @@ def main() -> int:
             (args.stats / f"rank{group.rank}.json").write_text(
                 json.dumps({"rank": group.rank, "world": group.world, "fitness": fitness}))
     finally:
-        shutdown()
+        shutdown(group)
     return code
 
 

@@ -1,23 +1,24 @@
-"""Baselines pick structures of the same space at the same targets; FLAP's bias compensation is
-the mean of the removed inputs through their weights, and slices and evaluates consistently."""
+"""Baselines as their official code defines them: each scorer against a direct computation on a
+tiny GQA model, whole KV groups for attention, FLAP's global cut is a threshold on standardised
+scores, Wanda-sp is sequential, and FLAP's bias compensation is the mean of the removed inputs."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from explorer.baselines import (BASELINES, baseline_subnet, flap_scores, magnitude_scores, slice_with_biases,
-                                wanda_scores)
+from conftest import tiny_llama
+from explorer.baselines import BASELINES, baseline_subnet, standardize, wifv_scores
 from explorer.errors import ExplorerError
 from explorer.fitness import FitnessEvaluator
 from explorer.importance import compute_importance
 from explorer.perplexity import perplexity
-from explorer.subnet import ModelShape
+from explorer.reference import zeroed_reference
+from explorer.slicing import slice_model
+from explorer.subnet import ModelShape, Subnet
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from conftest import tiny_llama
-
     model = tiny_llama(3)
     shape = ModelShape.from_config(model.config)
     torch.manual_seed(0)
@@ -25,46 +26,114 @@ def setup():
     return model, shape, compute_importance(model, windows, shape), windows
 
 
+def inputs_of(model, windows, names=("self_attn.o_proj", "mlp.down_proj")) -> dict:
+    """Per (layer, projection), the input rows over every calibration token, by plain forward hooks."""
+    got, handles = {}, []
+    for i, block in enumerate(model.model.layers):
+        for n in names:
+            handles.append(block.get_submodule(n).register_forward_pre_hook(
+                lambda _m, a, key=(i, n): got.setdefault(key, []).append(a[0].reshape(-1, a[0].shape[-1]))))
+    with torch.no_grad():
+        model(windows)
+    for h in handles:
+        h.remove()
+    return {k: torch.cat(v).double() for k, v in got.items()}
+
+
+def removed_groups(layer, shape) -> set[int]:
+    return set(range(shape.num_kv_heads)) - set(layer.kv_groups)
+
+
 @pytest.mark.parametrize("name", BASELINES)
 @pytest.mark.parametrize("fraction", [0.8, 0.6])
-def test_baselines_hit_the_target(setup, name, fraction):
-    model, shape, stats, _ = setup
-    res = baseline_subnet(name, model, stats, shape, fraction, multiple=8, head_multiple=4)
-    res.subnet.validate(shape)
-    assert fraction - 0.08 < res.subnet.fraction(shape) <= fraction
-    if name != "flap":  # one keep ratio everywhere
-        assert len({(l.head_dim, l.width) for l in res.subnet.layers}) == 1
-    assert bool(res.biases) == (name == "flap")
-
-
-def test_scores_by_direct_formulas(setup):
-    model, shape, stats, _ = setup
-    block = model.model.layers[1]
-    up, gate, down = (block.mlp.get_submodule(n).weight.detach() for n in ("up_proj", "gate_proj", "down_proj"))
-    mag = magnitude_scores(model, shape).mlp[1]
-    torch.testing.assert_close(mag, up.pow(2).sum(1) + gate.pow(2).sum(1) + down.pow(2).sum(0))
-    xin = stats.stats[1]["mlp_in"].sq_norm.sqrt()
-    xd = stats.stats[1]["down_in"].sq_norm.sqrt()
-    wanda = wanda_scores(model, stats, shape).mlp[1]
-    torch.testing.assert_close(wanda, (up.abs() * xin).sum(1) + (gate.abs() * xin).sum(1) + (down.abs() * xd[None]).sum(0))
-    flap = flap_scores(model, stats, shape).mlp[1]
-    torch.testing.assert_close(flap, stats.stats[1]["down_in"].variance * down.pow(2).sum(0))
-
-
-def test_flap_bias_compensation(setup):
+def test_baselines_hit_the_target_with_whole_groups(setup, name, fraction):
     model, shape, stats, windows = setup
-    res = baseline_subnet("flap", model, stats, shape, 0.6, multiple=8, head_multiple=4)
+    res = baseline_subnet(name, model, stats, shape, fraction, windows)
+    res.subnet.validate(shape)
+    assert res.subnet.head_granular(shape)  # whole heads, full head dim
+    assert all(l.q_heads is None for l in res.subnet.layers)  # a kept group keeps all its query heads
+    assert fraction - 0.05 < res.subnet.fraction(shape, res.compensated) <= fraction
+    assert res.compensated == name.startswith("flap")
+    if name != "flap":  # one ratio for every block
+        assert len({(l.n_kv, l.width) for l in res.subnet.layers}) == 1
+
+
+def test_magnitude_ranks_by_column_norms(setup):
+    model, shape, stats, _ = setup
+    sub = baseline_subnet("magnitude", model, stats, shape, 0.6).subnet
+    for i, layer in enumerate(sub.layers):
+        block = model.model.layers[i]
+        o = block.self_attn.o_proj.weight.detach().norm(dim=0).view(shape.num_kv_heads, -1).sum(1)
+        d = block.mlp.down_proj.weight.detach().norm(dim=0)
+        gone = removed_groups(layer, shape)
+        assert all(o[g] <= o[k] for g in gone for k in layer.kv_groups)
+        kept = set(layer.mlp_channels)
+        assert max(d[c] for c in range(shape.intermediate_size) if c not in kept) <= min(d[c] for c in kept)
+
+
+def test_flap_scores_and_global_threshold_by_direct_computation(setup):
+    """WIFV from hooks on the dense model: variance x squared column norm (squared again for
+    attention), standardised per block, a group scored by its channels' mean; one threshold."""
+    model, shape, stats, windows = setup
+    x = inputs_of(model, windows)
+    ours = wifv_scores(model, stats)
+    attn, mlp = [], []
+    for i, block in enumerate(model.model.layers):
+        wo = block.self_attn.o_proj.weight.detach().double().pow(2).sum(0)
+        wd = block.mlp.down_proj.weight.detach().double().pow(2).sum(0)
+        var_o = x[(i, "self_attn.o_proj")].var(0, unbiased=False)
+        var_d = x[(i, "mlp.down_proj")].var(0, unbiased=False)
+        a, m = (var_o * wo) ** 2, var_d * wd
+        torch.testing.assert_close(ours[i][0].double(), a, rtol=1e-3, atol=1e-9)
+        torch.testing.assert_close(ours[i][1].double(), m, rtol=1e-3, atol=1e-9)
+        attn.append(((a - a.mean()) / a.std()).view(shape.num_kv_heads, -1).mean(1))
+        mlp.append((m - m.mean()) / m.std())
+    sub = baseline_subnet("flap", model, stats, shape, 0.6).subnet
+    kept = [float(attn[i][g]) for i, l in enumerate(sub.layers) for g in l.kv_groups]
+    kept += [float(mlp[i][c]) for i, l in enumerate(sub.layers) for c in l.mlp_channels]
+    gone = [float(attn[i][g]) for i, l in enumerate(sub.layers) for g in removed_groups(l, shape)]
+    gone += [float(mlp[i][c]) for i, l in enumerate(sub.layers) for c in set(range(shape.intermediate_size))
+             - set(l.mlp_channels)]
+    assert gone and min(kept) >= max(gone) - 1e-6  # one global cut over comparable scores
+    assert len({(l.n_kv, l.width) for l in sub.layers}) > 1  # ratios adapt across blocks
+    torch.testing.assert_close(standardize(torch.tensor([1.0, 2.0, 3.0])), torch.tensor([-1.0, 0.0, 1.0]))
+
+
+def test_wanda_sp_is_sequential(setup):
+    """Block 1 is scored on what the already pruned block 0 produces: recompute it with the zeroed
+    reference of block 0's choice (block 1 dense) and plain hooks."""
+    model, shape, stats, windows = setup
+    sub = baseline_subnet("wanda-sp", model, stats, shape, 0.6, windows).subnet
+    full = Subnet.full(shape).layers
+    prefix = Subnet((sub.layers[0], *full[1:]))
+    x = inputs_of(zeroed_reference(model, prefix, shape), windows)
+    block = model.model.layers[1]
+    wo, wd = block.self_attn.o_proj.weight.detach().double().abs(), block.mlp.down_proj.weight.detach().double().abs()
+    o = (wo * x[(1, "self_attn.o_proj")].pow(2).sum(0).sqrt()[None]).mean(0).view(shape.num_kv_heads, -1).sum(1)
+    d = (wd * x[(1, "mlp.down_proj")].pow(2).sum(0).sqrt()[None]).mean(0)
+    layer = sub.layers[1]
+    assert all(o[g] <= o[k] for g in removed_groups(layer, shape) for k in layer.kv_groups)
+    kept = set(layer.mlp_channels)
+    assert max(d[c] for c in range(shape.intermediate_size) if c not in kept) <= min(d[c] for c in kept) + 1e-9
+
+
+def test_flap_bias_compensation_in_fitness_and_model(setup):
+    model, shape, stats, windows = setup
+    res = baseline_subnet("flap", model, stats, shape, 0.6)
+    means = stats.channel_means()
     i = 0
     layer = res.subnet.layers[i]
     removed = sorted(set(range(shape.intermediate_size)) - set(layer.mlp_channels))
     wd = model.model.layers[i].mlp.down_proj.weight.detach()
     want = wd[:, removed] @ stats.stats[i]["down_in"].mean[removed]
-    torch.testing.assert_close(res.biases[i]["down_proj"], want, rtol=1e-5, atol=1e-6)
-    sliced = slice_with_biases(model, res, shape)
+    sliced = slice_model(model, res.subnet, shape, means)
     assert sliced.config.o_bias and sliced.config.down_bias
     torch.testing.assert_close(sliced.model.layers[i].mlp.down_proj.bias.detach(), want, rtol=1e-5, atol=1e-6)
-    ev = FitnessEvaluator(model, shape, windows)
-    assert ev.evaluate(res.subnet, biases=res.biases).ppl == pytest.approx(perplexity(sliced, windows), rel=1e-5)
+    ev = FitnessEvaluator(model, shape, windows, means=means)
+    assert ev.evaluate(res.subnet, compensated=True).ppl == pytest.approx(perplexity(sliced, windows), rel=1e-5)
+    ref = zeroed_reference(model, res.subnet, shape, means)
+    assert perplexity(ref, windows) == pytest.approx(perplexity(sliced, windows), rel=1e-5)
+    assert perplexity(slice_model(model, res.subnet, shape), windows) != pytest.approx(perplexity(sliced, windows))
 
 
 def test_unknown_baseline(setup):

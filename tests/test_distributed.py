@@ -19,7 +19,7 @@ import torch
 import distributed_search as ds
 from conftest import free_port
 from explorer.runs import Run, open_run
-from explorer.search import CandidateEvaluated, SearchCancelled, SearchFinished
+from explorer.events import CandidateEvaluated, SearchCancelled, SearchFinished
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed_search.py"

@@ -97,3 +97,19 @@ def test_evaluate_subnet_full_equals_dense():
     assert [t.acc for t in sub.tasks] == [t.acc for t in dense.tasks]
     assert [t.acc_norm for t in sub.tasks] == [t.acc_norm for t in dense.tasks]
     assert sub.info["subnet"] == Subnet.full(shape).key()
+
+
+def test_an_unexpected_error_is_one_line_with_the_traceback_in_the_log(tmp_path, monkeypatch, capsys):
+    import explorer.cli_search as cli_search
+    from explorer.cli import main
+
+    def broken(args):
+        raise RuntimeError("something we did not foresee\nsecond line")
+
+    monkeypatch.setattr(cli_search, "cmd_front", broken)
+    log = tmp_path / "cli.log"
+    monkeypatch.setenv("SUBNET_EXPLORER_LOG", str(log))
+    assert main(["front", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unexpected RuntimeError: something we did not foresee" in err
+    assert str(log) in err and "Traceback" in log.read_text() and "second line" in log.read_text()

@@ -56,10 +56,11 @@ def test_reformed_export_reloads_in_a_fresh_process(embedded, tmp_path):
     sub = small_subnet(lm.shape)
     torch.manual_seed(0)
     windows = torch.randint(0, lm.shape.vocab_size, (2, 64))
-    model = reform(lm, sub, ReformSettings(batch_size=2), calib_windows=windows).model
+    result = reform(lm, sub, ReformSettings(batch_size=2), calib_windows=windows)
+    model = result.model
     events: list = []
     res = export_subnet(lm, model, sub, tmp_path / "model", {"heldout_ppl": 1.0}, {"test": True},
-                        on_event=events.append)
+                        on_event=events.append, reformed={"digest": result.digest, "settings": result.settings.to_dict()})
     out = Path(res.path)
     assert res.verified and res.same_tokens and res.max_logit_diff <= 1e-5
     assert [e.done for e in events if isinstance(e, Progress)][-1] == 5
@@ -82,7 +83,11 @@ def test_reformed_export_reloads_in_a_fresh_process(embedded, tmp_path):
     assert cfg["attn_pairs"] == [[list(g) for g in l.attn_pairs] for l in kept]
     assert cfg["layer_ids"] == [i for i, l in enumerate(sub.layers) if l is not None]
     per_layer = {int(k): v for k, v in cfg["per_layer_config"].items()}
-    assert per_layer == {j: {"head_dim": l.head_dim, "intermediate_size": l.width} for j, l in enumerate(kept)}
+    assert per_layer == {j: {"head_dim": l.head_dim, "intermediate_size": l.width, "num_attention_heads": l.n_heads(lm.shape),
+                             "num_key_value_heads": l.n_kv} for j, l in enumerate(kept)}
+    record = json.loads((out / "export.json").read_text())
+    assert record["provenance"]["reformed"] and record["provenance"]["reform_digest"] == result.digest
+    assert "zeroed" in record["verification"]["reference"]
     again = SubnetConfig.from_pretrained(out)
     assert again.attn_pairs == cfg["attn_pairs"] and again.base_head_dim == lm.shape.head_dim
     assert {int(k): v for k, v in again.to_dict()["per_layer_config"].items()} == per_layer
@@ -136,6 +141,67 @@ def test_cli_reform_from_subnet_file(embedded, tmp_path, capsys):
                  "--no-zip", "--heldout-windows", "0"]) == 0
     assert not (tmp_path / "m" / "reform.json").exists()
     assert main(["export", "--subnet", str(tmp_path / "sub.json"), "--out", str(tmp_path), "--heldout-windows", "0"]) == 2
+
+
+def tiny_lm(name: str, embedded):
+    """A tiny random model of an architecture we accept, with the embedded model's tokenizer."""
+    from tiny_models import tiny_model
+    from explorer.loading import LoadedModel
+    from explorer.subnet import ModelShape
+
+    model = tiny_model(name, vocab=embedded.shape.vocab_size)
+    return LoadedModel(model, embedded.tokenizer, ModelShape.from_config(model.config), name, f"tiny {name}", "",
+                       torch.float32, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["mistral-window", "llama-llama3", "qwen2-window"])
+def test_export_verifies_against_the_base_model_and_catches_a_wrong_model(arch, embedded, tmp_path):
+    """The reference is the base model's own class: an export that ignored the sliding window (or
+    the llama3 rope) would fail, so verification is not the model agreeing with itself."""
+    from explorer.export import ExportError
+    from explorer.slicing import slice_model
+    from test_slicing import mixed_subnet, random_means
+
+    lm = tiny_lm(arch, embedded)
+    sub = mixed_subnet(lm.shape, 5)
+    means = random_means(lm.shape)
+    model = slice_model(lm.model, sub, lm.shape, means)
+    res = export_subnet(lm, model, sub, tmp_path / "ok", {}, {}, make_zip=False, means=means)
+    assert res.verified and res.same_tokens and res.max_logit_diff <= 1e-4
+    wrong = slice_model(lm.model, sub, lm.shape, means)
+    if "window" in arch:  # the same weights computing full attention: what an export that drops the window does
+        wrong.config.sliding_windows = [None] * len(wrong.config.sliding_windows)
+        for block in wrong.model.layers:
+            block.window = None
+    else:  # default rope frequencies instead of llama3's
+        wrong.config.base_rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}
+        wrong.model.rotary.rope_type = "default"
+        wrong.model.rotary.config = wrong.config
+        wrong.model.rotary.reset("cpu")
+    with pytest.raises(ExportError, match="differs from the reference"):
+        export_subnet(lm, wrong, sub, tmp_path / "wrong", {}, {}, make_zip=False, means=means)
+    assert not (tmp_path / "wrong").exists()
+
+
+@pytest.mark.slow
+def test_reformed_label_must_match_the_weights(embedded, tmp_path):
+    from explorer.export import ExportError
+
+    lm = tiny_lm("llama-bias", embedded)
+    from test_slicing import mixed_subnet
+
+    sub = mixed_subnet(lm.shape, 2)
+    windows = torch.randint(3, 5000, (4, 24), generator=torch.Generator().manual_seed(0))
+    result = reform(lm, sub, ReformSettings(batch_size=2), calib_windows=windows)
+    with pytest.raises(ExportError, match="not the ones this reformation produced"):
+        export_subnet(lm, result.model, sub, tmp_path / "a", {}, {}, make_zip=False,
+                      reformed={"digest": "0" * 16, "settings": {}})
+    with pytest.raises(ExportError, match="differs from the reference"):  # reformed weights sold as unreformed
+        export_subnet(lm, result.model, sub, tmp_path / "b", {}, {}, make_zip=False)
+    ok = export_subnet(lm, result.model, sub, tmp_path / "c", {}, {}, make_zip=False,
+                       reformed={"digest": result.digest, "settings": result.settings.to_dict()})
+    assert ok.verified
 
 
 def test_target_checks_and_install(tmp_path):

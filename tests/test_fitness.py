@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from explorer.errors import ExplorerError
-from explorer.evolution import make_space, mutate, Probs
+from explorer.evolution import make_space, mutate
+from explorer.settings import Probs
 from explorer.fitness import FitnessEvaluator, fast_dtype, resolve_dtype
 from explorer.importance import compute_importance, initial_subnet
 from explorer.loading import LoadedModel

@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_config
 from explorer.loading import ModelLoadError, embedded_gguf, load_model
 from explorer.subnet import ModelShape, Subnet, SubnetError, uniform_subnet
-from explorer.ui.handlers import read_subnet_file, subnet_file_limit
+from explorer.workbench import read_subnet_file, subnet_file_limit
 
 ROOT = Path(__file__).resolve().parents[1]
 

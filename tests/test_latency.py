@@ -66,3 +66,51 @@ def test_fused_projections_load_from_the_base_layout_and_save_fused(tiny, tmp_pa
     keys = set(load_file(tmp_path / "model.safetensors"))
     assert "model.layers.0.self_attn.qkv_proj.weight" in keys and "model.layers.0.mlp.gate_up_proj.weight" in keys
     assert not any(k.endswith(("q_proj.weight", "gate_proj.weight")) for k in keys)
+
+
+# ---- the latency model and paired measurements ------------------------------------------------------
+def test_fit_keeps_the_fixed_part_and_recovers_exact_costs():
+    from explorer.latency_model import fit
+
+    true = torch.tensor([9.0, 0.5, 2.0, 3.0], dtype=torch.float64)
+    rows = [[1, 30, 2.0, 1.5], [1, 30, 1.0, 0.5], [1, 15, 1.0, 0.75], [1, 8, 0.5, 0.4], [1, 30, 2.0, 0.5],
+            [1, 30, 1.0, 1.5]]
+    times = (torch.tensor(rows, dtype=torch.float64) @ true).tolist()
+    torch.testing.assert_close(fit(rows, times), true)
+    # noise that would make a per-block cost negative drops that term, never the fixed part
+    noisy = [t + (0.3 if r[1] == 8 else 0.0) for r, t in zip(rows, times)]
+    coef = fit(rows, noisy)
+    assert coef[0] > 5 and (coef[1:] >= 0).all()
+
+
+def test_measurements_pair_rounds_and_flag_wide_spreads(tiny, monkeypatch):
+    """Speed-ups are per-round ratios; a model whose ratios scatter is timed again with more rounds
+    and, if still scattered, marked unreliable (fake clocks: what is checked is the bookkeeping)."""
+    import explorer.latency_model as lm_mod
+
+    calls = []
+
+    def fake_measure_speeds(models, vocab, settings):
+        calls.append(settings.repeats)
+        n = settings.repeats
+        dense = [10.0] * n
+        steady = [5.0] * n
+        wild = [5.0 if i % 2 else 1.0 for i in range(n)]
+        return {name: report({"dense": dense, "steady": steady, "wild": wild}[name]) for name in models}
+
+    monkeypatch.setattr(lm_mod, "measure_speeds", fake_measure_speeds)
+    out = lm_mod.measure(tiny, {"steady": tiny, "wild": tiny}, 97, SpeedSettings(repeats=4), max_spread=0.1, retries=1)
+    assert out["steady"].speedup == pytest.approx(2.0) and out["steady"].reliable and out["steady"].rounds == 4
+    assert not out["wild"].reliable and out["wild"].rounds == 8 and out["wild"].spread > 0.1
+    assert calls == [4, 8]  # only the wild one was timed again, with twice the rounds
+
+
+def test_real_paired_measurement_of_a_narrower_model(tiny):
+    from explorer.latency_model import measure
+
+    shape = ModelShape.from_config(tiny.config)
+    small = slice_model(tiny, half_subnet(shape), shape)
+    m = measure(tiny, {"half": small}, shape.vocab_size, SpeedSettings(prompt_len=8, new_tokens=3, repeats=4))["half"]
+    assert m.rounds >= 4 and m.ms > 0 and m.dense_ms > 0 and m.speedup > 0 and m.spread >= 0
+    assert set(m.metrics()) == {"measured_ms", "measured_dense_ms", "measured_speedup", "measured_spread",
+                                "measured_rounds", "measured_reliable"}

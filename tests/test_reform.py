@@ -1,6 +1,8 @@
 """Reformation maths on the tiny random GQA Llama: ADMM reaches the closed form, a reformed layer
-never fits worse than the unreformed one (checked on directly recomputed activations), full
-width changes nothing, and cancelling leaves the base model untouched."""
+never fits worse than the unreformed one (checked on directly recomputed activations), the fitted
+intercept is never worse than bias compensation alone, full width changes nothing, the reformed
+model is the base model with those weights written in (checked against `explorer.reference`),
+and cancelling leaves the base model untouched."""
 from __future__ import annotations
 
 import threading
@@ -13,8 +15,10 @@ from explorer.capture import capture_block_inputs, run_block
 from explorer.errors import Cancelled
 from explorer.events import Progress
 from explorer.loading import LoadedModel
-from explorer.reform import (LayerReform, ReformSettings, admm, attention_gram, closed_form, layer_error,
-                             mlp_gram, reform)
+from explorer.importance import compute_importance
+from explorer.reference import weights_match, zeroed_reference
+from explorer.reform import (LayerReform, Problem, ReformSettings, admm, attention_gram, closed_form, mlp_gram,
+                             reform, reformed_digest)
 from explorer.slicing import layer_indices, slice_model
 from explorer.subnet import ModelShape, Subnet
 from test_slicing import random_subnet
@@ -39,31 +43,35 @@ def first_block_grams(model, subnet, windows):
     sub_in = capture_block_inputs(sub, windows, 4)
     idx = layer_indices(shape, subnet.layers[0], "cpu")
     block, sblock = model.model.layers[0], sub.model.layers[0]
-    return ({"o": attention_gram(block, sblock, dense_in, sub_in), "down": mlp_gram(block.mlp, sblock, sub_in, idx["mlp"])},
+    return ({"o": attention_gram(block, sblock, dense_in, sub_in), "down": mlp_gram(block, sblock, sub_in, idx["mlp"])},
             {"o": (block.self_attn.o_proj.weight, idx["q"]), "down": (block.mlp.down_proj.weight, idx["mlp"])})
 
 
 @torch.no_grad()
-def test_admm_converges_to_closed_form(tiny, windows):
+@pytest.mark.parametrize("intercept", [False, True])
+def test_admm_converges_to_closed_form(tiny, windows, intercept):
     shape = ModelShape.from_config(tiny.config)
     grams, weights = first_block_grams(tiny, random_subnet(shape, 5), windows)
     for name in ("o", "down"):
         w, kept = weights[name]
-        exact = closed_form(w, grams[name], kept, damp=0.01)
-        gaps = [float((admm(w, grams[name], kept, 0.01, 1.0, it) - exact).abs().max()) for it in (10, 30, 300)]
+        gram = grams[name]
+        problem = Problem.of(w, None, gram, kept, None, intercept)
+        exact = closed_form(problem, 0.01, 1e-4, gram.n)
+        s = lambda rho, it: ReformSettings(method="admm", damp=0.01, rho=rho, iterations=it,  # noqa: E731
+                                           intercept=intercept)
+        gaps = [float((admm(w, None, gram, kept, None, s(1.0, it)) - exact).abs().max()) for it in (10, 30, 300)]
         assert gaps[0] > gaps[1] > gaps[2], gaps
-        torch.testing.assert_close(admm(w, grams[name], kept, 0.01, 0.3, 600), exact, atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(admm(w, None, gram, kept, None, s(0.3, 800)), exact, atol=1e-6, rtol=1e-5)
         # and the closed form is the constrained optimum: no better than it with the same ridge
-        e_exact, _ = layer_error(w, exact, grams[name])
-        e_admm30, _ = layer_error(w, admm(w, grams[name], kept, 0.01, 1.0, 30), grams[name])
-        assert e_exact <= e_admm30 * (1 + 1e-6) + 1e-9
+        assert problem.error(exact) <= problem.error(admm(w, None, gram, kept, None, s(1.0, 30))) * (1 + 1e-6) + 1e-9
 
 
 def test_reform_with_admm_matches_closed_form(tiny, windows):
     lm = loaded(tiny)
     sub = random_subnet(lm.shape, 2, drop=(2,))
     closed = reform(lm, sub, ReformSettings(batch_size=4), calib_windows=windows).model
-    iterated = reform(lm, sub, ReformSettings(method="admm", rho=0.3, iterations=600, batch_size=4), calib_windows=windows).model
+    iterated = reform(lm, sub, ReformSettings(method="admm", rho=0.3, iterations=800, batch_size=4),
+                      calib_windows=windows).model
     for (k, a), (_, b) in zip(closed.state_dict().items(), iterated.state_dict().items()):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=k)
 
@@ -93,15 +101,15 @@ def direct_errors(base, reformed, unreformed, subnet: Subnet, windows) -> list[t
             xs = torch.cat([x.flatten(0, 1) for x in seen["s"]]).double()
             x = torch.cat([x.flatten(0, 1) for x in seen["m"]])
             a = (block.mlp.act_fn(block.mlp.gate_proj(x)) * block.mlp.up_proj(x)).double()
-            pairs = [(block.self_attn.o_proj.weight, xd, xs, sblock.self_attn.o_proj.weight,
-                      unreformed.model.layers[j].self_attn.o_proj.weight),
-                     (block.mlp.down_proj.weight, a, a[:, idx["mlp"]], sblock.mlp.down_proj.weight,
-                      unreformed.model.layers[j].mlp.down_proj.weight)]
-            for w, xd_, xs_, v_new, v_old in pairs:
-                target = xd_ @ w.double().T
+            pairs = [(block.self_attn.o_proj, xd, xs, sblock.self_attn.o_proj, unreformed.model.layers[j].self_attn.o_proj),
+                     (block.mlp.down_proj, a, a[:, idx["mlp"]], sblock.mlp.down_proj,
+                      unreformed.model.layers[j].mlp.down_proj)]
+            out_ = lambda lin, x: x @ lin.weight.double().T + (0 if lin.bias is None else lin.bias.double())  # noqa: E731
+            for dense, xd_, xs_, new_lin, old_lin in pairs:
+                target = out_(dense, xd_)
                 norm = float(target.pow(2).sum())
-                new = float((xs_ @ v_new.double().T - target).pow(2).sum()) / norm
-                old = float((xs_ @ v_old.double().T - target).pow(2).sum()) / norm
+                new = float((out_(new_lin, xs_) - target).pow(2).sum()) / norm
+                old = float((out_(old_lin, xs_) - target).pow(2).sum()) / norm
                 out.append((new, old))
         hidden = next_hidden
     return out
@@ -122,6 +130,31 @@ def test_reformed_error_never_larger_than_unreformed(seed, windows):
             assert rep.error_before == pytest.approx(old, rel=1e-3, abs=1e-7)
             assert rep.error_after < rep.error_before
     assert any(r.applied and r.error_after < 0.9 * r.error_before for r in result.layers)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_intercept_is_never_worse_than_compensation_alone(seed, windows):
+    """Started from the bias-compensated subnet, every adopted layer lowers the calibration error
+    below what compensation alone gives, and the reformed model is exactly the base model with its
+    o_proj / down_proj weights and biases written in (independent reference)."""
+    base = tiny_llama(seed)
+    lm = loaded(base)
+    sub = random_subnet(lm.shape, seed + 20, drop=(2,) if seed else ())
+    means = compute_importance(base, windows, lm.shape).channel_means()
+    result = reform(lm, sub, ReformSettings(batch_size=4), calib_windows=windows, means=means)
+    assert result.compensated and result.digest == reformed_digest(result.model)
+    assert result.model.config.o_bias and result.model.config.down_bias
+    for rep in result.layers:
+        assert rep.error_after <= rep.error_before
+        assert rep.applied or rep.kept == rep.total
+    assert weights_match(base, result.model, sub, lm.shape) == []  # only o_proj / down_proj changed
+    ref = zeroed_reference(base, sub, lm.shape, reformed=result.model)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(windows).logits, ref(windows).logits, atol=1e-5, rtol=0)
+    # the start it must beat is compensation alone: recompute that error directly
+    comp = slice_model(base, sub, lm.shape, means)
+    for (new, old), rep in zip(direct_errors(base, result.model, comp, sub, windows), result.layers):
+        assert new <= old * (1 + 1e-6) + 1e-9, rep
 
 
 def test_full_width_changes_nothing(tiny, windows):
@@ -161,6 +194,7 @@ def test_records_round_trip():
     s = ReformSettings(method="admm", rho=2.0, iterations=5)
     assert ReformSettings.from_dict(s.to_dict()) == s
     assert ReformSettings.demo().windows < ReformSettings().windows == 128
+    assert ReformSettings().intercept
     r = LayerReform(3, "mlp.down_proj", 48, 96, 0.5, 0.25, True)
     assert LayerReform.from_dict(r.to_dict()) == r
     with pytest.raises(ValueError):

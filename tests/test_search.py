@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from explorer.errors import ExplorerError
-from explorer.evolution import Probs, crossover, make_space, mutate
+from explorer.evolution import crossover, make_space, mutate
+from explorer.settings import Probs
 from explorer.fitness import FitnessEvaluator, MaskedEvaluator
 from explorer.importance import compute_importance, initial_subnet
 from explorer.loading import LoadedModel
 from explorer.perplexity import perplexity
 from explorer.runs import open_run
-from explorer.search import (CandidateEvaluated, FrontChanged, GenerationFinished, SearchCancelled, SearchFinished,
-                             SearchSettings, run_search)
+from explorer.events import CandidateEvaluated, FrontChanged, GenerationFinished, SearchCancelled, SearchFinished
+from explorer.search import SearchSettings, run_search
 from explorer.slicing import slice_model
 from explorer.subnet import ModelShape
 from conftest import tiny_llama

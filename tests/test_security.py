@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from explorer.errors import ExplorerError
-from explorer.ui.workspace import Workspace
+from explorer.workbench import Workbench as Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ..tables import format_table  # noqa: F401 - the benchmarks' tables
+
 
 def machine() -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
@@ -14,16 +16,14 @@ def machine() -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def format_table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
-        return str(v)
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation: Pearson's on the ranks (no ties expected among measured values)."""
+    import math
 
-    cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = lambda vals: " | ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
-    return "\n".join([line(columns), "-+-".join("-" * w for w in widths), *(line(r) for r in cells)])
+    if len(a) < 2:
+        return math.nan
+    ranks = torch.tensor([a, b], dtype=torch.float64).argsort(1).argsort(1).double()
+    return float(torch.corrcoef(ranks)[0, 1])
 
 
 def add_common_arguments(p, heldout_windows: int | None = None) -> None:

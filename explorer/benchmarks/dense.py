@@ -1,48 +1,22 @@
 """Dense model vs a uniformly narrowed 70 % subnet: parameters, held-out perplexity, speed.
 
-The narrowed subnet keeps the same fraction of every block, ranked by weight magnitude (the
-simplest honest choice), and reports measured vs ideal speed-up (METHOD section 7).
+The narrowed subnet is the magnitude baseline's (FLAP repo's `mag_sp`: the same share of KV groups
+and MLP channels removed in every block, ranked by column norms: the simplest honest choice),
+and the table reports measured vs ideal speed-up (METHOD section 7).
 """
 from __future__ import annotations
 
 import argparse
 import time
 
-import torch
-
 from ..data import heldout_windows, load_corpus
 from ..latency import SpeedSettings, measure_speeds, paired_speedup
 from ..loading import load_model
 from ..perplexity import perplexity
 from ..slicing import slice_model
-from ..subnet import LayerChoice, ModelShape, Subnet, round_width
+from ..baselines import magnitude
+from ..subnet import Subnet
 from . import add_common_arguments, format_table, machine, write_json
-
-
-def magnitude_uniform(model, shape: ModelShape, fraction: float) -> Subnet:
-    """Same width in every block, sized to hit `fraction` of total params; rows/pairs by L2 norm."""
-    keep = (fraction * shape.dense_params - shape.fixed_params) / shape.dense_prunable
-    pairs = max(1, round(shape.n_pairs * keep))
-    width = round_width(shape.intermediate_size * keep, 8, shape.intermediate_size)
-    layers = []
-    half, hd, g = shape.n_pairs, shape.head_dim, shape.group_size
-    for block in model.model.layers:
-        a, m = block.self_attn, block.mlp
-        groups = []
-        for k in range(shape.num_kv_heads):
-            score = torch.zeros(half)
-            for name in ("k_proj", "v_proj"):
-                w = getattr(a, name).weight.detach().float()[k * hd:(k + 1) * hd].pow(2).sum(1)
-                score += w[:half] + w[half:]
-            for h in range(k * g, (k + 1) * g):
-                w = a.q_proj.weight.detach().float()[h * hd:(h + 1) * hd].pow(2).sum(1)
-                o = a.o_proj.weight.detach().float()[:, h * hd:(h + 1) * hd].pow(2).sum(0)
-                score += w[:half] + w[half:] + o[:half] + o[half:]
-            groups.append(tuple(sorted(score.topk(pairs).indices.tolist())))
-        mscore = (m.gate_proj.weight.detach().float().pow(2).sum(1) + m.up_proj.weight.detach().float().pow(2).sum(1)
-                  + m.down_proj.weight.detach().float().pow(2).sum(0))
-        layers.append(LayerChoice(tuple(groups), tuple(sorted(mscore.topk(width).indices.tolist()))))
-    return Subnet(tuple(layers))
 
 
 def run(args) -> dict:
@@ -52,7 +26,7 @@ def run(args) -> dict:
     held = heldout_windows(lm.tokenizer, corpus, args.heldout_windows, args.seq_len)
     speed = SpeedSettings(prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
     dense = Subnet.full(lm.shape)
-    narrow = magnitude_uniform(lm.model, lm.shape, args.fraction)
+    narrow = magnitude(lm.model, lm.shape, args.fraction)
     sliced = slice_model(lm.model, narrow, lm.shape)
     rows = []
     models = (("dense", lm.model, dense), (f"uniform {args.fraction:.0%}", sliced, narrow))
@@ -85,4 +59,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default="bench/results/dense.json")
+    p.add_argument("--out", default="docs/results/dense.json")

@@ -34,9 +34,9 @@ FULL = "full width (same code)"
 
 def pick_subnets(lm, fractions, init: str, windows) -> dict[float, Subnet]:
     if init == "magnitude":
-        from .dense import magnitude_uniform
+        from ..baselines import magnitude
 
-        return {f: magnitude_uniform(lm.model, lm.shape, f) for f in fractions}
+        return {f: magnitude(lm.model, lm.shape, f) for f in fractions}
     from ..importance import compute_importance, initial_subnet
 
     imp = compute_importance(lm.model, windows, lm.shape)
@@ -85,7 +85,8 @@ def run(args) -> dict:
             log(f"{f:.0%}: ppl {before:.3f} -> {after:.3f} (reform {result.seconds:.0f}s)")
             out = f"{work}/subnet_{int(round(f * 100))}"
             exp = export_subnet(lm, result.model, sub, out, {"heldout_ppl": after}, {"benchmark": "reform"},
-                                verify=True, make_zip=False)
+                                verify=True, make_zip=False,
+                                reformed={"digest": result.digest, "settings": result.settings.to_dict()})
             reform_seconds = result.seconds
             del result
             name = f"subnet {f:.0%}"
@@ -149,4 +150,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=11)
-    p.add_argument("--out", default="bench/results/reform.json")
+    p.add_argument("--out", default="docs/results/reform.json")

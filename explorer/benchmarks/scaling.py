@@ -166,4 +166,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fitness-batch", type=int, default=1)
     p.add_argument("--reform-windows", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--out", default="bench/results/scaling.json")
+    p.add_argument("--out", default="docs/results/scaling.json")

@@ -16,21 +16,29 @@ from ..data import calibration_windows, load_corpus
 from ..evaluation import EvalSettings, evaluate, parse_tasks
 from ..loading import load_model
 from ..reform import ReformSettings, reform
-from ..slicing import slice_model
+from ..slicing import candidate_model
 from ..zeroshot import TASKS
 from . import add_common_arguments, format_table, machine, write_json
 
 
-def pick_subnet(lm, args, cal):
+def pick_candidate(lm, args, cal):
+    """(candidate, channel means or None, origin record): a run's pick, or the importance-ranked
+    uniform initial subnet."""
+    from ..runs import Candidate
+
     if args.run:
         from ..runs import open_run
 
-        c = open_run(args.run).pick(args.pick)
-        return c.subnet, {"run": args.run, "pick": args.pick, "id": c.id, "fitness_ppl": c.fitness}
+        run = open_run(args.run)
+        c = run.pick(args.pick)
+        means = run.channel_means() if c.compensated else None
+        return c, means, {"run": args.run, "pick": args.pick, "id": c.id, "fitness_ppl": c.fitness,
+                          "compensated": c.compensated}
     from ..importance import compute_importance, initial_subnet
 
     imp = compute_importance(lm.model, cal[:args.importance_windows], lm.shape)
-    return initial_subnet(imp, lm.shape, args.fraction), {"init": "importance", "fraction": args.fraction}
+    sub = initial_subnet(imp, lm.shape, args.fraction)
+    return Candidate("init", args.fraction, 0, "init", sub), None, {"init": "importance", "fraction": args.fraction}
 
 
 def run(args) -> dict:
@@ -40,13 +48,14 @@ def run(args) -> dict:
     corpus = load_corpus(args.corpus)
     rs = ReformSettings(windows=args.calib_windows, seq_len=args.calib_seq_len, corpus=args.corpus)
     cal = calibration_windows(lm.tokenizer, corpus, rs.windows, rs.seq_len, rs.seed)
-    subnet, origin = pick_subnet(lm, args, cal)
+    candidate, means, origin = pick_candidate(lm, args, cal)
+    subnet = candidate.subnet
     es = EvalSettings(corpus=args.corpus, seq_len=args.seq_len, heldout_windows=args.heldout_windows)
     tasks = parse_tasks(args.tasks)
     log = lambda msg: print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
     frac = subnet.fraction(lm.shape)
-    models = [("dense", lambda: lm.model), (f"subnet {frac:.1%}", lambda: slice_model(lm.model, subnet, lm.shape)),
-              (f"subnet {frac:.1%} reformed", lambda: reform(lm, subnet, rs, calib_windows=cal).model)]
+    models = [("dense", lambda: lm.model), (f"subnet {frac:.1%}", lambda: candidate_model(lm.model, candidate, means)),
+              (f"subnet {frac:.1%} reformed", lambda: reform(lm, subnet, rs, calib_windows=cal, means=means).model)]
     results, rows = {}, []
     for name, build in models:
         log(f"{name}: building")
@@ -75,8 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pick", default="best@0.7", help="candidate id or best@FRACTION (with --run)")
     p.add_argument("--fraction", type=float, default=0.7, help="without --run: uniform importance subnet")
     p.add_argument("--tasks", default="ppl," + ",".join(TASKS))
-    p.add_argument("--limit", type=int, default=200, help="questions per task")
+    p.add_argument("--limit", type=int, default=300, help="questions per task")
     p.add_argument("--calib-windows", type=int, default=r.windows)
     p.add_argument("--calib-seq-len", type=int, default=r.seq_len)
     p.add_argument("--importance-windows", type=int, default=32)
-    p.add_argument("--out", default="bench/results/zeroshot.json")
+    p.add_argument("--out", default="docs/results/zeroshot.json")

@@ -2,18 +2,15 @@
 `gradio_client` can drive every action)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import gradio as gr
 
-from .handlers import AppSettings, Handlers
+from ..workbench import AppSettings, Workbench
+from .handlers import Handlers
 from .layout import BRIDGE_JS, CSS, UI, build
-from .workspace import ASSET_RUNS, Workspace
 
-DEFAULT_RUNS = Path(os.environ.get("SUBNET_EXPLORER_RUNS", Path.cwd() / "runs"))
-MAX_UPLOAD = "32mb"  # a subnet JSON of a 70B model is ~30 MB written out; the handler checks the exact bound
-DEFAULT_EXPORTS = Path(os.environ.get("SUBNET_EXPLORER_EXPORTS", Path.cwd() / "exports"))
+MAX_UPLOAD = "32mb"  # a subnet JSON of a 70B model is ~30 MB written out; the workbench checks the exact bound
 
 
 def wire(ui: UI, h: Handlers) -> None:
@@ -39,6 +36,7 @@ def wire(ui: UI, h: Handlers) -> None:
     u.subnet_file.upload(h.open_subnet, [u.subnet_file, u.x_axis, u.y_axis, u.session], every(),
                          api_name="open_subnet", concurrency_limit=None)
     u.reform_btn.click(h.reform, [u.session], every(), api_name="reform", concurrency_limit=None)
+    u.measure_btn.click(h.measure, [u.session], every(), api_name="measure_latency", concurrency_limit=None)
     u.eval_btn.click(h.evaluate, [u.eval_tasks, u.eval_limit, u.session], every(), api_name="evaluate",
                      concurrency_limit=None)
     u.compare_btn.click(h.add_compare, [u.session], every(), api_name="add_compare")
@@ -48,20 +46,20 @@ def wire(ui: UI, h: Handlers) -> None:
     u.demo.load(h.start_page, [u.x_axis, u.y_axis, u.session], every(), api_name=False)
 
 
-def create_app(runs_root: Path = DEFAULT_RUNS, exports_root: Path = DEFAULT_EXPORTS,
-               settings: AppSettings = AppSettings(), default_model: str = "default") -> tuple[gr.Blocks, Workspace]:
-    ws = Workspace(runs_root, exports_root)
+def create_app(runs_root: Path, exports_root: Path, settings: AppSettings = AppSettings(),
+               default_model: str = "default") -> tuple[gr.Blocks, Workbench]:
+    wb = Workbench(runs_root, exports_root, settings)
     ui = build(default_model)
     with ui.demo:
-        wire(ui, Handlers(ui, ws, settings))
+        wire(ui, Handlers(ui, wb))
     ui.demo.queue(default_concurrency_limit=4)
-    return ui.demo, ws
+    return ui.demo, wb
 
 
-def launch_kwargs(ws: Workspace) -> dict:
-    return {"css": CSS, "js": BRIDGE_JS, "allowed_paths": [str(ws.exports_root)], "theme": gr.themes.Soft(),
+def launch_kwargs(wb: Workbench) -> dict:
+    return {"css": CSS, "js": BRIDGE_JS, "allowed_paths": [str(wb.exports_root)], "theme": gr.themes.Soft(),
             "footer_links": ["api"], "show_error": True,
             "max_file_size": MAX_UPLOAD}  # the only upload is a subnet JSON; Gradio refuses bigger bodies
 
 
-__all__ = ["create_app", "launch_kwargs", "ASSET_RUNS"]
+__all__ = ["create_app", "launch_kwargs"]

@@ -6,10 +6,13 @@ from dataclasses import dataclass
 import gradio as gr
 
 from ..generation import DecodeSettings
-from ..settings import ModelSettings
-from .plots import X_AXES, Y_AXES
+from ..evaluation import DEFAULT_TASKS
+from ..settings import PRESETS, ModelSettings, SearchSettings
+
+APP_EVAL_LIMIT = 100  # questions per task when evaluating from the page: a quick look, not a benchmark
+from ..plots import X_AXES, Y_AXES
 from .views import NO_PICK, compare_frame
-from .workspace import Session
+from .session import Session
 
 INTRO = """# Subnet Explorer
 Make a language model smaller and faster **without training**: search for subnets that inherit its weights
@@ -86,6 +89,7 @@ class UI:
     card: gr.Markdown
     layers: gr.Plot
     reform_btn: gr.Button
+    measure_btn: gr.Button
     eval_btn: gr.Button
     eval_tasks: gr.CheckboxGroup
     eval_limit: gr.Number
@@ -110,6 +114,7 @@ class UI:
 
 def build(default_model: str = ModelSettings().model) -> UI:
     d = DecodeSettings()
+    search_defaults = SearchSettings()
     with gr.Blocks(title="Subnet Explorer", fill_width=True) as demo:
         # One Session per tab from the start (Gradio deep-copies this default per tab), so that overlapping
         # handlers all change the same object instead of each creating its own.
@@ -118,21 +123,23 @@ def build(default_model: str = ModelSettings().model) -> UI:
         with gr.Row(equal_height=False):
             model_box = gr.Textbox(default_model, label="Model", scale=3,
                                    info="'default' = embedded SmolLM2-135M-Instruct; or a local folder / hub id")
-            dtype = gr.Dropdown(["float32", "bfloat16", "float16"], value="float32", label="dtype", scale=1)
-            device = gr.Dropdown(["cpu", "cuda", "auto"], value="cpu", label="device", scale=1)
+            dtype = gr.Dropdown(["float32", "bfloat16", "float16"], value=ModelSettings().dtype, label="dtype", scale=1)
+            device = gr.Dropdown(["cpu", "cuda", "auto"], value=ModelSettings().device, label="device", scale=1)
             load_btn = gr.Button("Load", variant="primary", scale=1)
         model_info = gr.Markdown("*No model loaded yet. The plot shows the shipped example run.*",
                                  elem_id="model-info")
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=280):
                 gr.Markdown("### Search")
-                targets = gr.Textbox("0.9,0.8,0.7,0.6,0.5", label="Targets (fraction of total parameters)")
-                preset = gr.Radio(["demo", "paper"], value="demo", label="Budget preset")
+                targets = gr.Textbox(",".join(f"{t:g}" for t in search_defaults.targets),
+                                     label="Targets (fraction of total parameters)")
+                preset = gr.Radio(list(PRESETS), value=search_defaults.preset_name, label="Budget preset")
                 with gr.Accordion("Budget details", open=False):
                     population = gr.Number(None, label="Population (blank = preset)", precision=0)
                     generations = gr.Number(None, label="Generations (blank = preset)", precision=0)
                     fitness_windows = gr.Number(None, label="Fitness windows (blank = preset)", precision=0)
-                    baselines = gr.Checkbox(True, label="Also run the baselines (magnitude, Wanda-sp, FLAP)")
+                    baselines = gr.Checkbox(True, label="Also run the baselines (magnitude, Wanda-sp, FLAP)",
+                                            info="FLAP and uniform FLAP with their bias compensation, as in FLAP's code")
                 seed = gr.Number(0, label="Seed", precision=0)
                 run_name = gr.Textbox("", label="Run name (blank = automatic)")
                 with gr.Row():
@@ -164,12 +171,11 @@ def build(default_model: str = ModelSettings().model) -> UI:
                 layers = gr.Plot(label="Kept width per layer", elem_id="layer-plot")
                 with gr.Row():
                     reform_btn = gr.Button("Reform")
+                    measure_btn = gr.Button("Measure latency")
                     compare_btn = gr.Button("Add to compare")
                 with gr.Accordion("Evaluate", open=False):
-                    eval_tasks = gr.CheckboxGroup(["ppl", "piqa", "arc_easy", "arc_challenge", "hellaswag",
-                                                   "winogrande", "boolq", "openbookqa"], value=["ppl", "piqa"],
-                                                  label="Tasks")
-                    eval_limit = gr.Number(100, label="Items per task", precision=0)
+                    eval_tasks = gr.CheckboxGroup(list(DEFAULT_TASKS), value=list(DEFAULT_TASKS[:2]), label="Tasks")
+                    eval_limit = gr.Number(APP_EVAL_LIMIT, label="Items per task", precision=0)
                     eval_btn = gr.Button("Evaluate")
                 export_btn = gr.Button("Export & download", variant="primary")
                 download = gr.File(label="Download (verified export, zip)", interactive=False, elem_id="download")

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pandas as pd
+
+from ..events import CandidateEvaluated, GenerationFinished, SearchCancelled, SearchFailed, SearchFinished, StageProgress
 
 NO_PICK = "*Click a point on the plot.*"  # the card when the tab has no pick
 
@@ -19,6 +22,9 @@ def model_markdown(summary: dict, dense: dict | None) -> str:
              f"({s['kv_heads']} KV, head dim {s['head_dim']}) · MLP {s['intermediate_size']} · vocab {s['vocab_size']}",
              f"{fmt_params(s['params'])} parameters ({fmt_params(s['prunable_params'])} prunable) · "
              f"{s['param_bytes'] / 2**20:.0f} MiB of weights in {s['dtype']} on {s['device']}"]
+    if dense is None:
+        lines.append("*The dense model's perplexity and speed are measured when the model is free (another job "
+                     "runs on it now); press Load again later.*")
     if dense:
         lines.append(f"Dense held-out perplexity **{dense['heldout_ppl']:.2f}** ({dense['windows']}×{dense['seq_len']} "
                      f"tokens of BBC News) · prefill {dense['prefill_ms']:.0f} ms / {dense['prompt_len']} tokens · "
@@ -26,21 +32,42 @@ def model_markdown(summary: dict, dense: dict | None) -> str:
     return "  \n".join(lines)
 
 
+def with_metrics(c, extra: dict):
+    """The candidate with what this tab measured on it merged into its metrics (for plots and cards)."""
+    if not extra:
+        return c
+    out = {**c.metrics, **{k: v for k, v in extra.items() if k != "ppl_before"}}
+    if "ppl_before" in extra and "heldout_ppl" not in c.metrics:
+        out["heldout_ppl"] = extra["ppl_before"]
+    return replace(c, metrics=out)
+
+
 def card_markdown(c, shape, extra: dict | None = None) -> str:
     m = {**c.metrics, **(extra or {})}
-    summ = c.subnet.summary(shape)
-    rows = [("id", f"`{c.id}`"), ("origin", c.origin), ("target", f"{c.target:.0%}"),
+    summ = c.subnet.summary(shape, getattr(c, "compensated", False))
+    rows = [("id", f"`{c.id}`"), ("origin", c.origin + (" · bias-compensated" if getattr(c, "compensated", False) else "")),
+            ("target", f"{c.target:.0%}"),
             ("parameters", f"{fmt_params(summ['params'])} = {summ['fraction']:.1%} of dense "
                            f"({summ['prunable_fraction']:.1%} of prunable)"),
             ("layers kept", f"{summ['layers_kept']} of {shape.num_layers}"),
             ("ideal decode speed-up", f"{summ['ideal_decode_speedup']:.2f}×"),
             ("GFLOPs / token", f"{summ['flops_per_token'] / 1e9:.3f}")]
     for key, label in (("fitness_ppl", "search fitness ppl"), ("heldout_ppl", "held-out ppl"),
-                       ("predicted_latency_ms", "predicted ms/token"), ("measured_latency_ms", "measured ms/token"),
+                       ("predicted_latency_ms", "predicted ms/token"),
                        ("ppl_before", "held-out ppl before reform"), ("ppl_after", "held-out ppl after reform"),
                        ("zeroshot_acc", "zero-shot accuracy (avg)")):
         if m.get(key) is not None:
-            rows.append((label, f"{m[key]:.4g}"))
+            rows.append((label, f"{m[key]:.4g}" + (" (lower bound: stopped early)" if key == "fitness_ppl"
+                                                   and m.get("fitness_lower_bound") else "")))
+    if m.get("measured_speedup") is not None and c.origin != "dense":
+        dense = m.get("measured_dense_ms")
+        text = (f"{m['measured_ms']:.4g} ms/token, {m['measured_speedup']:.2f}x the dense model "
+                f"(spread {100 * m.get('measured_spread', 0):.0f}% over {m.get('measured_rounds', '?')} paired rounds"
+                + ("" if m.get("measured_reliable", True) else "; unreliable: the machine was busy") + ")")
+        rows.append(("measured decode", text))
+        if m.get("predicted_latency_ms") and dense:
+            err = m["predicted_latency_ms"] / (dense / m["measured_speedup"]) - 1
+            rows.append(("prediction error", f"{100 * err:+.0f}%"))
     for k, v in sorted(m.items()):
         if k.startswith("acc:"):
             rows.append((k[4:], f"{v:.3f}"))
@@ -51,7 +78,7 @@ def card_markdown(c, shape, extra: dict | None = None) -> str:
 
 
 def compare_frame(rows: list[dict]) -> pd.DataFrame:
-    cols = ["id", "origin", "params %", "pred ms/tok", "meas ms/tok", "fitness ppl", "held-out ppl",
+    cols = ["id", "origin", "params %", "pred ms/tok", "speed-up", "fitness ppl", "held-out ppl",
             "reformed ppl", "zero-shot acc", "reformed"]
     return pd.DataFrame([{c: r.get(c, "") for c in cols} for r in rows], columns=cols)
 
@@ -60,57 +87,71 @@ def compare_row(c, extra: dict) -> dict:
     m = {**c.metrics, **extra}
     r = lambda v, n=3: "" if v is None else round(float(v), n)  # noqa: E731
     return {"id": c.id, "origin": c.origin, "params %": r(100 * m.get("fraction", 1.0), 1),
-            "pred ms/tok": r(m.get("predicted_latency_ms")), "meas ms/tok": r(m.get("measured_latency_ms")),
+            "pred ms/tok": r(m.get("predicted_latency_ms")), "speed-up": r(m.get("measured_speedup")),
             "fitness ppl": r(m.get("fitness_ppl")), "held-out ppl": r(m.get("heldout_ppl", m.get("ppl_before"))),
             "reformed ppl": r(m.get("ppl_after")), "zero-shot acc": r(m.get("zeroshot_acc")),
             "reformed": "yes" if m.get("ppl_after") is not None else "no"}
 
 
 class SearchStatus:
-    """Accumulates search events into the status text (generation, counts, best per target, rate, ETA)."""
+    """Accumulates search events into the status text: stage, counts, a true evaluation rate,
+    generation n of N per target, time left."""
 
     def __init__(self):
         self.t0 = time.perf_counter()
-        self.evaluated = 0
+        self.evaluated = 0  # candidates archived (replayed included)
+        self.computed = 0  # real evaluations
+        self.eval_time = 0.0
         self.best: dict[float, float] = {}
         self.generation: dict[float, tuple[int, int]] = {}
-        self.rate = 0.0
+        self.targets: tuple = ()
         self.state = "running"
+        self.stage = ""
         self.message = ""
-        self.total_generations = 0
 
     def update(self, ev) -> None:
-        name = type(ev).__name__
-        if name == "CandidateEvaluated":
+        if hasattr(ev, "targets") and hasattr(ev, "resumed"):  # SearchStarted
+            self.targets = tuple(ev.targets)
+        if isinstance(ev, StageProgress):
+            self.stage = f"{ev.stage} {ev.done}/{ev.total} {ev.message}".strip()
+        elif isinstance(ev, CandidateEvaluated):
+            self.stage = ""
             self.evaluated += 1
             c = ev.candidate
+            if not ev.replayed and not c.metrics.get("copied_from"):
+                self.computed += 1
+                self.eval_time += float(c.metrics.get("eval_seconds", 0.0))
             f = c.metrics.get("fitness_ppl")
-            if f is not None and not c.origin.startswith(("baseline", "dense")):
+            if f is not None and not c.origin.startswith(("baseline", "dense")) and not c.metrics.get("fitness_lower_bound"):
                 self.best[c.target] = min(self.best.get(c.target, float("inf")), f)
-        elif name == "GenerationFinished":
-            total = getattr(ev, "generations", None) or getattr(ev, "total_generations", 0)
-            self.generation[ev.target] = (ev.generation, total)
-            self.rate = getattr(ev, "evals_per_s", self.rate) or self.rate
-        elif name == "SearchFinished":
+                self.generation.setdefault(c.target, (0, 0))
+        elif isinstance(ev, GenerationFinished):
+            self.generation[ev.target] = (ev.generation, ev.generations)
+        elif isinstance(ev, SearchFinished):
             self.state = "finished"
-        elif name == "SearchCancelled":
+        elif isinstance(ev, SearchCancelled):
             self.state = "stopped — everything found so far is kept"
-        elif name == "SearchFailed":
+        elif isinstance(ev, SearchFailed):
             self.state = "failed"
-            self.message = getattr(ev, "message", "")
+            self.message = ev.message
 
     def markdown(self) -> str:
         elapsed = time.perf_counter() - self.t0
-        rate = self.rate or (self.evaluated / elapsed if elapsed > 0 else 0)
+        rate = self.computed / self.eval_time if self.eval_time > 0 else 0.0
         head = [f"**Search {self.state}** · {self.evaluated} candidates evaluated · {rate:.2f} evals/s · "
                 f"{elapsed:.0f} s elapsed"]
-        done = sum(g for g, _ in self.generation.values())
-        total = sum(t for _, t in self.generation.values() if t)
-        if total and self.state == "running" and done:
-            head.append(f"generations {done}/{total} · about {elapsed / done * max(total - done, 0):.0f} s left")
+        if self.stage and self.state == "running":
+            head.append(f"*{self.stage}*")
+        totals = [t for _, t in self.generation.values() if t]
+        if totals and self.state == "running":
+            per = max(totals)
+            done = sum(g for g, _ in self.generation.values())
+            total = per * max(len(self.targets), len(self.generation))
+            if done:
+                head.append(f"generations {done}/{total} · about {elapsed / done * max(total - done, 0):.0f} s left")
         parts = ["  \n".join(head)]
         if self.best:
-            rows = [f"| {t:.0%} | {self.generation.get(t, (0, 0))[0]}/{self.generation.get(t, (0, 0))[1] or '?'} "
+            rows = [f"| {t:.0%} | {self.generation.get(t, (0, 0))[0]}/{self.generation.get(t, (0, 0))[1] or '…'} "
                     f"| {self.best[t]:.3f} |" for t in sorted(self.best, reverse=True)]
             parts.append("| target | generation | best fitness ppl |\n|---|---|---|\n" + "\n".join(rows))
         if self.message:

@@ -1,0 +1,120 @@
+"""A search's calibration statistics: the importance pass (METHOD section 2) with the channel
+statistics every baseline and bias compensation need, and the token windows of fitness.
+
+What depends only on the model and the data is computed once and reused: a run keeps its own
+copy (`importance.pt`, `channel_means.safetensors`, so a resume or a later pick needs no pass),
+and an on-disk cache keyed by the model and the calibration settings serves every later search
+of the same model on the same data, in this session or the next.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .capture import ChannelMeans
+from .data import calibration_windows, load_corpus
+from .events import StageProgress
+from .importance import Importance, iter_importance, scoring
+
+FILES = ("importance.pt", "channel_means.safetensors", "calibration.json")  # what a run holds of its calibration
+
+
+@dataclass
+class Calibration:
+    importance: Importance  # OBS scores and the dense pass's input statistics
+    means: ChannelMeans  # of o_proj / down_proj inputs: bias compensation
+    calib: torch.Tensor  # calibration windows (the importance pass; Wanda-sp runs on the first ones)
+    fitness: torch.Tensor  # fitness windows
+    from_cache: bool = False
+    _scorings: dict = field(default_factory=dict, repr=False)
+
+    def scoring(self, name: str, model, shape) -> Importance:
+        """An Importance ranking channels by `name` (obs, wanda, wifv), computed once."""
+        if name not in self._scorings:
+            self._scorings[name] = scoring(name, model, self.importance, shape)
+        return self._scorings[name]
+
+
+def weights_fingerprint(model) -> str:
+    """A short hash of a few of the model's weights: the same model on any machine has the same one
+    (a file path or a download time would not), a different model does not."""
+    from .devices import onloaded
+
+    h = hashlib.sha1()
+    for module in (model.model.embed_tokens, model.model.layers[0], model.model.layers[-1], model.lm_head):
+        with onloaded(module):
+            for t in list(module.state_dict().values())[:4]:
+                h.update(t.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(lm, settings) -> str:
+    """The importance pass depends on the model's weights, its dtype, the corpus and the calibration
+    windows; the key is the same on every machine, so a shipped run's pass serves a fresh install."""
+    raw = json.dumps([weights_fingerprint(lm.model), str(lm.dtype), lm.shape.to_dict(), settings.corpus,
+                      settings.calib_windows, settings.calib_seq_len, settings.seed])
+    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def calibrate(lm, settings, run_dir: Path, cancel: threading.Event | None = None, windows: tuple | None = None,
+              cache_dir: Path | None = None, seeds: tuple[Path, ...] = ()) -> Iterator[StageProgress | Calibration]:
+    """Yields StageProgress, then the Calibration (last item). `windows` = (calibration, fitness)
+    token tensors replaces the corpus (tests on tiny models; nothing is cached then). `seeds`: run
+    folders (the shipped demo) whose `calibration.json` may name the very pass this search needs."""
+    run_dir = Path(run_dir)
+    corpus = load_corpus(settings.corpus) if windows is None else None
+    calib = windows[0] if windows is not None else calibration_windows(
+        lm.tokenizer, corpus, settings.calib_windows, settings.calib_seq_len, seed=settings.seed)
+    fitness = windows[1] if windows is not None else calibration_windows(
+        lm.tokenizer, corpus, settings.fitness_windows, settings.fitness_seq_len, seed=settings.seed + 1)
+    own = run_dir / "importance.pt"
+    key = None if windows is not None else cache_key(lm, settings)
+    cached = None if (cache_dir is None or key is None) else Path(cache_dir) / f"{key}.pt"
+    if cached is not None and not cached.is_file():
+        for seed in seeds:  # a shipped run computed on the same model and data
+            try:
+                if json.loads((seed / "calibration.json").read_text()).get("key") == key:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(seed / "importance.pt", cached)
+                    break
+            except (OSError, ValueError):
+                continue
+    from_cache = False
+    if own.is_file():
+        importance = Importance.load(own)
+    elif cached is not None and cached.is_file():
+        importance = Importance.load(cached)
+        shutil.copyfile(cached, own)
+        from_cache = True
+        yield StageProgress("importance", 1, 1, "reused from the cache (same model and calibration data)")
+    else:
+        importance = None
+        for item in iter_importance(lm.model, calib, lm.shape, cancel=cancel):
+            if isinstance(item, Importance):
+                importance = item
+            else:
+                yield StageProgress("importance", item.done, item.total, item.message)
+        importance.save(own)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            shutil.copyfile(own, tmp)
+            tmp.replace(cached)
+    means = importance.channel_means()
+    if not (run_dir / "channel_means.safetensors").is_file():
+        means.save(run_dir / "channel_means.safetensors")
+    if key is not None and not (run_dir / "calibration.json").is_file():
+        (run_dir / "calibration.json").write_text(json.dumps({"key": key, "corpus": settings.corpus,
+                                                             "windows": settings.calib_windows,
+                                                             "seq_len": settings.calib_seq_len, "seed": settings.seed}))
+    yield Calibration(importance, means, calib, fitness, from_cache)
+
+
+__all__ = ["Calibration", "calibrate", "FILES", "cache_key"]

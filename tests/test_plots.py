@@ -1,0 +1,53 @@
+"""The Pareto plot draws the front of the axis it shows, leaves out (and counts) what that axis
+cannot place, and never plots a prediction as a measurement."""
+from __future__ import annotations
+
+from explorer.runs import Candidate
+from explorer.subnet import ModelShape, Subnet
+from explorer.plots import metric, pareto_figure
+
+SHAPE = ModelShape(4, 64, 8, 2, 16, 96, 97)
+FULL = Subnet.full(SHAPE)
+
+
+def cand(cid, fraction, fitness, pred=None, speedup=None, origin="search", lower=False):
+    m = {"fraction": fraction, "fitness_ppl": fitness, "fitness_nll": fitness, "fitness_lower_bound": lower}
+    if pred is not None:
+        m["predicted_latency_ms"] = pred
+    if speedup is not None:
+        m.update(measured_speedup=speedup, measured_dense_ms=40.0, measured_spread=0.02, measured_reliable=True)
+    return Candidate(cid, 0.7, 1, origin, FULL, m)
+
+
+def traces(fig) -> dict:
+    return {t.name: [cd[0] for cd in (t.customdata or [])] for t in fig.data}
+
+
+def test_front_is_the_shown_axis_own():
+    # a: small, bad; b: larger, good; c: fast (latency) but large
+    cs = [cand("a", 0.5, 50.0, pred=30.0), cand("b", 0.7, 20.0, pred=35.0), cand("c", 0.9, 30.0, pred=10.0),
+          cand("d", 0.95, 40.0, pred=40.0)]
+    by_params = traces(pareto_figure(cs, "parameters (% of dense)", "search fitness perplexity"))
+    front = next(v for k, v in by_params.items() if k.startswith("Pareto front"))
+    assert front == ["a", "b"]  # c and d are dominated on size (b is smaller and better)
+    by_latency = traces(pareto_figure(cs, "predicted latency (ms/token)", "search fitness perplexity"))
+    front = next(v for k, v in by_latency.items() if k.startswith("Pareto front"))
+    assert front == ["c", "b"]  # on latency c is the fastest; a and d are dominated
+    assert set(by_latency["evaluated (dominated)"]) == {"a", "d"}
+
+
+def test_measured_axis_shows_only_measured_points_and_says_so():
+    cs = [cand("a", 0.5, 50.0, pred=30.0, speedup=1.6), cand("b", 0.7, 20.0, pred=35.0)]
+    assert metric(cs[1], "measured_latency_ms") is None  # a prediction is never a measurement
+    assert metric(cs[0], "measured_latency_ms") == 40.0 / 1.6
+    t = traces(pareto_figure(cs, "measured latency (ms/token)", "search fitness perplexity"))
+    shown = {i for ids in t.values() for i in ids}
+    assert "b" not in shown and "a" in shown
+    assert any(k.startswith("1 candidates not timed") for k in t)
+
+
+def test_early_stopped_candidates_are_left_out_of_fitness_fronts():
+    cs = [cand("a", 0.5, 5.0, lower=True), cand("b", 0.7, 20.0)]
+    t = traces(pareto_figure(cs, "parameters (% of dense)", "search fitness perplexity"))
+    assert "a" not in {i for ids in t.values() for i in ids}
+    assert any("no value on this axis" in k for k in t)

@@ -1,0 +1,138 @@
+"""The application layer, every user action without a browser: on a tiny random model saved as a
+model folder (with the embedded model's tokenizer), so each call runs for real in seconds."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from explorer.data import calibration_windows, load_corpus
+from explorer.errors import ExplorerError
+from explorer.events import CandidateEvaluated, SearchFinished, SearchStarted
+from explorer.generation import DecodeSettings
+from explorer.perplexity import perplexity
+from explorer.reform import ReformSettings
+from explorer.runs import RunError
+from explorer.subnet import uniform_subnet
+from explorer.workbench import AppSettings, Busy, Reformation, Workbench, model_key
+
+pytestmark = pytest.mark.slow  # needs the embedded model's tokenizer
+
+SETTINGS = dict(calib_windows=4, calib_seq_len=64, fitness_windows=2, fitness_seq_len=64, population=4, generations=1,
+                mutations=2, crossovers=1, fresh=1, top_k=2, head_multiple=4, window=0.02, split_init=2, latency=False,
+                fitness_dtype="float32", baseline_windows=2)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory, embedded):
+    base = tmp_path_factory.mktemp("wb")
+    folder = base / "tiny"
+    # tied embeddings and a wide MLP, so the 49k-token embedding is half the model, not nearly all of it
+    tiny_llama(11, vocab_size=embedded.shape.vocab_size, tie_word_embeddings=True,
+               intermediate_size=4096).save_pretrained(folder)
+    embedded.tokenizer.save_pretrained(folder)
+    wb = Workbench(base / "runs", base / "exports", AppSettings(heldout_windows=1, seq_len=64,
+                                                                  reform=ReformSettings(windows=2, seq_len=64),
+                                                                  max_subnets=2),
+                   shipped_runs=None)
+    key = model_key(str(folder))
+    lm, dense = wb.load(key)
+    assert dense["heldout_ppl"] > 1 and dense["decode_tok_s"] > 0
+    events = list(wb.search("tab", key, wb.search_settings("demo", (0.9,), **SETTINGS), "r1"))
+    assert isinstance(events[0], SearchStarted) and isinstance(events[-1], SearchFinished), events[-1]
+    return wb, key, lm
+
+
+def test_a_refused_search_creates_nothing(bench):
+    wb, key, _ = bench
+    before = wb.runs()
+    with pytest.raises(ExplorerError, match="outside"):
+        wb.search("tab", key, wb.search_settings("demo", (1.5,), **SETTINGS), "never")
+    with pytest.raises(ExplorerError, match="not a valid run name"):
+        wb.search("tab", key, wb.search_settings("demo", (0.9,), **SETTINGS), "../x")
+    with pytest.raises(RunError, match="exists already"):
+        wb.search("tab", key, wb.search_settings("demo", (0.9,), **SETTINGS), "r1")
+    assert wb.runs() == before and not (wb.runs_root / "never").exists()
+
+
+def test_a_flap_pick_has_the_fitness_it_was_archived_with(bench):
+    """The FLAP point's model (compensation rebuilt from the run's channel means) scores on the
+    fitness windows exactly what the search stored."""
+    wb, key, lm = bench
+    run = wb.open("r1")
+    flap = next(c for c in run.candidates() if c.origin == "baseline:flap")
+    assert flap.compensated
+    fit = calibration_windows(lm.tokenizer, load_corpus("bbc"), 2, 64, seed=1)
+    assert perplexity(wb.sliced(key, wb.pick("r1", flap.id)), fit) == pytest.approx(flap.fitness, rel=1e-5)
+    search = next(c for c in run.candidates() if c.origin == "search")
+    assert search.compensated  # the search compensates by default, and its picks carry it too
+    assert perplexity(wb.sliced(key, wb.pick("r1", search.id)), fit) == pytest.approx(search.fitness, rel=1e-5)
+
+
+def test_reformed_means_reformed_even_after_the_cache_let_it_go(bench, tmp_path):
+    wb, key, _ = bench
+    run = wb.open("r1")
+    ids = [c.id for c in run.candidates() if c.origin == "search"][:3]
+    r = wb.reform("tab", key, wb.pick("r1", ids[0]))
+    assert isinstance(r, Reformation) and r.ppl_after > 0
+    for cid in ids[1:]:  # two more models push the reformed one out (the cache holds two)
+        wb.sliced(key, wb.pick("r1", cid))
+    assert len(wb.subnets) == 2
+    p = wb.pick("r1", ids[0])
+    model = wb.model_of(key, p, r)  # recomputed, and it must reproduce the digest
+    from explorer.reform import reformed_digest
+
+    assert reformed_digest(model) == r.digest
+    res = wb.export("tab", key, p, tmp_path / "e", r, make_zip=False)
+    record = json.loads((Path(res.path) / "export.json").read_text())
+    assert res.verified and record["provenance"]["reformed"] and record["provenance"]["reform_digest"] == r.digest
+    bad = Reformation(**{**r.to_dict(), "digest": "0" * 16})
+    with pytest.raises(ExplorerError, match="did not reproduce"):
+        wb.model_of(key, p, bad)
+
+
+def test_evaluate_measure_generate_and_upload(bench, tmp_path):
+    wb, key, lm = bench
+    cid = next(c.id for c in wb.open("r1").candidates() if c.origin == "search")
+    extra = wb.evaluate("tab", key, wb.pick("r1", cid), ["ppl"], 1)
+    assert math.isfinite(extra["heldout_ppl"])
+    m = wb.measure_latency("tab", key, wb.pick("r1", cid))
+    assert m.speedup > 0 and m.rounds >= 3
+    assert wb.pick("r1", cid).candidate.metrics["measured_speedup"] == round(m.speedup, 4)  # annotated in the run
+    streams = list(wb.generate(key, {"Original": lm.model, "pick": wb.sliced(key, wb.pick("r1", cid))},
+                               "Hello", DecodeSettings(max_new_tokens=3, chat_template=False)))
+    assert streams[-1]["pick"].done and streams[-1]["Original"].done
+    f = tmp_path / "sub.json"
+    f.write_text(uniform_subnet(lm.shape, 0.5, 0.5, multiple=64).to_json())
+    name, c = wb.open_subnet_file(key, f)
+    assert name.startswith("uploads-") and c.origin == "upload" and "heldout_ppl" in c.metrics
+    assert wb.open_subnet_file(key, f)[1].id == c.id  # the same file is the same candidate
+    f.write_text("{not json")
+    with pytest.raises(ExplorerError, match="not a subnet description|not valid JSON"):
+        wb.open_subnet_file(key, f)
+
+
+def test_one_heavy_job_per_tab_and_model_and_stop(bench):
+    wb, key, _ = bench
+    with wb.job("a", key, "search") as cancel:
+        with pytest.raises(Busy, match="already running"):
+            with wb.job("a", key, "export"):
+                pass
+        with pytest.raises(Busy, match="busy with another job"):
+            with wb.job("b", key, "export"):
+                pass
+        assert wb.stop("b") is None and wb.stop("a") == "search" and cancel.is_set()
+    with wb.job("b", key, "export"):  # free again
+        pass
+
+
+def test_a_new_page_opens_the_shipped_demo(tmp_path):
+    wb = Workbench(tmp_path / "runs", tmp_path / "exports")
+    assert wb.default_run() == "smollm2-135m-demo"
+    (tmp_path / "runs" / "uploads-x").mkdir(parents=True)
+    (tmp_path / "runs" / "uploads-x" / "run.json").write_text("{}")
+    assert wb.runs()[0] == "uploads-x" and wb.default_run() == "smollm2-135m-demo"  # never the newest upload
