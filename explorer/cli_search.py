@@ -44,6 +44,10 @@ def register(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("--ids", default="", help="comma-separated candidate ids (default: the run's fronts)")
     p.set_defaults(func=cmd_measure)
+    p = sub.add_parser("report", help="write a run's self-contained HTML report (no model needed)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="the HTML file (default RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("front", help="print a run's Pareto fronts (no model needed)")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -142,6 +146,15 @@ def _render(events, run_dir: str) -> int:
     return code
 
 
+def cmd_report(args) -> int:
+    """The run's fronts (interactive plots and tables), the picks worked on and the prompts tried."""
+    from .report import write_report
+    from .runs import open_run
+
+    print(f"wrote {write_report(open_run(args.run_dir), args.out)}")
+    return 0
+
+
 def cmd_measure(args) -> int:
     """Paired decode timings of candidates (any front member on request); stored as annotations."""
     from .cli import Bars
@@ -213,4 +226,4 @@ def cmd_front(args) -> int:
     return 0
 
 
-__all__ = ["register", "cmd_search", "cmd_front", "cmd_measure", "front_rows"]
+__all__ = ["register", "cmd_search", "cmd_front", "cmd_measure", "cmd_report", "front_rows"]

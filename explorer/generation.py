@@ -104,7 +104,9 @@ def token_stream(model, tokenizer, prompt_ids: torch.Tensor, settings: DecodeSet
             break
         new.append(token)
         state.tokens += 1
-        state.text = tokenizer.decode(new, skip_special_tokens=True)
+        # Special tokens other than EOS stay visible: a narrowed model that answers "<|im_start|>" should
+        # show that, not an empty box beside a token count.
+        state.text = tokenizer.decode(new, skip_special_tokens=False)
         ids = torch.tensor([[token]], device=device)
         yield state
     state.done = True

@@ -69,7 +69,7 @@ def _hover(c, latency=None) -> str:
 
 
 def pareto_figure(candidates: Iterable, x_label: str, y_label: str, picked: list[str] | None = None,
-                  title: str = "", latency=None) -> go.Figure:
+                  title: str = "", latency=None, compared: list[str] | None = None) -> go.Figure:
     xk, yk = X_AXES.get(x_label, "fraction"), Y_AXES.get(y_label, "ppl")
     points, base, dense, missing = [], {}, [], 0
     for c in candidates:
@@ -108,12 +108,16 @@ def pareto_figure(candidates: Iterable, x_label: str, y_label: str, picked: list
     add(dense, "dense model", mode="markers", marker=dict(size=16, symbol="star", color="#000000"))
     unreliable = [p for p in points + sum(base.values(), []) if xk == "measured_latency_ms"
                   and p[0].metrics.get("measured_reliable") is False]
-    add(unreliable, "timing unreliable (wide spread)", mode="markers",
+    # rings around points: "overlay" tells the page's click bridge to pick the marker beneath them
+    add(unreliable, "timing unreliable (wide spread)", mode="markers", meta="overlay",
         marker=dict(size=18, color="rgba(0,0,0,0)", line=dict(width=2, color="#ff9da6"), symbol="circle-open"))
+    everything = points + dense + sum(base.values(), [])
+    if compared:
+        add([p for p in everything if p[0].id in compared and p[0].id not in (picked or [])], "compared",
+            mode="markers", meta="overlay", marker=dict(size=20, color="rgba(0,0,0,0)", line=dict(width=3, color="#ff9f1c")))
     if picked:
-        pts = [p for p in points + dense + sum(base.values(), []) if p[0].id in picked]
-        add(pts, "picked", mode="markers", marker=dict(size=20, color="rgba(0,0,0,0)",
-                                                         line=dict(width=3, color="#d62728")))
+        add([p for p in everything if p[0].id in picked], "picked", mode="markers", meta="overlay",
+            marker=dict(size=22, color="rgba(0,0,0,0)", line=dict(width=3, color="#d62728")))
     if missing:  # said, not hidden: why points are absent on this axis
         why = ("not timed" if xk == "measured_latency_ms" else "no value on this axis")
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"{missing} candidates {why}",
@@ -121,10 +125,11 @@ def pareto_figure(candidates: Iterable, x_label: str, y_label: str, picked: list
     x_title = x_label
     if xk == "measured_latency_ms" and latency is not None:
         x_title = f"measured decode ms/token (paired with dense = {latency.dense_ms:.1f} ms)"
-    fig.update_layout(
-        title=dict(text=title or None, y=0.98), xaxis_title=x_title, yaxis_title=y_label, template="plotly_white",
-        height=520, margin=dict(l=60, r=20, t=90 if title else 60, b=50), clickmode="event",
-        legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), hovermode="closest")
+    fig.update_layout(  # legend under the axis: never over the title, readable on a projector
+        title=dict(text=title or None, x=0.01, y=0.98, font=dict(size=20)), xaxis_title=x_title, yaxis_title=y_label,
+        template="plotly_white", height=640, font=dict(size=15), margin=dict(l=70, r=20, t=50 if title else 20, b=40),
+        clickmode="event", legend=dict(orientation="h", yanchor="top", y=-0.12, x=0), hovermode="closest",
+        hoverlabel=dict(font_size=15))
     if yk in ("ppl", "fitness_ppl"):
         fig.update_yaxes(type="log")
     return fig
@@ -144,7 +149,7 @@ def layer_figure(summary: dict, shape) -> go.Figure:
                          marker_color="#f58518", customdata=widths,
                          hovertemplate="layer %{x}: %{customdata} of " + str(shape.intermediate_size)
                          + " channels<extra></extra>"))
-    fig.update_layout(barmode="group", template="plotly_white", height=280, yaxis=dict(range=[0, 1.05],
-                      tickformat=".0%"), xaxis_title="layer", margin=dict(l=50, r=10, t=40, b=40),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+    fig.update_layout(barmode="group", template="plotly_white", height=300, yaxis=dict(range=[0, 1.05],
+                      tickformat=".0%"), xaxis_title="layer", margin=dict(l=50, r=10, t=10, b=90),
+                      legend=dict(orientation="h", yanchor="top", y=-0.3, x=0))  # under the axis, clear of the label
     return fig

@@ -51,7 +51,7 @@ def prompts(run: Run) -> list[dict]:
     return _read_jsonl(run.path / "prompts.jsonl")
 
 
-def build_report(run: Run, title: str | None = None) -> str:
+def build_report(run: Run, title: str | None = None, extra_prompts: list[dict] = ()) -> str:
     """The report's HTML text (self-contained)."""
     from .plots import pareto_figure
 
@@ -81,7 +81,7 @@ def build_report(run: Run, title: str | None = None) -> str:
                          f"{s['layers_kept']} of {run.shape.num_layers} blocks · ideal decode speed-up "
                          f"{s['ideal_decode_speedup']:.2f}x · kept query heads per layer {s['query_heads']} · "
                          f"head dims {s['head_dims']} · MLP widths {s['mlp_widths']}</p>")
-    tried = prompts(run)
+    tried = prompts(run) + list(extra_prompts)
     if tried:
         parts.append("<h2>Prompts tried</h2>")
         for p in tried:
@@ -97,12 +97,12 @@ def build_report(run: Run, title: str | None = None) -> str:
             f"</code></small></p></body></html>")
 
 
-def write_report(run: Run, out: str | Path | None = None) -> Path:
-    """Write the report (default: `report.html` in the run's folder, or beside a shipped run's copy)."""
+def write_report(run: Run, out: str | Path | None = None, extra_prompts: list[dict] = ()) -> Path:
+    """Write the report (default: `report.html` in the run's folder)."""
     out = Path(out) if out else run.path / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(build_report(run), encoding="utf-8")
+    tmp.write_text(build_report(run, extra_prompts=extra_prompts), encoding="utf-8")
     tmp.replace(out)
     return out
 

@@ -297,14 +297,28 @@ class Subnet:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Subnet":
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
+            raise SubnetError("not a subnet description: expected an object with a 'layers' list")
+        dec = _from_mask if data.get("encoding") == "mask" else list
+        layers = []
+        for i, l in enumerate(data["layers"]):
+            if l is None:
+                layers.append(None)
+                continue
+            if not isinstance(l, dict) or not isinstance(l.get("attn_pairs"), list) or "mlp_channels" not in l:
+                raise SubnetError(f"not a subnet description: layer {i} is neither null nor an object with "
+                                  "'attn_pairs' and 'mlp_channels'")
+            try:
+                layers.append(([dec(g) for g in l["attn_pairs"]], dec(l["mlp_channels"]), l.get("kv_groups"),
+                               l.get("q_heads")))
+            except (TypeError, ValueError, AttributeError):
+                raise SubnetError(f"not a subnet description: layer {i} holds something other than index lists") \
+                    from None
         try:
-            dec = _from_mask if data.get("encoding") == "mask" else list
-            layers = [None if l is None else ([dec(g) for g in l["attn_pairs"]], dec(l["mlp_channels"]),
-                                              l.get("kv_groups"), l.get("q_heads"))
-                      for l in data["layers"]]
             return cls.build(layers)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise SubnetError(f"not a subnet description: missing or malformed field ({e})") from None
+        except (TypeError, ValueError) as e:
+            raise SubnetError(f"not a subnet description: an index is not a whole number ({type(e).__name__})") \
+                from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())

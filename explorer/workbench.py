@@ -529,6 +529,15 @@ class Workbench:
                 run.append(c)
         return name, c
 
+    # ---- reports -----------------------------------------------------------------------------------------------
+    def report(self, run: str, prompts: list[dict] = (), tag: str = "report") -> Path:
+        """The run's HTML report (explorer.report), with the prompts a tab tried, under the exports
+        folder (so the app may offer it for download)."""
+        from .report import write_report
+
+        out = self.export_dir(tag, f"{Path(run).name}-report.html")
+        return write_report(self.open(run), out, list(prompts))
+
     # ---- exports ----------------------------------------------------------------------------------------------
     def export_dir(self, tag: str, name: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{tag}-{name}")[:120]

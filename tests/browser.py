@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import time
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-quic"]
+from explorer.benchmarks.app import ARGS, CHROMIUM, free_port, wait_http  # noqa: F401  (one copy, shared)
 
 
 def wait_text(page, selector: str, needle: str, timeout_s: float = 300) -> str:
@@ -17,3 +15,20 @@ def wait_text(page, selector: str, needle: str, timeout_s: float = 300) -> str:
             return t
         time.sleep(0.3)
     raise AssertionError(f"{needle!r} never appeared in {selector}: {page.locator(selector).inner_text()[:500]}")
+
+
+def wait_until(test, timeout_s: float, what: str = "the state"):
+    """Poll `test()` until it returns something truthy (and return that)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        got = test()
+        if got:
+            return got
+        time.sleep(0.25)
+    raise AssertionError(f"{what} was not reached in {timeout_s} s")
+
+
+def plot_title(page) -> str:
+    """The Pareto plot's title (SVG text: no inner_text); '' while it is not drawn."""
+    t = page.locator("#pareto-plot .gtitle")
+    return (t.first.text_content() or "") if t.count() else ""

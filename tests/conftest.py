@@ -45,32 +45,29 @@ def embedded():
 
 
 # ---- the real app, served once per test session (browser and gradio_client tests) ----------------
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from explorer.benchmarks.app import free_port, wait_http  # noqa: E402  (the benchmark starts the server the same way)
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def chromium():
+    """Debian's Chromium, headless, through Playwright (never a downloaded browser)."""
+    from browser import ARGS, CHROMIUM
 
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("Debian's chromium is not installed (apt-get install chromium chromium-driver)")
+    from playwright.sync_api import sync_playwright
 
-def wait_http(url: str, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"{url} did not answer in {timeout} s")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield b
+        b.close()
 
 
 @pytest.fixture(scope="session")

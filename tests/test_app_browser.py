@@ -9,23 +9,11 @@ import zipfile
 
 import pytest
 
-from browser import ARGS, CHROMIUM, wait_text
+from browser import wait_text
 
 from conftest import ARTIFACTS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-@pytest.fixture
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.fail("Debian's chromium is not installed (apt-get install chromium chromium-driver)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield b
-        b.close()
 
 
 def shot(page, name: str) -> None:
@@ -44,8 +32,8 @@ def plot_points(page) -> int:
     return page.locator("#pareto-plot .scatterlayer .point").count()
 
 
-def test_full_flow_in_chromium(app_server, browser, tmp_path):
-    page = browser.new_page(viewport={"width": 1500, "height": 1100}, accept_downloads=True)
+def test_full_flow_in_chromium(app_server, chromium, tmp_path):
+    page = chromium.new_page(viewport={"width": 1500, "height": 1100}, accept_downloads=True)
     page.set_default_timeout(120_000)
     page.goto(app_server["url"])
     page.get_by_text("Subnet Explorer").first.wait_for()
@@ -108,17 +96,22 @@ def test_full_flow_in_chromium(app_server, browser, tmp_path):
     page.get_by_role("button", name="Generate").click()
     partial, deadline = False, time.time() + 300
     while time.time() < deadline:
-        a = page.locator("#out-a textarea").input_value()
-        label = text(page, "#out-a")
-        if a and "done" not in label:
+        original = page.locator("#out-original textarea").input_value()
+        if original and "done" not in text(page, "#out-original"):
             partial = True
-        if "done" in label and "done" in text(page, "#out-original"):
+        if "done" in text(page, "#out-a") and "done" in text(page, "#out-original"):
             break
         time.sleep(0.1)
     assert page.locator("#out-original textarea").input_value().strip()
-    assert page.locator("#out-a textarea").input_value()  # a small subnet may answer in whitespace; tokens count
-    assert "tok/s" in text(page, "#out-a") and " 0 tokens" not in text(page, "#out-a")
-    assert partial, "the pick's text should appear token by token, not all at once"
+    assert "tok/s" in text(page, "#out-original") and " 0 tokens" not in text(page, "#out-original")
+    assert partial, "the text should appear token by token, not all at once"
+    # a narrowed model may end at once; then its box says so instead of staying blank without a reason
+    label_a = text(page, "#out-a")
+    assert "tok/s" in label_a and "done" in label_a
+    if " 0 tokens" in label_a:
+        assert "first token was end-of-text" in label_a and not page.locator("#out-a textarea").input_value()
+    else:
+        assert page.locator("#out-a textarea").input_value()
     shot(page, "06-prompt")
 
     # export, download the zip, load it with plain transformers in a fresh process

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -10,9 +11,17 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-# outputs of every endpoint, in wiring order (explorer/ui/app.py)
-OUT = {name: i for i, name in enumerate(["model_info", "status", "plot", "card", "layers", "action_status", "runs",
-                                         "pick_box", "download", "compare", "out_original", "out_a", "out_b"])}
+from explorer.ui.app import client_outputs
+
+
+def out(result, api_name: str, name: str):
+    """One named output of an endpoint's result (each endpoint returns only what it changes)."""
+    return result[client_outputs(api_name).index(name)]
+
+
+def message(result, api_name: str) -> str:
+    m = out(result, api_name, "message")
+    return str(m.get("value", "") if isinstance(m, dict) else m or "")
 
 
 @pytest.fixture
@@ -23,29 +32,27 @@ def client(app_server):
 
 
 def test_api_flow(client, tmp_path):
-    from gradio_client.exceptions import AppError
-
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/load_model", "/search", "/stop_search", "/open_run", "/pick", "/reform", "/evaluate",
-            "/add_compare", "/export", "/generate"} <= endpoints
+            "/measure_latency", "/add_compare", "/export", "/report", "/generate"} <= endpoints
 
-    # an action before loading anything is a readable error, not a crash
-    with pytest.raises(AppError, match="load a model first|pick a subnet first|open a run"):
-        client.predict(api_name="/reform")
+    # an action before loading anything is a readable message in its one place, not a crash
+    r = client.predict(api_name="/reform")
+    assert re.search("load a model first|pick a subnet first|open a run", message(r, "reform"))
 
     r = client.predict("default", "float32", "cpu", api_name="/load_model")
-    assert "Dense held-out perplexity" in r[OUT["model_info"]]
+    assert "Dense held-out perplexity" in out(r, "load_model", "model_info") and not message(r, "load_model")
 
     job = client.submit("0.6", "demo", 4, 1, 1, 3, "api-run", False, "parameters (% of dense)",
                         "perplexity (held-out, else search fitness)", api_name="/search")
-    statuses = [o[OUT["status"]] for o in job]
-    assert any("candidates evaluated" in (s or "") for s in statuses)
-    assert "finished" in job.outputs()[-1][OUT["status"]]
+    statuses = [out(o, "search", "status") for o in job]
+    assert any("candidates evaluated" in str(s or "") for s in statuses)
+    assert "finished" in str(out(job.outputs()[-1], "search", "status"))
 
     # the run is saved and reopens without searching again
     r = client.predict("api-run", "parameters (% of dense)", "perplexity (held-out, else search fitness)",
                        api_name="/open_run")
-    fig = r[OUT["plot"]]
+    fig = out(r, "open_run", "plot")
     assert fig and "customdata" in str(fig)
     import json
 
@@ -54,22 +61,29 @@ def test_api_flow(client, tmp_path):
     assert ids
     r = client.predict(ids[0], "parameters (% of dense)", "perplexity (held-out, else search fitness)",
                        api_name="/pick")
-    assert ids[0] in r[OUT["card"]]
+    assert ids[0] in out(r, "pick", "card")
 
-    with pytest.raises(AppError, match="no candidate"):
-        client.predict("does-not-exist", "parameters (% of dense)", "perplexity (held-out, else search fitness)",
+    r = client.predict("does-not-exist", "parameters (% of dense)", "perplexity (held-out, else search fitness)",
                        api_name="/pick")
+    assert "no candidate" in message(r, "pick")
 
     r = client.predict(api_name="/reform")
-    assert "Reformed" in r[OUT["action_status"]]
-    r = client.predict(api_name="/add_compare")
+    assert "Reformed" in str(out(r, "reform", "action_status"))
+    r = client.predict("parameters (% of dense)", "perplexity (held-out, else search fitness)", api_name="/add_compare")
     job = client.submit("Name a colour.", False, 0.7, 0.9, 0, 8, api_name="/generate")
     outs = list(job)
-    last = job.outputs()[-1]
-    assert outs and any(isinstance(x, dict) and x.get("value") for x in last[OUT["out_original"]:])
+    # the last update that carries text (the very last only stores the tab's prompt: no box changes)
+    last = [o for o in job.outputs() if "value" in (out(o, "generate", "out_original") or {})][-1]
+    assert outs and out(last, "generate", "out_original").get("value")
+    assert "reformed" in out(last, "generate", "out_a").get("label", "")  # the label says what the model is
+
+    r = client.predict(api_name="/report")
+    report = out(r, "report", "report_file")
+    assert report and "<html" in open(report, encoding="utf-8").read(2000) and "Name a colour." in open(
+        report, encoding="utf-8").read()
 
     r = client.predict(api_name="/export")
-    zpath = r[OUT["download"]]
+    zpath = out(r, "export", "download")
     assert zpath and zipfile.is_zipfile(zpath)
     folder = tmp_path / "x"
     with zipfile.ZipFile(zpath) as z:
@@ -79,9 +93,9 @@ def test_api_flow(client, tmp_path):
             f"m = AutoModelForCausalLM.from_pretrained({str(root)!r}, trust_remote_code=True); "
             "assert 'explorer' not in sys.modules; print(type(m).__name__)")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
-    assert out.returncode == 0 and "SubnetForCausalLM" in out.stdout, out.stderr[-2000:]
+    assert proc.returncode == 0 and "SubnetForCausalLM" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_stop_keeps_what_was_found_and_evaluate_through_the_api(client):
@@ -91,26 +105,26 @@ def test_stop_keeps_what_was_found_and_evaluate_through_the_api(client):
     client.predict("default", "float32", "cpu", api_name="/load_model")
     job = client.submit("0.8", "demo", 10, 50, 1, 5, "api-stop", False, "parameters (% of dense)",
                         "perplexity (held-out, else search fitness)", api_name="/search")
-    import re
-
     deadline = time.time() + 600
     while time.time() < deadline:
         outs = job.outputs()
-        m = re.search(r"(\d+) candidates evaluated", (outs[-1][OUT["status"]] or "") if outs else "")
+        m = re.search(r"(\d+) candidates evaluated", str(out(outs[-1], "search", "status") or "") if outs else "")
         if m and int(m.group(1)) >= 3:
             break
         time.sleep(0.5)
     stop = client.predict(api_name="/stop_search")
-    assert "Stopping" in stop[OUT["status"]]
+    assert "Stopping" in str(out(stop, "stop_search", "status"))
     job.result(timeout=600)
-    final = job.outputs()[-1][OUT["status"]]
+    final = str(out(job.outputs()[-1], "search", "status"))
     assert "stopped" in final
     r = client.predict("api-stop", "parameters (% of dense)", "perplexity (held-out, else search fitness)",
                        api_name="/open_run")
-    assert "candidates" in r[OUT["status"]]
-    n = int(r[OUT["status"]].split("·")[1].split()[0])
+    status = str(out(r, "open_run", "status"))
+    assert "candidates" in status
+    n = int(status.split("·")[1].split()[0])
     assert n >= 3  # what was found before Stop is kept
     r = client.predict("c00000", "parameters (% of dense)", "perplexity (held-out, else search fitness)",
                        api_name="/pick")
     r = client.predict(["ppl", "piqa"], 8, api_name="/evaluate")
-    assert "piqa" in r[OUT["card"]] and "held-out ppl" in r[OUT["card"]]
+    card = str(out(r, "evaluate", "card"))
+    assert "piqa" in card and "held-out ppl" in card

@@ -16,6 +16,7 @@ import torch
 from explorer.configuration_subnet import SubnetConfig
 from explorer.errors import Cancelled
 from explorer.events import Progress
+from explorer.export import TOLERANCE as EXPORT_TOLERANCE
 from explorer.export import ExportError, _install, check_target, export_subnet, source_files
 from explorer.reform import ReformSettings, reform
 from explorer.subnet import LayerChoice, Subnet
@@ -62,7 +63,9 @@ def test_reformed_export_reloads_in_a_fresh_process(embedded, tmp_path):
     res = export_subnet(lm, model, sub, tmp_path / "model", {"heldout_ppl": 1.0}, {"test": True},
                         on_event=events.append, reformed={"digest": result.digest, "settings": result.settings.to_dict()})
     out = Path(res.path)
-    assert res.verified and res.same_tokens and res.max_logit_diff <= 1e-5
+    # The reference is the base model with the reformed weights written in and the omitted ones zeroed
+    # (an independent computation), so the sums run in another order: fp32 rounding, not 0.0.
+    assert res.verified and res.same_tokens and res.max_logit_diff <= EXPORT_TOLERANCE
     assert [e.done for e in events if isinstance(e, Progress)][-1] == 5
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "configuration_subnet.py", "modeling_subnet.py", "tokenizer.json",

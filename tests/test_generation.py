@@ -53,3 +53,14 @@ def test_sampling_is_seeded(tiny):
 def test_absurd_settings_are_refused(kw, msg):
     with pytest.raises(GenerationError, match=msg):
         DecodeSettings(**kw).validate()
+
+
+def test_a_box_says_why_it_is_empty():
+    """A model whose first token is end-of-text gets a label that says so, not a blank box."""
+    from explorer.generation import Stream
+    from explorer.ui.handlers import stream_label
+
+    assert stream_label("Pick A", Stream(done=True)).endswith("done: the model's first token was end-of-text")
+    running = stream_label("Pick A", Stream(text="w1", tokens=1, seconds=0.5))
+    assert running == "Pick A · 1 tokens · 2.0 tok/s" and "done" not in running
+    assert stream_label("Original", Stream(text="w1", tokens=1, seconds=0.5, done=True)).endswith(" · done")

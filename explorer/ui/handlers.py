@@ -28,33 +28,41 @@ log = logging.getLogger("explorer.ui")
 
 
 def user_errors(fn):
-    """Turn engine errors into gr.Error (message only); log everything else with its traceback."""
+    """Report failure as one message in one place: a handler that fails changes nothing but the page's
+    message (no error badge on every output, no half-updated tab); a handler that succeeds clears it.
+    Errors the user can fix show the engine's message; anything else is logged with its traceback and
+    shown as one line."""
 
-    def convert(e: Exception) -> gr.Error:
-        if isinstance(e, gr.Error):
-            return e
+    def message(self, e: Exception) -> dict:
         if isinstance(e, ExplorerError):
             log.info("user error in %s: %s", fn.__name__, e)
-            return gr.Error(str(e), print_exception=False)
-        log.exception("unexpected error in %s", fn.__name__)
-        return gr.Error(f"Something went wrong ({type(e).__name__}: {str(e)[:200]}). The log has the details.",
-                        print_exception=False)
+            text = str(e)
+        else:
+            log.exception("unexpected error in %s", fn.__name__)
+            text = f"Something went wrong ({type(e).__name__}: {str(e)[:200]}). The log has the details."
+        return {self.ui.message: f"⚠️ {text}"}
+
+    def cleared(self, out):
+        return {self.ui.message: "", **out} if isinstance(out, dict) else out
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
-        def gen(*a, **k):
+        def gen(self, *a, **k):
+            first = True
             try:
-                yield from fn(*a, **k)
+                for out in fn(self, *a, **k):
+                    yield cleared(self, out) if first else out
+                    first = False
             except Exception as e:  # noqa: BLE001
-                raise convert(e) from None
+                yield message(self, e)
         return gen
 
     @functools.wraps(fn)
-    def plain(*a, **k):
+    def plain(self, *a, **k):
         try:
-            return fn(*a, **k)
+            return cleared(self, fn(self, *a, **k))
         except Exception as e:  # noqa: BLE001
-            raise convert(e) from None
+            return message(self, e)
     return plain
 
 
@@ -98,8 +106,8 @@ class Handlers:
     def _figure(self, s: Session, x: str, y: str, run=None):
         run = run or self.wb.open(self._run_name(s))
         cands = [views.with_metrics(c, s.extra(c.id)) for c in run.candidates()]
-        picked = [i for i in [s.picked, *s.compare] if i]
-        return plots.pareto_figure(cands, x, y, picked=picked, title=s.run, latency=run.latency_model())
+        return plots.pareto_figure(cands, x, y, picked=[s.picked] if s.picked else [], compared=s.compare,
+                                   title=s.run, latency=run.latency_model())
 
     def _compare_table(self, s: Session):
         """The compare table of the current run (compared ids are always of this run: see switch_run)."""
@@ -174,7 +182,7 @@ class Handlers:
         kind = self.wb.stop(tab_id(request))
         if kind is None:
             gr.Warning("Nothing is running in this tab.")
-            return {self.ui.status: gr.update()}  # Gradio needs one output even when nothing changes
+            return {self.ui.action_status: "Nothing is running in this tab."}
         if kind == "search":
             return {self.ui.status: "**Stopping…** the current candidate finishes, everything found is kept."}
         gr.Info(f"Stopping the {kind}…")
@@ -302,12 +310,12 @@ class Handlers:
                     f"{k.replace('acc:', '')} {v:.3g}" for k, v in extra.items())}
 
     @user_errors
-    def add_compare(self, session):
+    def add_compare(self, x, y, session):
         s = session or Session()
         c = self._picked(s).candidate
         if c.id not in s.compare:
             s.compare = (s.compare + [c.id])[-4:]
-        return {self.ui.compare: self._compare_table(s), self.ui.session: s,
+        return {self.ui.compare: self._compare_table(s), self.ui.session: s, self.ui.plot: self._figure(s, x, y),
                 self.ui.action_status: f"`{c.id}` added to compare; the first two picks answer prompts."}
 
     @user_errors
@@ -346,14 +354,34 @@ class Handlers:
             boxes[label] = self.ui.out_a if slot == "Pick A" else self.ui.out_b
         decode = DecodeSettings(max_new_tokens=int(max_tokens), do_sample=bool(sample), temperature=float(temperature),
                                 top_p=float(top_p), seed=int(seed or 0))
-        last = 0.0
+        last, streams = 0.0, {}
         for streams in self.wb.generate(key, models, prompt, decode):
             if time.perf_counter() - last < 0.2 and not all(st.done for st in streams.values()):
                 continue
             last = time.perf_counter()
-            yield {boxes[n]: gr.update(value=st.text, label=f"{n} · {st.tokens} tokens · {st.tokens_per_s:.1f} tok/s"
-                                       + (" · done" if st.done else ""))
-                   for n, st in streams.items()}
+            yield {boxes[n]: gr.update(value=st.text, label=stream_label(n, st)) for n, st in streams.items()}
+        # the tab keeps what it asked and what each model answered: the run report shows it
+        s.prompts.append({"run": s.run, "prompt": prompt, "answers": {n: st.text for n, st in streams.items()},
+                          "settings": {"max_new_tokens": decode.max_new_tokens, "sample": decode.do_sample,
+                                       "seed": decode.seed}})
+        yield {self.ui.session: s}
+
+    @user_errors
+    def report(self, session, request: gr.Request):
+        """The run's report as one self-contained HTML file (fronts, the picks worked on, the prompts tried)."""
+        s = session or Session()
+        path = self.wb.report(self._run_name(s), [p for p in s.prompts if p.get("run") == s.run],
+                              tab_id(request)[:8])
+        return {self.ui.report_file: str(path),
+                self.ui.action_status: f"Report of run {s.run} written: open it offline, or put it in your slides."}
 
 
-__all__ = ["Handlers", "user_errors", "tab_id"]
+def stream_label(name: str, st) -> str:
+    """A box's label while its model generates: tokens, speed, and why it ended."""
+    label = f"{name} · {st.tokens} tokens · {st.tokens_per_s:.1f} tok/s"
+    if st.done and st.tokens == 0:
+        return label + " · done: the model's first token was end-of-text"
+    return label + (" · done" if st.done else "")
+
+
+__all__ = ["Handlers", "user_errors", "tab_id", "stream_label"]

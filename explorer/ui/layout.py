@@ -5,14 +5,14 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from ..generation import DecodeSettings
 from ..evaluation import DEFAULT_TASKS
+from ..generation import DecodeSettings
+from ..plots import X_AXES, Y_AXES
 from ..settings import PRESETS, ModelSettings, SearchSettings
+from .session import Session
+from .views import NO_PICK, compare_frame
 
 APP_EVAL_LIMIT = 100  # questions per task when evaluating from the page: a quick look, not a benchmark
-from ..plots import X_AXES, Y_AXES
-from .views import NO_PICK, compare_frame
-from .session import Session
 
 INTRO = """# Subnet Explorer
 Make a language model smaller and faster **without training**: search for subnets that inherit its weights
@@ -22,20 +22,45 @@ point, recalibrate it, talk to it next to the original, and download it as a rea
 CSS = """
 .hidden-bridge { display: none !important; }
 #status-box { min-height: 6em; }
+#status-box table td, #status-box table th { white-space: nowrap; word-break: keep-all; }
+#message:not(:empty) p { background: #fff4e5; border-left: 4px solid #e8590c; padding: 0.5em 0.8em; margin: 0; }
+#subnet-file { min-height: 7.5em; }
 .gen-box textarea { font-size: 0.95em; }
 """
 
 # Plotly's click event -> the hidden pick box -> the server. gr.Plot has no select event.
 BRIDGE_JS = """
 () => {
+  const topMarker = (plot, e) => {
+    if (!e || !plot.data) return null;
+    const traces = plot.querySelectorAll('.scatterlayer .trace');
+    for (let i = traces.length - 1; i >= 0; i--) {  // the last trace drawn is on top
+      const cd = plot.data[i] && plot.data[i].customdata;
+      if (!cd || plot.data[i].meta === 'overlay') continue;  // rings around a point, not points
+      const pts = traces[i].querySelectorAll('.point');
+      let best = null, bestD = Infinity;  // of this trace's markers under the cursor, the nearest centre
+      for (let k = 0; k < pts.length; k++) {
+        const r = pts[k].getBoundingClientRect();
+        if (!r.width || !cd[k] || e.clientX < r.left - 1 || e.clientX > r.right + 1 || e.clientY < r.top - 1
+            || e.clientY > r.bottom + 1) continue;
+        const d = Math.hypot(r.left + r.width / 2 - e.clientX, r.top + r.height / 2 - e.clientY);
+        if (d < bestD) { bestD = d; best = String(Array.isArray(cd[k]) ? cd[k][0] : cd[k]); }
+      }
+      if (best) return best;
+    }
+    return null;
+  };
   const attach = () => {
     const plot = document.querySelector('#pareto-plot .js-plotly-plot');
     if (plot && plot.on && !plot.__subnetBridge) {
       plot.__subnetBridge = true;
       plot.on('plotly_click', (ev) => {
         const pt = ev && ev.points && ev.points[0];
-        if (!pt || !pt.customdata) return;
-        const id = Array.isArray(pt.customdata) ? pt.customdata[0] : pt.customdata;
+        // Plotly hands over the point it hovers, which prefers the smallest marker under the cursor
+        // (a faint dominated point under a front marker); pick the marker drawn on top instead.
+        const id = topMarker(plot, ev && ev.event) ||
+          (pt && pt.customdata ? (Array.isArray(pt.customdata) ? pt.customdata[0] : pt.customdata) : null);
+        if (!id) return;
         const box = document.querySelector('#pick-bridge textarea, #pick-bridge input');
         if (!box) return;
         box.value = String(id);
@@ -56,6 +81,7 @@ class UI:
 
     demo: gr.Blocks
     session: gr.State
+    message: gr.Markdown  # the one place every failure is reported
     # model
     model_box: gr.Textbox
     dtype: gr.Dropdown
@@ -96,6 +122,8 @@ class UI:
     compare_btn: gr.Button
     export_btn: gr.Button
     download: gr.File
+    report_btn: gr.Button
+    report_file: gr.File
     action_status: gr.Markdown
     # prompt
     prompt: gr.Textbox
@@ -120,6 +148,7 @@ def build(default_model: str = ModelSettings().model) -> UI:
         # handlers all change the same object instead of each creating its own.
         session = gr.State(Session())
         gr.Markdown(INTRO)
+        message = gr.Markdown("", elem_id="message")
         with gr.Row(equal_height=False):
             model_box = gr.Textbox(default_model, label="Model", scale=3,
                                    info="'default' = embedded SmolLM2-135M-Instruct; or a local folder / hub id")
@@ -156,14 +185,15 @@ def build(default_model: str = ModelSettings().model) -> UI:
                     x_axis = gr.Radio(list(X_AXES), value="parameters (% of dense)", label="x axis")
                     y_axis = gr.Radio(list(Y_AXES), value="perplexity (held-out, else search fitness)",
                                       label="y axis")
-                plot = gr.Plot(label="Quality vs cost — click a point to pick it", elem_id="pareto-plot")
+                plot = gr.Plot(label="Quality vs cost — click a point to pick it", elem_id="pareto-plot",
+                               show_label=True)
                 pick_bridge = gr.Textbox("", elem_id="pick-bridge", elem_classes="hidden-bridge", show_label=False)
                 pick_bridge_btn = gr.Button("pick", elem_id="pick-bridge-btn", elem_classes="hidden-bridge")
                 with gr.Row(equal_height=False):
                     pick_box = gr.Textbox("", label="…or pick by id", scale=3, elem_id="pick-box")
                     pick_btn = gr.Button("Pick", scale=1)
                     subnet_file = gr.File(label="…or open a subnet JSON (for the loaded model)", file_types=[".json"],
-                                          type="filepath", file_count="single", scale=2, height=90,
+                                          type="filepath", file_count="single", scale=2, height=120,
                                           elem_id="subnet-file")
             with gr.Column(scale=2, min_width=320):
                 gr.Markdown("### Picked subnet")
@@ -180,6 +210,9 @@ def build(default_model: str = ModelSettings().model) -> UI:
                 export_btn = gr.Button("Export & download", variant="primary")
                 download = gr.File(label="Download (verified export, zip)", interactive=False, elem_id="download")
                 action_status = gr.Markdown("", elem_id="action-status")
+                report_btn = gr.Button("Run report (HTML)")
+                report_file = gr.File(label="Run report: the fronts, the picks you worked on, your prompts",
+                                      interactive=False, elem_id="report-file")
         gr.Markdown("### Prompt the original and your picks side by side")
         with gr.Row(equal_height=False):
             prompt = gr.Textbox("Write two sentences about the sea.", label="Prompt", lines=2, scale=4)
@@ -198,4 +231,14 @@ def build(default_model: str = ModelSettings().model) -> UI:
         gr.Markdown("### Compare")
         compare = gr.Dataframe(compare_frame([]), label="Picked subnets", interactive=False,
                                elem_id="compare-table", wrap=True)
-    return UI(**{k: v for k, v in locals().items() if k in UI.__dataclass_fields__})
+    return UI(demo=demo, session=session, message=message, model_box=model_box, dtype=dtype, device=device,
+              load_btn=load_btn, model_info=model_info, targets=targets, preset=preset, population=population,
+              generations=generations, fitness_windows=fitness_windows, seed=seed, run_name=run_name,
+              baselines=baselines, start_btn=start_btn, stop_btn=stop_btn, status=status, runs=runs, open_btn=open_btn,
+              x_axis=x_axis, y_axis=y_axis, plot=plot, pick_bridge=pick_bridge, pick_bridge_btn=pick_bridge_btn,
+              pick_box=pick_box, pick_btn=pick_btn, subnet_file=subnet_file, card=card, layers=layers,
+              reform_btn=reform_btn, measure_btn=measure_btn, eval_btn=eval_btn, eval_tasks=eval_tasks,
+              eval_limit=eval_limit, compare_btn=compare_btn, export_btn=export_btn, download=download,
+              report_btn=report_btn, report_file=report_file, action_status=action_status, prompt=prompt,
+              sample=sample, temperature=temperature, top_p=top_p, gen_seed=gen_seed, max_tokens=max_tokens,
+              gen_btn=gen_btn, out_original=out_original, out_a=out_a, out_b=out_b, compare=compare)

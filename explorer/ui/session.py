@@ -14,6 +14,7 @@ class Session:
     compare: list[str] = field(default_factory=list)  # ids added to the compare table (first two prompt)
     reformed: dict[str, dict] = field(default_factory=dict)  # run/id -> Reformation.to_dict()
     evaluated: dict[str, dict] = field(default_factory=dict)  # run/id -> extra metrics measured in the app
+    prompts: list[dict] = field(default_factory=list)  # {"run", "prompt", "answers": {model: text}, "settings"}
 
     # Measurements are keyed by run *and* id: candidate ids repeat across runs (every run has a c00000),
     # so a bare id would show one run's reformed perplexity on another run's candidate.
