@@ -167,7 +167,15 @@ print("VERIFY_REPORT " + json.dumps({
     "text": tok.decode(tokens[0, prompt.shape[1]:], skip_special_tokens=True),
 }), flush=True)
 '''
-TOLERANCE = 1e-4  # max |logit difference|, fp32 on CPU: a sliced matmul sums in another order than the reference
+# Max |logit difference| relative to the reference's largest |logit| (at least 1), fp32 on CPU: a sliced matmul
+# sums in another order than the zeroed reference, and 30 blocks with large activations amplify that rounding
+# (a 50 % subnet of the embedded model: 5.7e-4 on logits up to 22.8; in fp64 both agree to 2.8e-5).
+TOLERANCE = 1e-4
+
+
+def allowed_difference(reference_logits: torch.Tensor) -> float:
+    """The largest logit difference an export may have from its reference."""
+    return TOLERANCE * max(1.0, float(reference_logits.abs().max()))
 
 
 def probe_ids(tokenizer, config, min_tokens: int = 64) -> torch.Tensor:
@@ -240,7 +248,8 @@ def verify_folder(folder: Path, lm, model, subnet: Subnet, means=None, reformed=
     what = ("the base model's transformers class with the omitted weights zeroed"
             + (" and the reformed o_proj/down_proj written in" if reformed is not None else
                " plus the compensation biases" if means is not None else ""))
-    return {"max_logit_diff": diff, "same_tokens": same, "sample_text": got["text"], "class": got["class"],
+    return {"max_logit_diff": diff, "allowed_diff": allowed_difference(want), "same_tokens": same,
+            "sample_text": got["text"], "class": got["class"],
             "prompt": PROMPT_TEXT, "probe_tokens": int(ids.shape[1]), "reference": what}
 
 
@@ -301,9 +310,10 @@ def export_subnet(lm, subnet_model, subnet: Subnet, out_dir: str | Path, metrics
         verification: dict = {"verified": False}
         if verify:
             verification = verify_folder(tmp, lm, subnet_model, subnet, means, reformed)
-            if not verification["max_logit_diff"] <= TOLERANCE or not verification["same_tokens"]:
+            if not verification["max_logit_diff"] <= verification["allowed_diff"] or not verification["same_tokens"]:
                 raise ExportError(f"the reloaded export differs from the reference (max logit difference "
-                                  f"{verification['max_logit_diff']:.3g}, same tokens: {verification['same_tokens']})")
+                                  f"{verification['max_logit_diff']:.3g}, allowed {verification['allowed_diff']:.3g}, "
+                                  f"same tokens: {verification['same_tokens']})")
             verification = {"verified": True, **verification, "tolerance": TOLERANCE}
         check_cancel(cancel)
         on_event(Progress("export", 2, EXPORT_STEPS, "model card"))

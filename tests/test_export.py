@@ -223,3 +223,11 @@ def test_target_checks_and_install(tmp_path):
     _install(new, old)
     assert json.loads((old / "config.json").read_text())["tag"] == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "old_export"]
+
+
+def test_export_tolerance_is_relative_to_the_largest_logit():
+    """fp32 rounding grows with the logits' scale; a wrong model is off by whole units either way."""
+    from explorer.export import allowed_difference
+
+    assert allowed_difference(torch.tensor([0.5, -0.2])) == EXPORT_TOLERANCE
+    assert allowed_difference(torch.tensor([[3.0, -22.8]])) == pytest.approx(22.8 * EXPORT_TOLERANCE)
