@@ -51,3 +51,16 @@ def test_early_stopped_candidates_are_left_out_of_fitness_fronts():
     t = traces(pareto_figure(cs, "parameters (% of dense)", "search fitness perplexity"))
     assert "a" not in {i for ids in t.values() for i in ids}
     assert any("no value on this axis" in k for k in t)
+
+
+def test_status_says_generation_n_of_n_from_the_start():
+    """Before any generation ends the table already says 0/N (N from the run's settings), never "0/…"."""
+    from explorer.events import CandidateEvaluated, GenerationFinished, SearchStarted
+    from explorer.ui.views import SearchStatus
+
+    st = SearchStatus()
+    st.update(SearchStarted("run", (0.7,), {"generations": 4}, False, 0))
+    st.update(CandidateEvaluated(cand("a", 0.7, 20.0), False, 1))
+    assert "| 70% | 0/4 | 20.000 |" in st.markdown() and "…" not in st.markdown()
+    st.update(GenerationFinished(0.7, 1, 20.0, "a", 1.0, 1, 0, 4))
+    assert "| 70% | 1/4 |" in st.markdown() and "generations 1/4" in st.markdown()

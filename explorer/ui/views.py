@@ -6,7 +6,8 @@ from dataclasses import replace
 
 import pandas as pd
 
-from ..events import CandidateEvaluated, GenerationFinished, SearchCancelled, SearchFailed, SearchFinished, StageProgress
+from ..events import (CandidateEvaluated, GenerationFinished, SearchCancelled, SearchFailed, SearchFinished,
+                      SearchStarted, StageProgress)
 
 NO_PICK = "*Click a point on the plot.*"  # the card when the tab has no pick
 
@@ -105,14 +106,16 @@ class SearchStatus:
         self.best: dict[float, float] = {}
         self.generation: dict[float, tuple[int, int]] = {}
         self.targets: tuple = ()
+        self.generations = 0  # N of "generation n of N", known from the settings at the start
         self.state = "running"
         self.stage = ""
         self.message = ""
 
     def update(self, ev) -> None:
-        if hasattr(ev, "targets") and hasattr(ev, "resumed"):  # SearchStarted
+        if isinstance(ev, SearchStarted):
             self.targets = tuple(ev.targets)
-        if isinstance(ev, StageProgress):
+            self.generations = int(ev.settings.get("generations") or 0)
+        elif isinstance(ev, StageProgress):
             self.stage = f"{ev.stage} {ev.done}/{ev.total} {ev.message}".strip()
         elif isinstance(ev, CandidateEvaluated):
             self.stage = ""
@@ -124,7 +127,7 @@ class SearchStatus:
             f = c.metrics.get("fitness_ppl")
             if f is not None and not c.origin.startswith(("baseline", "dense")) and not c.metrics.get("fitness_lower_bound"):
                 self.best[c.target] = min(self.best.get(c.target, float("inf")), f)
-                self.generation.setdefault(c.target, (0, 0))
+                self.generation.setdefault(c.target, (0, self.generations))
         elif isinstance(ev, GenerationFinished):
             self.generation[ev.target] = (ev.generation, ev.generations)
         elif isinstance(ev, SearchFinished):
@@ -151,8 +154,9 @@ class SearchStatus:
                 head.append(f"generations {done}/{total} · about {elapsed / done * max(total - done, 0):.0f} s left")
         parts = ["  \n".join(head)]
         if self.best:
-            rows = [f"| {t:.0%} | {self.generation.get(t, (0, 0))[0]}/{self.generation.get(t, (0, 0))[1] or '…'} "
-                    f"| {self.best[t]:.3f} |" for t in sorted(self.best, reverse=True)]
+            gen = {t: self.generation.get(t, (0, self.generations)) for t in self.best}
+            rows = [f"| {t:.0%} | {gen[t][0]}/{gen[t][1] or '…'} | {self.best[t]:.3f} |"
+                    for t in sorted(self.best, reverse=True)]
             parts.append("| target | generation | best fitness ppl |\n|---|---|---|\n" + "\n".join(rows))
         if self.message:
             parts.append(f"⚠️ {self.message}")
