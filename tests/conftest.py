@@ -45,11 +45,9 @@ def embedded():
 
 
 # ---- the real app, served once per test session (browser and gradio_client tests) ----------------
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from explorer.benchmarks.app import free_port, wait_http  # noqa: E402  (the benchmark starts the server the same way)
+from explorer.benchmarks.app import served_app  # noqa: E402  (the benchmark serves the app the same way)
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
@@ -74,19 +72,6 @@ def chromium():
 def app_server(tmp_path_factory):
     """The real app (`python app.py`) on a free port with fresh runs/exports folders."""
     base = tmp_path_factory.mktemp("app")
-    port = free_port()
-    log = base / "app.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "SUBNET_EXPLORER_QUICK": "1"}
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs-dir", str(base / "runs"),
-                             "--exports-dir", str(base / "exports"), "--log", str(log)], cwd=ROOT, env=env,
-                            stdout=open(base / "stdout.txt", "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_http(url)
-        yield {"url": url, "base": base, "log": log, "proc": proc}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with served_app(base, env) as (proc, url):
+        yield {"url": url, "base": base, "log": base / "app.log", "proc": proc}

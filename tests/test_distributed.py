@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import distributed_search as ds
-from conftest import free_port
+from explorer.benchmarks.app import free_port
 from explorer.runs import Run, open_run
 from explorer.events import CandidateEvaluated, SearchCancelled, SearchFinished
 

@@ -16,7 +16,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from . import format_table, machine, write_json
 
@@ -46,6 +48,26 @@ def wait_http(url: str, timeout: float = 240) -> None:
     raise TimeoutError(f"{url} did not answer in {timeout} s")
 
 
+@contextmanager
+def served_app(base: Path, env: dict) -> Iterator[tuple[subprocess.Popen, str]]:
+    """The real app (`python app.py`) on a free port, with runs, exports and log under `base`; (process,
+    url) once it answers, stopped on exit. The tests serve it the same way."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs-dir", str(base / "runs"),
+                             "--exports-dir", str(base / "exports"), "--log", str(base / "app.log")], cwd=ROOT,
+                            env=env, stdout=open(base / "stdout.txt", "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_http(url)
+        yield proc, url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def wait_for(page, test, timeout: float, poll: float = 0.25):
     """Poll `test(page)` until it returns something truthy; its value and when (perf_counter)."""
     deadline = time.perf_counter() + timeout
@@ -66,17 +88,11 @@ def run(args) -> dict:
 
     t0 = time.perf_counter()
     base = Path(tempfile.mkdtemp(prefix="bench-app-"))
-    port = free_port()
     shots = Path(args.shots)
     shots.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs-dir", str(base / "runs"),
-                               "--exports-dir", str(base / "exports"), "--log", str(base / "app.log")], cwd=ROOT,
-                              env=env, stdout=open(base / "stdout.txt", "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
     result: dict = {}
-    try:
-        wait_http(url)
+    with served_app(base, env) as (_, url):
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
             page = browser.new_page(viewport={"width": args.width, "height": args.height})
@@ -139,12 +155,6 @@ def run(args) -> dict:
             result["clicked"] = target_id
             page.screenshot(path=str(shots / "04-pick.png"))
             browser.close()
-    finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
     rows = [{"step": k, "seconds": v} for k, v in result.items() if k.endswith("_s")]
     print(format_table(rows, ["step", "seconds"]))
     checks = {"dense_within_30s": result["start_to_dense_s"] <= 30,
