@@ -25,6 +25,7 @@ class Job:
     origin: str  # "search" | "init" | "baseline:<name>" | "dense"
     compensated: bool = False
     extra: dict | None = None  # more metrics to store (e.g. the init scoring)
+    reformed: bool = False  # fitness of the assembled pre-reformed levels (the reformation-aware search)
 
     @property
     def key(self) -> tuple:
@@ -34,7 +35,7 @@ class Job:
     @property
     def twin_key(self) -> tuple:
         """Candidates with this key compute the same function: their fitness is shared."""
-        return (round(self.target, 6), self.subnet.key(), self.compensated)
+        return (round(self.target, 6), self.subnet.key(), self.compensated, self.reformed)
 
 
 class Archive:
@@ -76,6 +77,8 @@ class Archive:
                    "fitness_windows": result.windows_done, "fitness_lower_bound": not result.complete,
                    "eval_seconds": round(result.seconds, 4), "reused_blocks": result.reused_blocks,
                    "computed_blocks": result.computed_blocks, **(job.extra or {})}
+        if job.reformed:
+            metrics["fitness_reformed"] = True  # what the user gets after reformation, not the sliced subnet
         if self.latency is not None and job.origin == "dense":  # the base model itself, timed in every round
             metrics.update(predicted_latency_ms=round(self.latency.dense_ms, 4), measured_ms=round(self.latency.dense_ms, 4),
                            measured_speedup=1.0, measured_reliable=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -18,12 +20,17 @@ from typing import Iterator
 
 import torch
 
+from .baselines import BaselineResult, baseline_subnet
 from .capture import ChannelMeans
 from .data import calibration_windows, load_corpus
 from .events import StageProgress
 from .importance import Importance, iter_importance, scoring
+from .ladders import Ladders, iter_ladders
+from .subnet import Subnet
 
 FILES = ("importance.pt", "channel_means.safetensors", "calibration.json")  # what a run holds of its calibration
+log = logging.getLogger(__name__)
+BASELINES_FILE = "baselines.json"  # a run's baseline subnets, by name, target and windows (seeds the cache)
 
 
 @dataclass
@@ -33,6 +40,9 @@ class Calibration:
     calib: torch.Tensor  # calibration windows (the importance pass; Wanda-sp runs on the first ones)
     fitness: torch.Tensor  # fitness windows
     from_cache: bool = False
+    key: str | None = None  # cache_key: the same model and calibration data have the same one
+    cache_dir: Path | None = None
+    run_dir: Path | None = None
     _scorings: dict = field(default_factory=dict, repr=False)
 
     def scoring(self, name: str, model, shape) -> Importance:
@@ -40,6 +50,75 @@ class Calibration:
         if name not in self._scorings:
             self._scorings[name] = scoring(name, model, self.importance, shape)
         return self._scorings[name]
+
+    def baseline(self, name: str, model, shape, target: float, n_windows: int) -> tuple[BaselineResult, bool]:
+        """A baseline's subnet at `target` and whether it was read rather than computed. Wanda-sp runs
+        its own sequential pass over the calibration windows (the slow one); every baseline depends
+        only on the model, the calibration data and the target, so each is computed once and kept
+        beside the importance pass (`<key>.baselines.json` in the cache) and in the run."""
+        entry = f"{name}@{target:.6g}@{n_windows}"
+        stores = [p for p in (self._baselines_path(), self.run_dir and self.run_dir / BASELINES_FILE) if p]
+        for path in stores:
+            found = _read_json(path).get(entry)
+            if found is not None:
+                result = BaselineResult(name, Subnet.from_dict(found["subnet"]), bool(found["compensated"]))
+                break
+        else:
+            result = baseline_subnet(name, model, self.importance, shape, target, self.calib[:n_windows])
+        for path in stores:
+            table = _read_json(path)
+            if entry not in table:
+                table[entry] = {"subnet": result.subnet.to_dict(compact=True), "compensated": result.compensated}
+                _write_json(path, table)
+        return result, found is not None
+
+    def ladders(self, model, shape, spec, scoring: str, reform_settings, cancel: threading.Event | None = None
+                ) -> Iterator[StageProgress | Ladders]:
+        """The reformation-aware search's pre-reformed ladders (`explorer.ladders`): built once per
+        model, calibration data, ladder and reformation settings, then read from the cache. Yields
+        StageProgress, then the Ladders (last item)."""
+        order = self.scoring(scoring, model, shape)
+        raw = json.dumps([spec.pairs, spec.widths, scoring, reform_settings.damp, reform_settings.intercept,
+                          reform_settings.intercept_damp, reform_settings.method, self.means is not None])
+        path = None if self.key is None or self.cache_dir is None else \
+            Path(self.cache_dir) / f"{self.key}.ladders-{hashlib.sha1(raw.encode()).hexdigest()[:12]}.safetensors"
+        if path is not None and path.is_file():
+            try:
+                found = Ladders.load(path, order)
+                yield StageProgress("ladders", 1, 1, "reused from the cache (same model, data and ladder)")
+                yield found
+                return
+            except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt, saying so in the log
+                log.warning("ignoring the unreadable ladder cache %s", path, exc_info=True)
+        result = None
+        for item in iter_ladders(model, shape, order, scoring, self.calib, spec, self.means, reform_settings, cancel):
+            if isinstance(item, Ladders):
+                result = item
+            else:
+                yield StageProgress(item.stage, item.done, item.total, f"pre-reforming levels, {item.message}")
+        if path is not None:
+            result.save(path)
+        yield result
+
+    def _baselines_path(self) -> Path | None:
+        return None if self.key is None or self.cache_dir is None else Path(self.cache_dir) / f"{self.key}.baselines.json"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        log.warning("ignoring the unreadable cache file %s", path, exc_info=True)
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
 
 
 def weights_fingerprint(model) -> str:
@@ -77,13 +156,17 @@ def calibrate(lm, settings, run_dir: Path, cancel: threading.Event | None = None
     own = run_dir / "importance.pt"
     key = None if windows is not None else cache_key(lm, settings)
     cached = None if (cache_dir is None or key is None) else Path(cache_dir) / f"{key}.pt"
-    if cached is not None and not cached.is_file():
+    if cached is not None:
         for seed in seeds:  # a shipped run computed on the same model and data
             try:
-                if json.loads((seed / "calibration.json").read_text()).get("key") == key:
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(seed / "importance.pt", cached)
-                    break
+                if json.loads((seed / "calibration.json").read_text()).get("key") != key:
+                    continue
+                for src, dst in ((seed / "importance.pt", cached),
+                                 (seed / BASELINES_FILE, cached.with_suffix(".baselines.json"))):
+                    if src.is_file() and not dst.is_file():
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(src, dst)
+                break
             except (OSError, ValueError):
                 continue
     from_cache = False
@@ -114,7 +197,8 @@ def calibrate(lm, settings, run_dir: Path, cancel: threading.Event | None = None
         (run_dir / "calibration.json").write_text(json.dumps({"key": key, "corpus": settings.corpus,
                                                              "windows": settings.calib_windows,
                                                              "seq_len": settings.calib_seq_len, "seed": settings.seed}))
-    yield Calibration(importance, means, calib, fitness, from_cache)
+    yield Calibration(importance, means, calib, fitness, from_cache, key, None if cache_dir is None else Path(cache_dir),
+                      run_dir)
 
 
 __all__ = ["Calibration", "calibrate", "FILES", "cache_key"]

@@ -33,6 +33,12 @@ def register(sub) -> None:
     p.add_argument("--targets", type=_targets, default=d.targets, help="fractions of total parameters, e.g. 0.9,0.7,0.5")
     p.add_argument("--preset", default=d.preset_name, choices=["demo", "paper"])
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--fitness-mode", choices=["paper", "reformed"], default=None,
+                   help="paper: rank the sliced subnets (default); reformed: rank subnets assembled from "
+                        "pre-reformed per-block width ladders, i.e. what reformation will give")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="a time budget: the targets share it and each stops with the best it has (the "
+                        "generations are then a cap)")
     p.add_argument("--set", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
                    help="override a search setting, e.g. --set generations=8 (repeatable)")
     g = p.add_mutually_exclusive_group(required=True)
@@ -63,6 +69,10 @@ def cmd_search(args) -> int:
         settings = SearchSettings()
     else:
         overrides.update(targets=args.targets, seed=args.seed, corpus=args.corpus)
+        if args.minutes is not None:
+            overrides["minutes"] = args.minutes
+        if args.fitness_mode is not None:
+            overrides["fitness_mode"] = args.fitness_mode
         if "probs" in overrides or "first_probs" in overrides:
             raise ExplorerError("mutation probabilities are preset-only")
         settings = SearchSettings.preset(args.preset, **overrides)

@@ -26,7 +26,8 @@ class BatchEvaluator:
         self._stored: dict[str, tuple] = {}  # candidate id -> prefix-state cache keys its evaluation stored here
 
     def _evaluate(self, job: Job, bound: float | None) -> FitnessResult:
-        return self.fitness.evaluate(job.subnet, bound=bound, compensated=job.compensated, cancel=self.cancel)
+        return self.fitness.evaluate(job.subnet, bound=bound, compensated=job.compensated, cancel=self.cancel,
+                                     reformed=job.reformed)
 
     def run(self, jobs: Sequence[Job], bound: float | None = None) -> Iterator[tuple[Candidate, bool]]:
         """Archive `jobs` in order, yielding (candidate, replayed) for each."""

@@ -43,6 +43,16 @@ class Space:
     def contains(self, subnet: Subnet, shape: ModelShape) -> bool:
         return self.lo_params <= self.params(subnet, shape) <= self.hi_params
 
+    def restricted(self, pairs, widths, shape: ModelShape) -> "Space":
+        """Only these pair counts and MLP widths (full width always allowed): a ladder's levels."""
+        p = tuple(o for o in self.pair_options if o in pairs or o == shape.n_pairs)
+        w = tuple(o for o in self.width_options if o in widths or o == shape.intermediate_size)
+        smallest = shape.fixed_params + self.min_layers * shape.block_params(2 * p[0], w[0], self.compensated)
+        if smallest > self.hi_params:
+            raise ExplorerError(f"target {self.target:.0%} is below what the ladders' levels can reach "
+                                f"(smallest: {smallest / shape.dense_params:.1%} of the parameters)")
+        return replace(self, pair_options=p, width_options=w)
+
 
 def _interp(p: float) -> tuple[float, float, float]:
     rows = sorted(RANGE_TABLE)
@@ -118,6 +128,16 @@ def _remask(kept: tuple[int, ...], limit: int, rng: random.Random, alpha: float)
 
 def _nearest(options: tuple[int, ...], value: int) -> int:
     return min(options, key=lambda o: (abs(o - value), o))
+
+
+def snap(subnet: Subnet, imp: Importance, shape: ModelShape, space: Space, rng: random.Random) -> Subnet | None:
+    """Every block moved to its nearest allowed pair count and width (by importance order), then
+    repaired to the window: an initial subnet of the reformation-aware search, whose rounded
+    uniform widths need not be ladder levels."""
+    layers = tuple(None if l is None else resize(imp, i, l, _nearest(space.pair_options, l.pairs) if l.n_kv else l.pairs,
+                                                   _nearest(space.width_options, l.width))
+                   for i, l in enumerate(subnet.layers))
+    return repair(Subnet(layers), imp, shape, space, rng)
 
 
 # ---- operators ------------------------------------------------------------------------------------

@@ -99,8 +99,9 @@ class FitnessEvaluator:
 
     def __init__(self, base, shape: ModelShape, windows: torch.Tensor, cache_bytes: int = 384 * 2**20,
                  cache_every: int = 1, dtype: torch.dtype | None = None, batch: int = 1,
-                 block_cache_bytes: int = 512 * 2**20, means: ChannelMeans | None = None):
+                 block_cache_bytes: int = 512 * 2**20, means: ChannelMeans | None = None, ladders=None):
         self.base = base
+        self.ladders = ladders  # explorer.ladders.Ladders: pre-reformed levels for `reformed` candidates
         self.shape = shape
         self.windows = windows
         self.means = means
@@ -137,9 +138,9 @@ class FitnessEvaluator:
 
     # ---- cache ----------------------------------------------------------------------------
     @staticmethod
-    def prefix_keys(subnet: Subnet, compensated: bool = False) -> list[int]:
+    def prefix_keys(subnet: Subnet, compensated: bool = False, reformed: bool = False) -> list[int]:
         """keys[i] identifies the choices of blocks 0..i-1 (keys[0] is the empty prefix)."""
-        keys = [hash(bool(compensated))]
+        keys = [hash((bool(compensated), bool(reformed)))]
         for layer in subnet.layers:
             keys.append(hash((keys[-1], layer)))
         return keys
@@ -173,14 +174,15 @@ class FitnessEvaluator:
         self._bytes = 0
 
     # ---- blocks ---------------------------------------------------------------------------
-    def _block(self, config, j: int, layer_id: int, layer, compensated: bool) -> SubnetBlock:
+    def _block(self, config, j: int, layer_id: int, layer, compensated: bool, reformed: bool = False) -> SubnetBlock:
         """Kept block j (base layer `layer_id`) at its own widths, weights sliced from the base by
         `slicing.block_state_dict`, the function `slice_model` uses.
 
         A block depends only on (base layer, its LayerChoice, compensation), and children share
         most genes with their parents, so sliced blocks are kept in an LRU. Blocks run without a
-        KV cache here, so the block index baked into the module does not matter."""
-        key = (layer_id, layer, compensated)
+        KV cache here, so the block index baked into the module does not matter. A `reformed`
+        block takes its o_proj / down_proj from the ladders' pre-reformed levels."""
+        key = (layer_id, layer, compensated, reformed)
         hit = self._blocks.get(key)
         if hit is not None:
             self._blocks.move_to_end(key)
@@ -190,6 +192,8 @@ class FitnessEvaluator:
             block = SubnetBlock(config, j)
         sd = block_state_dict(self.base.model.layers[layer_id], layer, self.shape,
                               self.means if compensated else None, layer_id)
+        if reformed:
+            sd.update(self.ladders.overrides(layer_id, layer))
         sd = {k: v.to(self.dtype) for k, v in sd.items()}
         block.load_state_dict(sd, assign=True, strict=True)
         device = execution_device(self.base.model.layers[layer_id])
@@ -217,16 +221,20 @@ class FitnessEvaluator:
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, subnet: Subnet, bound: float | None = None, compensated: bool = False,
-                 cancel: threading.Event | None = None) -> FitnessResult:
+                 cancel: threading.Event | None = None, reformed: bool = False) -> FitnessResult:
         """Summed NLL over the windows; stops once it exceeds `bound`. Block counts are per window
-        (a batch of b windows through one block counts b)."""
+        (a batch of b windows through one block counts b). `reformed`: the candidate assembled from
+        the ladders' pre-reformed levels (the reformation-aware search; compensation is implied)."""
         t0 = time.perf_counter()
         subnet.validate(self.shape)
+        if reformed and self.ladders is None:
+            raise ValueError("reformed fitness needs the ladders (FitnessEvaluator(ladders=...))")
+        compensated = compensated or reformed  # the levels' biases need the biased projections
         if compensated and self.means is None:
             raise ValueError("compensated fitness needs the channel means (FitnessEvaluator(means=...))")
         config = subnet_config(self.base.config, subnet, self.shape, compensated)
         kept = [(i, l) for i, l in enumerate(subnet.layers) if l is not None]
-        keys = self.prefix_keys(subnet, compensated)
+        keys = self.prefix_keys(subnet, compensated, reformed)
         use_cache = self.cache_bytes > 0
         blocks: dict[int, SubnetBlock] = {}
         created, nll, reused, computed, done = [], 0.0, 0, 0, 0
@@ -245,7 +253,7 @@ class FitnessEvaluator:
                     reused += b - a
                     continue
                 if j not in blocks:
-                    blocks[j] = self._block(config, j, i, layer, compensated)
+                    blocks[j] = self._block(config, j, i, layer, compensated, reformed)
                 device = execution_device(self.base.model.layers[i])
                 rope, masks = self._inputs(config, device)
                 x = blocks[j](x.to(device), rope, masks, None)

@@ -30,16 +30,17 @@ from typing import Any, Iterator
 import torch
 
 from .archive import Archive, Job
-from .baselines import BASELINES, baseline_subnet
+from .baselines import BASELINES
 from .calibration import FILES as CALIBRATION_FILES, Calibration, calibrate
 from .distributed import Group, current_group, leader_first, shared_run
 from .errors import Cancelled, ExplorerError
 from .evaluator import BatchEvaluator
 from .events import (CandidateEvaluated, FrontChanged, GenerationFinished, LatencyMeasured, SearchCancelled,
                      SearchFailed, SearchFinished, SearchStarted, StageProgress, check_cancel)
-from .evolution import Space, crossover, make_space, mutate
+from .evolution import Space, crossover, make_space, mutate, snap
 from .fitness import FitnessEvaluator, resolve_dtype
 from .importance import SCORINGS, Importance, initial_subnet, split_subnet
+from .ladders import LadderSpec, Ladders, ladder_bytes
 from .loading import LoadedModel, cache_root
 from .pareto import fronts_of
 from .runs import SHIPPED_RUNS, Candidate, Run, RunError, create_run, open_run
@@ -57,13 +58,17 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
     distributed search load its files and evaluate their share of every batch."""
     group = group or current_group()
     t0 = time.perf_counter()
+    budget = Budget(s.minutes, t0, reserve=0.1 if s.latency else 0.0)
     cal: Calibration = yield from leader_first(group, lambda: _calibrate(lm, s, run, cancel, windows), run.path,
                                                CALIBRATION_FILES)
     latency = yield from leader_first(group, lambda: _latency(lm, s, run, cancel, fit=False), run.path,
                                       ("latency_model.json",))
+    reformed = s.fitness_mode == "reformed"
+    ladders = (yield from _ladders(lm, s, cal, cancel)) if reformed else None
     archive = Archive(run, lm.shape, latency)
     fitness = FitnessEvaluator(lm.model, lm.shape, cal.fitness, cache_bytes=s.cache_mb * 2**20,
-                               dtype=getattr(torch, s.fitness_dtype), batch=s.fitness_batch, means=cal.means)
+                               dtype=getattr(torch, s.fitness_dtype), batch=s.fitness_batch, means=cal.means,
+                               ladders=ladders)
     evaluate = BatchEvaluator(fitness, archive, group, cancel)
     best: dict[float, Candidate] = {}
     fronts: dict = {"params": [], "latency": []}
@@ -75,15 +80,17 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
     try:
         yield from emit(evaluate.run([Job(Subnet.full(lm.shape), 1.0, 0, "dense")]))
         for target in s.targets:
-            space = make_space(lm.shape, target, s.window, s.multiple, s.head_multiple, s.depth, compensated=s.compensate)
+            space = target_space(lm.shape, s, target)
             rng = random.Random(f"{s.seed}:{target}")
             fitness.clear()  # prefix states of another target serve no candidate of this one
-            baselines = baseline_jobs(lm, s, cal, target)
-            yield from emit(evaluate.run(baselines))
+            baselines = []
+            for job in baseline_jobs(lm, s, cal, target):  # each drawn as soon as it is scored
+                baselines.append(job)
+                yield from emit(evaluate.run([job]))
 
             elite = Elite(s.top_k)
             seen: set[str] = set()
-            inits = initial_jobs(lm, s, cal, target, seen, baselines if s.seed_baselines else ())
+            inits = initial_jobs(lm, s, cal, target, seen, baselines if s.seed_baselines and not reformed else (), rng)
             for c, replayed in evaluate.run(inits):
                 if not elite.consider(c):
                     evaluate.forget(c)
@@ -93,12 +100,16 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
             imp = cal.scoring(BASELINE_SCORING.get(scored_by, scored_by), lm.model, lm.shape)
 
             generations = 1 + s.generations
+            deadline = budget.target_deadline(len(s.targets) - s.targets.index(target))
             for generation in range(1, generations + 1):
+                if generation > 1 and not budget.another_generation(deadline, group):
+                    break
                 t_gen, evals0, stopped, n = time.perf_counter(), archive.evaluations, 0, 0
                 kinds = (["m0"] * s.population if generation == 1 else
                          ["m"] * s.mutations + ["x"] * s.crossovers + ["f"] * s.fresh)
                 children = breed(kinds, elite.parents, init_best, imp, lm.shape, space, rng, seen, s)
-                jobs = [Job(child, target, generation, "search", s.compensate) for child in children]
+                jobs = [Job(child, target, generation, "search", s.compensate or reformed, reformed=reformed)
+                        for child in children]
                 for c, replayed in evaluate.run(jobs, elite.bound() if s.early_stop else None):
                     stopped += int(c.metrics.get("fitness_lower_bound", False))
                     n += 1
@@ -107,13 +118,19 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
                     yield CandidateEvaluated(c, replayed, len(archive.candidates))
                 best[target] = elite.best
                 secs, real = time.perf_counter() - t_gen, archive.evaluations - evals0
+                budget.generation_took(secs)
                 yield GenerationFinished(target, generation, elite.best.fitness, elite.best.id,
-                                         real / secs if real and secs > 0 else 0.0, n, stopped, generations)
+                                         real / secs if real and secs > 0 else 0.0, n, stopped,
+                                         generations if budget.minutes is None else 0)
                 now = fronts_of(archive.candidates)
                 if now != fronts:
                     fronts = now
                     yield FrontChanged(tuple(now["params"]), tuple(now["latency"]))
-        if s.latency and group.leader:  # timing is process 0's, after every candidate is found
+        if s.latency and group.leader and (budget.spent() or (latency is None and budget.minutes is not None)):
+            yield StageProgress("latency", 1, 1, "skipped: the time budget is spent (latencies stay predicted)"
+                                if latency is not None else "skipped: this machine has no latency model yet, and "
+                                "fitting one would overrun the time budget (a search without one fits it)")
+        elif s.latency and group.leader:  # timing is process 0's, after every candidate is found
             if latency is None:
                 latency = yield from _latency(lm, s, run, cancel, fit=True)
                 predict_archive(run, archive, latency, lm.shape)
@@ -124,6 +141,40 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
         yield SearchCancelled(summary(archive, best, fronts, fitness, latency, time.perf_counter() - t0), str(e))
         return
     yield SearchFinished(summary(archive, best, fronts, fitness, latency, time.perf_counter() - t0))
+
+
+class Budget:
+    """A search given minutes instead of generations. The targets share what is left of the budget
+    equally (a target that ends early leaves its time to the next); within a target, another
+    generation starts only if one as long as the last still ends before the target's share is
+    spent, and the first always runs, so every target has its best. With latency on, the last tenth
+    is kept for timing the front, which is skipped, saying so, if nothing is left (and a latency
+    model is never fitted within a budget: that takes minutes). The leader's
+    clock decides for every process of a distributed search. Without minutes it never stops a
+    search; with them a search is reproducible only up to where the clock stopped it."""
+
+    def __init__(self, minutes: float | None, t0: float, reserve: float = 0.0):
+        self.minutes = minutes
+        self.end = None if minutes is None else t0 + 60.0 * minutes * (1.0 - reserve)
+        self.hard_end = None if minutes is None else t0 + 60.0 * minutes
+        self.last = 0.0  # seconds of the last generation
+
+    def target_deadline(self, targets_left: int) -> float | None:
+        if self.end is None:
+            return None
+        now = time.perf_counter()
+        return now + max(self.end - now, 0.0) / max(targets_left, 1)
+
+    def generation_took(self, seconds: float) -> None:
+        self.last = seconds
+
+    def another_generation(self, deadline: float | None, group: Group) -> bool:
+        if deadline is None:
+            return True
+        return bool(group.broadcast(time.perf_counter() + self.last <= deadline))
+
+    def spent(self) -> bool:
+        return self.hard_end is not None and time.perf_counter() >= self.hard_end
 
 
 class Elite:
@@ -157,13 +208,30 @@ class Elite:
 
 
 # ---- the parts of a target ------------------------------------------------------------------------
-def baseline_jobs(lm: LoadedModel, s: SearchSettings, cal: Calibration, target: float) -> list[Job]:
-    """The baselines' subnets at this target (METHOD section 6), each with its own compensation."""
-    jobs = []
-    for name in s.baselines:
-        res = baseline_subnet(name, lm.model, cal.importance, lm.shape, target, cal.calib[:s.baseline_windows])
-        jobs.append(Job(res.subnet, target, 0, f"baseline:{name}", res.compensated))
-    return jobs
+# baselines whose subnet needs a pass of its own over the calibration windows: built after the others
+SEQUENTIAL_BASELINES = ("wanda-sp",)
+
+
+def baseline_jobs(lm: LoadedModel, s: SearchSettings, cal: Calibration, target: float) -> Iterator[Job]:
+    """The baselines' subnets at this target (METHOD section 6), each with its own compensation:
+    those from the dense pass's statistics first (instant), then the sequential ones; each read from
+    the calibration's cache when an earlier search built it."""
+    for name in sorted(s.baselines, key=lambda n: n in SEQUENTIAL_BASELINES):
+        res, _ = cal.baseline(name, lm.model, lm.shape, target, s.baseline_windows)
+        yield Job(res.subnet, target, 0, f"baseline:{name}", res.compensated)
+
+
+# the importance order the reformation-aware search's ladders are nested along (METHOD section 2's)
+LADDER_SCORING = "obs"
+
+
+def target_space(shape: ModelShape, s: SearchSettings, target: float) -> Space:
+    """The target's search space; in the reformation-aware mode only the ladders' levels."""
+    space = make_space(shape, target, s.window, s.multiple, s.head_multiple, s.depth, compensated=s.compensate)
+    if s.fitness_mode != "reformed":
+        return space
+    spec = LadderSpec.of(shape, s.head_multiple, s.multiple, s.ladder_mlp_levels)
+    return space.restricted(spec.pairs, spec.widths, shape)
 
 
 # the scoring that orders mask edits of a child of a baseline's subnet: the one the baseline ranks by
@@ -171,24 +239,29 @@ BASELINE_SCORING = {"flap": "wifv", "flap-uniform": "wifv", "wanda-sp": "wanda",
 
 
 def initial_jobs(lm: LoadedModel, s: SearchSettings, cal: Calibration, target: float, seen: set[str],
-                 baselines: tuple | list = ()) -> list[Job]:
+                 baselines: tuple | list = (), rng: random.Random | None = None) -> list[Job]:
     """The same keep ratio in every block (METHOD section 2), and uniform splits that keep more
     attention and less MLP (or the reverse), for each scoring; with `baselines`, their subnets
     too, evaluated the search's way (so the search starts from the best subnet it knows and can
-    only improve on it); duplicates are skipped."""
-    space = make_space(lm.shape, target, s.window, s.multiple, s.head_multiple, s.depth, compensated=s.compensate)
+    only improve on it); duplicates are skipped. In the reformation-aware mode only the ladders'
+    scoring ranks, and each subnet is moved onto the ladders' levels (`snap`, with `rng`)."""
+    space = target_space(lm.shape, s, target)
+    reformed = s.fitness_mode == "reformed"
     opts = space.pair_options
     picks = sorted({opts[len(opts) - 1 - round(k * (len(opts) - 1) / max(1, s.split_init - 1))]
                     for k in range(s.split_init)}) if s.split_init else []  # widest attention first
     jobs = []
-    for name in s.init_scorings:
+    for name in ((LADDER_SCORING,) if reformed else s.init_scorings):
         sc = cal.scoring(name, lm.model, lm.shape)
         subs = [initial_subnet(sc, lm.shape, target, s.multiple, s.head_multiple, s.compensate)]
         subs += [split_subnet(sc, lm.shape, target, p, s.multiple, s.compensate) for p in picks]
+        if reformed:
+            subs = [None if sub is None else snap(sub, sc, lm.shape, space, rng or random.Random(0)) for sub in subs]
         for sub in subs:
             if sub is not None and sub.key() not in seen:
                 seen.add(sub.key())
-                jobs.append(Job(sub, target, 0, "init", s.compensate, extra={"init_scoring": name}))
+                jobs.append(Job(sub, target, 0, "init", s.compensate or reformed, extra={"init_scoring": name},
+                                reformed=reformed))
     for b in baselines:
         name = b.origin.split(":", 1)[1]
         if b.subnet.key() not in seen:
@@ -203,7 +276,14 @@ def breed(kinds: list[str], parents: list[Subnet], init_best: Subnet, imp: Impor
     subnet with the first generation's probabilities, "m" a parent, "f" the best initial subnet,
     "x" crosses two parents. A child out of the window or already seen is resampled (up to
     max_tries, else skipped). Only `rng` and `seen` change, in this order, so a seed always
-    breeds the same children from the same parents."""
+    breeds the same children from the same parents.
+
+    The reformation-aware mode has no mask mutation: a ladder level keeps a prefix of the
+    importance order, and a random mask would leave the ladder (ratio and depth mutation, which
+    edit masks by that order, and crossover, which swaps whole blocks, stay on it)."""
+    if s.fitness_mode == "reformed":
+        s = dataclasses.replace(s, probs=dataclasses.replace(s.probs, mask=0.0),
+                                first_probs=dataclasses.replace(s.first_probs, mask=0.0))
     out: list[Subnet] = []
     for kind in kinds:
         child = None
@@ -273,6 +353,23 @@ def _calibrate(lm, s, run, cancel, windows) -> Iterator[Any]:
     return cal
 
 
+def _ladders(lm, s, cal, cancel) -> Iterator[Any]:
+    """The reformation-aware search's ladders, reformed with the project's reformation settings."""
+    from .reform import ReformSettings
+
+    spec = LadderSpec.of(lm.shape, s.head_multiple, s.multiple, s.ladder_mlp_levels)
+    yield StageProgress("ladders", 0, lm.shape.num_layers,
+                        f"{len(spec.pairs)} attention and {len(spec.widths)} MLP levels per block, "
+                        f"{ladder_bytes(lm.shape, spec) / 2**20:.0f} MB")
+    ladders = None
+    for item in cal.ladders(lm.model, lm.shape, spec, LADDER_SCORING, ReformSettings(), cancel):
+        if isinstance(item, Ladders):
+            ladders = item
+        else:
+            yield item
+    return ladders
+
+
 def _latency(lm, s, run, cancel, fit: bool) -> Iterator[Any]:
     """The run's latency model: its own file (resume), else the machine's cached one, else (with `fit`)
     fitted now; without `fit` and without a cached model, None (the search then fits it at the end,
@@ -330,8 +427,7 @@ def validate_targets(targets, shape: ModelShape, settings: SearchSettings) -> tu
             raise ExplorerError(f"target {t!r} is not a number") from None
         if not (0 < t <= 1) or math.isnan(t):
             raise ExplorerError(f"target {t} is outside (0, 1]: targets are fractions of the total parameters")
-        make_space(shape, t, settings.window, settings.multiple, settings.head_multiple, settings.depth,
-                   compensated=settings.compensate)
+        target_space(shape, settings, t)
         out.append(round(t, 6))
     if len(set(out)) != len(out):
         raise ExplorerError("targets repeat")
@@ -348,10 +444,22 @@ def resolve(lm: LoadedModel, settings: SearchSettings) -> SearchSettings:
     if bad or not settings.init_scorings:
         raise ExplorerError(f"init_scorings must be a non-empty choice of {', '.join(SCORINGS)} "
                             f"(got {list(settings.init_scorings)})")
+    if settings.fitness_mode not in ("paper", "reformed"):
+        raise ExplorerError(f"fitness_mode must be paper or reformed (got {settings.fitness_mode!r})")
+    if settings.fitness_mode == "reformed":
+        if settings.ladder_mlp_levels < 2:
+            raise ExplorerError("ladder_mlp_levels must be at least 2")
+        need = ladder_bytes(lm.shape, LadderSpec.of(lm.shape, settings.head_multiple, settings.multiple,
+                                                    settings.ladder_mlp_levels))
+        if need > settings.ladder_mb * 2**20:
+            raise ExplorerError(f"the ladders of this model would hold {need / 2**20:.0f} MB, over ladder_mb="
+                                f"{settings.ladder_mb}: lower ladder_mlp_levels or raise ladder_mb")
     if settings.fitness_batch < 1:
         raise ExplorerError("fitness_batch must be at least 1")
     if settings.baseline_windows < 1:
         raise ExplorerError("baseline_windows must be at least 1")
+    if settings.minutes is not None and not (isinstance(settings.minutes, (int, float)) and 0 < settings.minutes < 1e6):
+        raise ExplorerError(f"the time budget must be a positive number of minutes (got {settings.minutes!r})")
     device = next(p for p in lm.model.parameters() if p.device.type != "meta").device
     try:  # stored resolved, so a resumed run computes fitness the same way wherever it continues
         return dataclasses.replace(settings, fitness_dtype=resolve_dtype(settings.fitness_dtype, device))

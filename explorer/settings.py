@@ -54,8 +54,14 @@ class SearchSettings:
     fitness_dtype: str = "auto"  # compute dtype of fitness; "auto" = bf16 where the hardware has it (stored resolved)
     fitness_batch: int = 2  # windows per forward; early stop is checked between batches
     compensate: bool = True  # bias compensation (FLAP's mean of the removed inputs) for every searched subnet
+    # "paper": fitness of the sliced subnet (METHOD 3); "reformed": of the subnet assembled from per-block
+    # ladders of pre-reformed widths (METHOD 8.1: what the user gets after reformation)
+    fitness_mode: str = "paper"
+    ladder_mlp_levels: int = 8  # MLP widths per block's ladder (the attention's: every head_multiple step)
+    ladder_mb: int = 2048  # refuse ladders larger than this in memory
     population: int = 10  # first generation: mutations of the best initial subnet
-    generations: int = 4  # after the first
+    generations: int = 4  # after the first (with `minutes`: at most this many)
+    minutes: float | None = None  # a time budget for the whole search (None: the generations alone decide)
     top_k: int = 5
     mutations: int = 6  # per generation
     crossovers: int = 3

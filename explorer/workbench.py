@@ -50,7 +50,7 @@ class AppSettings:
     heldout_windows: int = 8
     seq_len: int = 512
     speed: SpeedSettings = SpeedSettings(prompt_len=64, new_tokens=16, repeats=3)
-    reform: ReformSettings = ReformSettings(windows=16, seq_len=256)
+    reform: ReformSettings = ReformSettings.demo()
     stream_interval_s: float = 1.0
     search_overrides: tuple[tuple[str, object], ...] = ()  # applied under the user's own settings
     max_subnets: int = 6  # sliced / reformed models kept in memory
@@ -59,7 +59,7 @@ class AppSettings:
     def quick(cls) -> "AppSettings":
         """Small measurements for tests and slow machines (SUBNET_EXPLORER_QUICK=1)."""
         return cls(heldout_windows=2, seq_len=256, speed=SpeedSettings(prompt_len=32, new_tokens=8, repeats=1),
-                   reform=ReformSettings(windows=8, seq_len=128), stream_interval_s=0.5,
+                   reform=replace(ReformSettings.demo(), windows=8, seq_len=128), stream_interval_s=0.5,
                    search_overrides=(("calib_windows", 8), ("baseline_windows", 2), ("latency", False)))
 
     @classmethod

@@ -140,3 +140,33 @@ def test_unknown_baseline(setup):
     model, shape, stats, _ = setup
     with pytest.raises(ExplorerError):
         baseline_subnet("sparsegpt", model, stats, shape, 0.7)
+
+
+def test_baselines_are_built_once_per_calibration_and_read_back(setup, tmp_path, caplog):
+    """Wanda-sp's sequential pass is the slow part of a search's first seconds: a baseline is
+    computed once per model, calibration data and target, then read back (from the cache by any
+    later search, from the run by its resume) exactly as computed."""
+    from explorer.calibration import BASELINES_FILE, Calibration
+
+    model, shape, imp, windows = setup
+
+    def calibration(run_dir):
+        run_dir.mkdir()
+        return Calibration(imp, imp.channel_means(), windows, windows[:1], key="k", cache_dir=tmp_path / "cache",
+                           run_dir=run_dir)
+
+    direct = baseline_subnet("wanda-sp", model, imp, shape, 0.6, windows[:2])
+    first, read = calibration(tmp_path / "a").baseline("wanda-sp", model, shape, 0.6, 2)
+    assert not read and first == direct
+    later = calibration(tmp_path / "b")
+    again, read = later.baseline("wanda-sp", model, shape, 0.6, 2)
+    assert read and again == direct
+    assert (tmp_path / "b" / BASELINES_FILE).is_file()  # the run keeps its own copy
+    flap, read = later.baseline("flap", model, shape, 0.6, 2)
+    assert not read and flap == baseline_subnet("flap", model, imp, shape, 0.6, windows[:2]) and flap.compensated
+    other, read = later.baseline("wanda-sp", model, shape, 0.6, 3)  # other windows: its own entry
+    assert not read and other == baseline_subnet("wanda-sp", model, imp, shape, 0.6, windows[:3])
+    (tmp_path / "cache" / "k.baselines.json").write_text("{garbled")
+    fresh, read = Calibration(imp, imp.channel_means(), windows, windows[:1], key="k",
+                              cache_dir=tmp_path / "cache").baseline("wanda-sp", model, shape, 0.6, 2)
+    assert not read and fresh == direct and "unreadable cache file" in caplog.text

@@ -64,3 +64,9 @@ def test_status_says_generation_n_of_n_from_the_start():
     assert "| 70% | 0/4 | 20.000 |" in st.markdown() and "…" not in st.markdown()
     st.update(GenerationFinished(0.7, 1, 20.0, "a", 1.0, 1, 0, 4))
     assert "| 70% | 1/4 |" in st.markdown() and "generations 1/4" in st.markdown()
+    budgeted = SearchStatus()  # a time budget: the clock, not a count, says how much is left
+    budgeted.update(SearchStarted("run", (0.7,), {"generations": 4, "minutes": 5}, False, 0))
+    budgeted.update(CandidateEvaluated(cand("a", 0.7, 20.0), False, 1))
+    budgeted.update(GenerationFinished(0.7, 1, 20.0, "a", 1.0, 1, 0, 0))
+    text = budgeted.markdown()
+    assert "time budget 5 min" in text and "s left" in text and "| 70% | 1/… |" in text

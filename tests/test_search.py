@@ -159,6 +159,32 @@ def test_bad_targets_fail_before_any_work(setup, tmp_path, targets):
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_time_budget_stops_every_target_cleanly_with_its_best(setup, tmp_path):
+    """Minutes instead of generations: each target runs its first generation, stops when its share
+    of the budget is spent (long before the cap of 60 here), and the search ends as usual."""
+    model, shape, _, cal, fit = setup
+    evs = _collect(run_search(_lm(model, shape), _settings(generations=59, minutes=0.002), tmp_path / "budget",
+                              windows=(cal, fit)))
+    assert isinstance(evs[-1], SearchFinished)
+    gens = [e for e in evs if isinstance(e, GenerationFinished)]
+    for target in (0.8, 0.6):
+        done = [e.generation for e in gens if e.target == target]
+        assert done and done == list(range(1, len(done) + 1)) and len(done) < 60
+        assert all(e.generations == 0 for e in gens)  # no fixed N to show: the clock decides
+    best = evs[-1].summary["best"]
+    assert set(best) == {"0.8", "0.6"}
+    run = open_run(tmp_path / "budget")
+    assert run.settings["minutes"] == 0.002 and run.status == "finished"
+
+
+@pytest.mark.parametrize("minutes", [0, -1, "five"])
+def test_bad_time_budget_fails_before_any_work(setup, tmp_path, minutes):
+    model, shape, _, cal, fit = setup
+    with pytest.raises(ExplorerError, match="time budget"):
+        run_search(_lm(model, shape), _settings(minutes=minutes), tmp_path / "bad", windows=(cal, fit))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_presets_and_overrides():
     paper = SearchSettings.preset("paper")
     assert (paper.population, paper.generations, paper.top_k) == (100, 50, 10)
@@ -184,3 +210,61 @@ def test_demo_search_on_embedded_model_yields_front(embedded, tmp_path):
     best = run.pick("best@0.7")
     assert best.metrics["fraction"] <= 0.7 and best.fitness < run.pick(
         [c.id for c in run.candidates() if c.origin == "baseline:magnitude"][0]).fitness
+
+
+def test_reformation_aware_search_on_embedded_model(embedded, tmp_path):
+    """End to end on the real model: a search ranked by pre-reformed levels finishes, every searched
+    candidate is made of levels, and its fitness is the perplexity of the sliced model with the
+    levels' o_proj / down_proj written in, computed here the plain way (slice, write, perplexity)."""
+    from explorer.calibration import calibrate
+    from explorer.ladders import LadderSpec, Ladders
+    from explorer.loading import cache_root
+    from explorer.reform import ReformSettings
+    from explorer.search import LADDER_SCORING
+    from explorer.slicing import candidate_model
+
+    s = SearchSettings.preset("demo", targets=(0.7,), calib_windows=4, calib_seq_len=128, fitness_windows=1,
+                              fitness_seq_len=64, population=3, generations=1, mutations=2, crossovers=1, fresh=1,
+                              top_k=2, split_init=1, baselines=("flap",), latency=False, fitness_mode="reformed",
+                              fitness_dtype="float32")
+    events = list(run_search(embedded, s, tmp_path / "run"))
+    assert isinstance(events[-1], SearchFinished), events[-1]
+    assert any(getattr(e, "stage", "") == "ladders" for e in events)  # the ladder stage showed progress
+    run = open_run(tmp_path / "run")
+    best = run.pick("best@0.7")
+    assert best.metrics["fitness_reformed"] and best.metrics["fraction"] <= 0.7
+
+    (tmp_path / "again").mkdir()
+    cal = [x for x in calibrate(embedded, s, tmp_path / "again", cache_dir=cache_root() / "importance")][-1]
+    spec = LadderSpec.of(embedded.shape, s.head_multiple, s.multiple, s.ladder_mlp_levels)
+    items = list(cal.ladders(embedded.model, embedded.shape, spec, LADDER_SCORING, ReformSettings()))
+    assert "reused from the cache" in items[0].message
+    ladders = items[-1]
+    assert isinstance(ladders, Ladders)
+    model = candidate_model(embedded.model, best, cal.means)
+    kept = [i for i, l in enumerate(best.subnet.layers) if l is not None]
+    with torch.no_grad():
+        for j, i in enumerate(kept):
+            for name, t in ladders.overrides(i, best.subnet.layers[i]).items():
+                target = model.model.layers[j].get_submodule(name.rsplit(".", 1)[0])
+                getattr(target, name.rsplit(".", 1)[1]).copy_(t)
+    assert perplexity(model, cal.fitness) == pytest.approx(best.fitness, rel=2e-3)
+
+
+def test_a_fresh_install_reads_the_shipped_runs_baselines(embedded, tmp_path):
+    """The demo's first seconds: on an empty cache the shipped run's importance pass and its baseline
+    subnets (Wanda-sp's sequential pass is the slow one) are read, not computed, and they are the
+    shipped run's own baseline candidates."""
+    from explorer.calibration import calibrate
+    from explorer.runs import SHIPPED_RUNS
+
+    shipped = SHIPPED_RUNS / "smollm2-135m-demo"
+    s = SearchSettings.preset("demo")
+    (tmp_path / "run").mkdir()
+    items = list(calibrate(embedded, s, tmp_path / "run", cache_dir=tmp_path / "cache", seeds=(shipped,)))
+    cal = items[-1]
+    assert cal.from_cache and "reused from the cache" in items[0].message
+    stored = {(c.origin, c.target): c for c in open_run(shipped).candidates() if c.origin.startswith("baseline:")}
+    for name in ("wanda-sp", "flap"):
+        res, read = cal.baseline(name, embedded.model, embedded.shape, 0.7, s.baseline_windows)
+        assert read and res.subnet == stored[(f"baseline:{name}", 0.7)].subnet

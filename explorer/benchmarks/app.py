@@ -154,8 +154,32 @@ def run(args) -> dict:
             result["click_to_card_s"] = time.perf_counter() - tc
             result["clicked"] = target_id
             page.screenshot(path=str(shots / "04-pick.png"))
+            # reform the pick (the plot stays), then prompt it beside the original, then an error
+            tr = time.perf_counter()
+            page.get_by_role("button", name="Reform").click()
+            wait_for(page, lambda pg: "Reformed" in pg.locator("#action-status").inner_text(), 900)
+            result["reform_s"] = time.perf_counter() - tr
+            page.screenshot(path=str(shots / "05-reform.png"))
+            page.get_by_role("button", name="Add to compare").click()
+            wait_for(page, lambda pg: "added to compare" in pg.locator("#action-status").inner_text(), 60)
+            page.get_by_label("Prompt", exact=True).fill(args.prompt)
+            page.get_by_role("spinbutton", name="number input for Max new tokens").fill(str(args.new_tokens))
+            tg = time.perf_counter()
+            page.get_by_role("button", name="Generate").click()
+            wait_for(page, lambda pg: all("done" in pg.locator(f"#{b}").inner_text() for b in ("out-original", "out-a")),
+                     600)
+            result["generate_s"] = time.perf_counter() - tg
+            result["answers"] = {b: page.locator(f"#{b} textarea").input_value() for b in ("out-original", "out-a")}
+            page.locator("#out-original").scroll_into_view_if_needed()
+            page.screenshot(path=str(shots / "06-prompt.png"))
+            page.get_by_label("Model").fill("/no/such/model")
+            page.get_by_role("button", name="Load", exact=True).click()
+            wait_for(page, lambda pg: "no model folder" in pg.locator("#message").inner_text(), 120)
+            page.locator("#message").scroll_into_view_if_needed()
+            page.screenshot(path=str(shots / "07-error.png"))
             browser.close()
     rows = [{"step": k, "seconds": v} for k, v in result.items() if k.endswith("_s")]
+    print("answers:", result["answers"])
     print(format_table(rows, ["step", "seconds"]))
     checks = {"dense_within_30s": result["start_to_dense_s"] <= 30,
               "baselines_within_30s": result["start_to_baselines_s"] <= 30,
@@ -172,5 +196,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--height", type=int, default=720)
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--shots", default="docs/screenshots")
     p.add_argument("--out", default="docs/results/app.json")

@@ -107,6 +107,7 @@ class SearchStatus:
         self.generation: dict[float, tuple[int, int]] = {}
         self.targets: tuple = ()
         self.generations = 0  # N of "generation n of N", known from the settings at the start
+        self.minutes: float | None = None  # the search's time budget
         self.state = "running"
         self.stage = ""
         self.message = ""
@@ -115,6 +116,9 @@ class SearchStatus:
         if isinstance(ev, SearchStarted):
             self.targets = tuple(ev.targets)
             self.generations = int(ev.settings.get("generations") or 0)
+            self.minutes = ev.settings.get("minutes")
+            if self.minutes:  # a time budget: the clock ends the generations, so N is only a cap
+                self.generations = 0
         elif isinstance(ev, StageProgress):
             self.stage = f"{ev.stage} {ev.done}/{ev.total} {ev.message}".strip()
         elif isinstance(ev, CandidateEvaluated):
@@ -146,7 +150,9 @@ class SearchStatus:
         if self.stage and self.state == "running":
             head.append(f"*{self.stage}*")
         totals = [t for _, t in self.generation.values() if t]
-        if totals and self.state == "running":
+        if self.minutes and self.state == "running":
+            head.append(f"time budget {self.minutes:g} min · about {max(60 * self.minutes - elapsed, 0):.0f} s left")
+        elif totals and self.state == "running":
             per = max(totals)
             done = sum(g for g, _ in self.generation.values())
             total = per * max(len(self.targets), len(self.generation))
