@@ -92,8 +92,6 @@ class UI:
     targets: gr.Textbox
     preset: gr.Radio
     population: gr.Number
-    minutes: gr.Number
-    fitness_mode: gr.Radio
     generations: gr.Number
     fitness_windows: gr.Number
     seed: gr.Number
@@ -165,16 +163,9 @@ def build(default_model: str = ModelSettings().model) -> UI:
                 targets = gr.Textbox(",".join(f"{t:g}" for t in search_defaults.targets),
                                      label="Targets (fraction of total parameters)")
                 preset = gr.Radio(list(PRESETS), value=search_defaults.preset_name, label="Budget preset")
-                fitness_mode = gr.Radio([("the sliced subnet (paper)", "paper"),
-                                         ("after reformation (pre-reformed levels)", "reformed")],
-                                        value=search_defaults.fitness_mode, label="Rank subnets by their perplexity",
-                                        info="reformation-aware: each block's widths come pre-reformed, so the "
-                                             "search ranks what a reformed pick gives")
                 with gr.Accordion("Budget details", open=False):
                     population = gr.Number(None, label="Population (blank = preset)", precision=0)
                     generations = gr.Number(None, label="Generations (blank = preset)", precision=0)
-                    minutes = gr.Number(None, label="Time budget, minutes (blank = preset)",
-                                        info="the targets share it; each stops with the best it has")
                     fitness_windows = gr.Number(None, label="Fitness windows (blank = preset)", precision=0)
                     baselines = gr.Checkbox(True, label="Also run the baselines (magnitude, Wanda-sp, FLAP)",
                                             info="FLAP and uniform FLAP with their bias compensation, as in FLAP's code")
@@ -241,7 +232,7 @@ def build(default_model: str = ModelSettings().model) -> UI:
         compare = gr.Dataframe(compare_frame([]), label="Picked subnets", interactive=False,
                                elem_id="compare-table", wrap=True)
     return UI(demo=demo, session=session, message=message, model_box=model_box, dtype=dtype, device=device,
-              load_btn=load_btn, model_info=model_info, targets=targets, preset=preset, population=population, minutes=minutes, fitness_mode=fitness_mode,
+              load_btn=load_btn, model_info=model_info, targets=targets, preset=preset, population=population,
               generations=generations, fitness_windows=fitness_windows, seed=seed, run_name=run_name,
               baselines=baselines, start_btn=start_btn, stop_btn=stop_btn, status=status, runs=runs, open_btn=open_btn,
               x_axis=x_axis, y_axis=y_axis, plot=plot, pick_bridge=pick_bridge, pick_bridge_btn=pick_bridge_btn,
