@@ -204,20 +204,15 @@ def iter_ladders(model, shape: ModelShape, order: Importance, scoring: str, wind
                 kept = torch.tensor(sorted(order.mlp_order[i][:w]))
                 sub_gram = Gram(g.dd, g.dd.index_select(1, kept), g.dd.index_select(0, kept).index_select(1, kept),
                                 g.d_sum, g.d_sum.index_select(0, kept), g.n)
-                start = None if means is None else _compensation(wd, means.down_proj[i], kept)
-                start = start if bd is None else (bd.float() if start is None else start + bd.float())
+                # the sliced block's own down_proj bias (base bias plus compensation): the level's start
+                start = block_state_dict(block, top_layer(order, i, shape.n_pairs, w), shape, means, i).get(
+                    "mlp.down_proj.bias")
                 levels_m[w], ok = _solve(wd, bd, sub_gram, kept, start, settings)
                 reformed += ok
         mlp.append(levels_m)
         inputs = inputs.with_hidden(run_block(block, inputs))  # the dense block's outputs feed the next
         yield Progress("ladders", i + 1, L, f"block {i + 1}/{L}")
     yield Ladders(spec, scoring, attn, mlp, order, reformed)
-
-
-def _compensation(weight: torch.Tensor, mean: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    from .slicing import compensation_bias
-
-    return compensation_bias(weight, mean, kept.to(weight.device)).cpu()
 
 
 def _solve(w, b, gram, kept, start_bias, settings) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
