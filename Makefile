@@ -3,13 +3,15 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LLAMACPP := $(VENV)/.llamacpp
+LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 HOST ?= 127.0.0.1
 PORT ?= 7860
 export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED = False
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup llamacpp run test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -20,13 +22,21 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 	$(BIN)/python -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
-run: setup
+# llama.cpp (for GGUF export checks) in a step of its own: a source build of a few minutes, once.
+llamacpp: $(LLAMACPP)
+
+$(LLAMACPP): requirements-llamacpp.txt | $(STAMP)
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install -q --no-cache-dir -r requirements-llamacpp.txt
+	$(BIN)/python -c "import llama_cpp; print('llama.cpp', llama_cpp.__version__)"
+	touch $(LLAMACPP)
+
+run: setup llamacpp
 	$(BIN)/python app.py --host $(HOST) --port $(PORT)
 
-test: setup
+test: setup llamacpp
 	$(BIN)/python -m pytest -q tests
 
-test-fast: setup
+test-fast: setup llamacpp
 	$(BIN)/python -m pytest -q tests -m "not slow and not browser"
 
 bench: setup

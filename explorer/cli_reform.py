@@ -34,7 +34,12 @@ def register(sub) -> None:
         if name == "export":
             p.add_argument("--reform", action="store_true", help="reform o_proj/down_proj before exporting")
         add_reform_args(p)
-        p.add_argument("--no-verify", action="store_true", help="skip the reload check in a fresh process")
+        p.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                       help="hf: a transformers folder (remote code); gguf: one GGUF file for llama.cpp and Ollama "
+                            "(whole-head subnets only), verified in llama.cpp")
+        p.add_argument("--gguf-type", choices=["f16", "f32", "q8_0"], default="f16", help="GGUF weight type")
+        p.add_argument("--no-verify", action="store_true",
+                       help="skip the check (a reload in a fresh process; for GGUF, a run in llama.cpp)")
         p.add_argument("--no-zip", action="store_true", help="do not write DIR.zip")
         p.set_defaults(func=cmd_reform if name == "reform" else cmd_export)
 
@@ -95,15 +100,19 @@ def source(args, wb):
 def run_export(args, do_reform: bool) -> int:
     from .evaluation import EvalSettings, heldout_perplexity
     from .export import check_target
+    from .export_gguf import check_gguf_target, precheck
     from .workbench import Workbench
 
     t0 = time.perf_counter()
     out = Path(args.out).expanduser().resolve()
-    check_target(out)  # fail before the long work
+    (check_gguf_target if args.format == "gguf" else check_target)(out)  # fail before the long work
     wb = Workbench("runs", out.parent, allow_paths=True)
     key, p, provenance = source(args, wb)
     lm = wb.loaded(key)
     subnet = p.candidate.subnet
+    why = precheck(lm, subnet) if args.format == "gguf" else None
+    if why:
+        raise ExplorerError(f"cannot export GGUF: {why}")
     es = EvalSettings(corpus=args.corpus, heldout_windows=max(args.heldout_windows, 0), seq_len=args.seq_len)
     bars = Bars()
     s = subnet.summary(lm.shape, p.candidate.compensated)
@@ -126,7 +135,8 @@ def run_export(args, do_reform: bool) -> int:
         if summary.get("heldout_ppl_unreformed") is not None:
             metrics["heldout_ppl_before_reformation"] = summary["heldout_ppl_unreformed"]
         exported = wb.export("cli", key, p, out, r, on_event=bars, verify=not args.no_verify, make_zip=not args.no_zip,
-                             extra=metrics, provenance=provenance, files=files)
+                             extra=metrics, provenance=provenance, files=files,
+                             fmt=args.format, gguf_type=args.gguf_type)
     finally:
         bars.close()
     summary["export"] = exported.to_dict()

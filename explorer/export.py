@@ -274,7 +274,7 @@ def zip_folder(folder: Path) -> Path:
     try:
         with zipfile.ZipFile(tmp_name, "w") as zf:
             for f in sorted(folder.iterdir()):
-                kind = zipfile.ZIP_STORED if f.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
+                kind = zipfile.ZIP_STORED if f.suffix in (".safetensors", ".gguf") else zipfile.ZIP_DEFLATED
                 zf.write(f, f"{folder.name}/{f.name}", compress_type=kind)
         os.replace(tmp_name, target)
     finally:

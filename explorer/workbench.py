@@ -474,14 +474,18 @@ class Workbench:
 
     def export(self, tab: str, key: tuple, p: "Pick", out_dir: Path, r: Reformation | None = None,
                on_event: EventSink = no_event, verify: bool = True, make_zip: bool = True, extra: dict | None = None,
-               provenance: dict | None = None, files: dict | None = None):
-        """A verified export of a pick (reformed when `r`); a Stop leaves no folder behind."""
+               provenance: dict | None = None, files: dict | None = None, fmt: str = "hf", gguf_type: str = "f16"):
+        """A verified export of a pick (reformed when `r`); a Stop leaves no folder behind. `fmt` "hf"
+        writes a transformers folder, "gguf" one GGUF file checked in llama.cpp (explorer.export_gguf)."""
         from .export import export_subnet
+        from .export_gguf import export_gguf, precheck
 
         c = p.candidate
         if c.origin == "dense":
             raise ExplorerError("pick a subnet, not the dense model")
         lm = self.loaded(key)
+        if fmt == "gguf" and (why := precheck(lm, c.subnet)):
+            raise ExplorerError(f"cannot export GGUF: {why}")
         with self.job(tab, key, "export") as cancel:
             model = self.model_of(key, p, r, cancel=cancel, on_event=on_event)
             metrics = {**c.metrics, **(extra or {})}
@@ -489,6 +493,10 @@ class Workbench:
                 metrics.update(heldout_ppl_before_reformation=r.ppl_before, heldout_ppl=r.ppl_after)
             record = {"run": p.run, "candidate": c.id, "origin": c.origin, "target": c.target,
                       **({"run_settings": self.open(p.run).settings} if p.run else {}), **(provenance or {})}
+            if fmt == "gguf":
+                record.update(compensated=r is None and p.means is not None, reformed=r is not None)
+                return export_gguf(lm, model, c.subnet, out_dir, metrics, record, out_type=gguf_type, verify=verify,
+                                   make_zip=make_zip, on_event=on_event, cancel=cancel)
             return export_subnet(lm, model, c.subnet, out_dir, metrics, record, verify=verify, make_zip=make_zip,
                                  on_event=on_event, cancel=cancel, extra_files=files,
                                  means=p.means if r is None else None,

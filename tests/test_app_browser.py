@@ -72,6 +72,7 @@ def test_full_flow_in_chromium(app_server, chromium, tmp_path):
     for _ in range(6):
         time.sleep(1.5)
         point = page.locator("#pareto-plot .scatterlayer .trace").nth(1).locator(".point").first
+        point.scroll_into_view_if_needed()  # a mouse click at page coordinates off screen reaches nothing
         box = point.bounding_box()
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
         time.sleep(0.3)

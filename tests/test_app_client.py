@@ -43,7 +43,7 @@ def test_api_flow(client, tmp_path):
     r = client.predict("default", "float32", "cpu", api_name="/load_model")
     assert "Dense held-out perplexity" in out(r, "load_model", "model_info") and not message(r, "load_model")
 
-    job = client.submit("0.6", "demo", 4, 1, 1, 3, "api-run", False, "parameters (% of dense)",
+    job = client.submit("0.6", "demo", 4, 1, None, 1, "paper", 3, "api-run", False, "parameters (% of dense)",
                         "perplexity (held-out, else search fitness)", api_name="/search")
     statuses = [out(o, "search", "status") for o in job]
     assert any("candidates evaluated" in str(s or "") for s in statuses)
@@ -82,7 +82,13 @@ def test_api_flow(client, tmp_path):
     assert report and "<html" in open(report, encoding="utf-8").read(2000) and "Name a colour." in open(
         report, encoding="utf-8").read()
 
-    r = client.predict(api_name="/export")
+    # a per-dimension pick cannot be a GGUF: one message saying why, nothing offered for download
+    r = client.predict("gguf", api_name="/export")
+    download = out(r, "export", "download")
+    assert "one head size" in message(r, "export")
+    assert not (download.get("value") if isinstance(download, dict) else download)
+
+    r = client.predict("hf", api_name="/export")
     zpath = out(r, "export", "download")
     assert zpath and zipfile.is_zipfile(zpath)
     folder = tmp_path / "x"
@@ -103,7 +109,7 @@ def test_stop_keeps_what_was_found_and_evaluate_through_the_api(client):
     import time
 
     client.predict("default", "float32", "cpu", api_name="/load_model")
-    job = client.submit("0.8", "demo", 10, 50, 1, 5, "api-stop", False, "parameters (% of dense)",
+    job = client.submit("0.8", "demo", 10, 50, None, 1, "paper", 5, "api-stop", False, "parameters (% of dense)",
                         "perplexity (held-out, else search fitness)", api_name="/search")
     deadline = time.time() + 600
     while time.time() < deadline:

@@ -22,7 +22,8 @@ ACTION = ("card", "compare", "session", "action_status", "message")  # what an a
 ENDPOINTS: dict[str, tuple[str, tuple, tuple, dict]] = {
     "load_model": ("load", ("model_box", "dtype", "device", "session"), ("model_info", "session", "message"),
                    dict(concurrency_limit=None, show_progress_on="model_info")),
-    "search": ("search", ("targets", "preset", "population", "generations", "fitness_windows", "seed", "run_name",
+    "search": ("search", ("targets", "preset", "population", "generations", "minutes", "fitness_windows",
+                          "fitness_mode", "seed", "run_name",
                           "baselines", "x_axis", "y_axis", "session"), (*VIEW, "runs"),
                dict(concurrency_limit=None, show_progress="hidden")),
     # Stop cancels whichever heavy job this tab runs; queued (so its toast reaches the page) but without a
@@ -41,7 +42,7 @@ ENDPOINTS: dict[str, tuple[str, tuple, tuple, dict]] = {
                  dict(concurrency_limit=None, show_progress_on="action_status")),
     "add_compare": ("add_compare", ("x_axis", "y_axis", "session"), ("compare", "plot", "session", "action_status",
                                                                        "message"), dict(show_progress="hidden")),
-    "export": ("export", ("session",), ("download", "action_status", "message"),
+    "export": ("export", ("export_format", "session"), ("download", "action_status", "message"),
                dict(concurrency_limit=None, show_progress_on="action_status")),
     "report": ("report", ("session",), ("report_file", "action_status", "message"),
                dict(show_progress_on="report_file")),

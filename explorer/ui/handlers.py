@@ -142,11 +142,15 @@ class Handlers:
 
     # ---- search -------------------------------------------------------------------------------
     @user_errors
-    def search(self, targets, preset, population, generations, fitness_windows, seed, run_name, baselines,
-               x, y, session, request: gr.Request):
+    def search(self, targets, preset, population, generations, minutes, fitness_windows, fitness_mode, seed, run_name,
+               baselines, x, y, session, request: gr.Request):
         s = session or Session()
-        overrides = {k: int(v) for k, v in (("population", population), ("generations", generations),
-                                            ("fitness_windows", fitness_windows)) if v not in (None, "")}
+        overrides: dict = {k: int(v) for k, v in (("population", population), ("generations", generations),
+                                                  ("fitness_windows", fitness_windows)) if v not in (None, "")}
+        if minutes:  # blank and 0 both mean "no time budget" (an untouched number field may arrive as 0)
+            overrides["minutes"] = float(minutes)
+        if fitness_mode:
+            overrides["fitness_mode"] = fitness_mode
         if not baselines:
             overrides["baselines"] = ()
         settings = self.wb.search_settings(preset, parse_targets(targets), seed=int(seed or 0), **overrides)
@@ -319,20 +323,26 @@ class Handlers:
                 self.ui.action_status: f"`{c.id}` added to compare; the first two picks answer prompts."}
 
     @user_errors
-    def export(self, session, request: gr.Request, progress=gr.Progress()):
+    def export(self, export_format, session, request: gr.Request, progress=gr.Progress()):
         s = session or Session()
         p = self._picked(s)
         c, run_name = p.candidate, s.run
         r = s.reformation(c.id, run_name)  # as picked, whatever comes next
         key = self._key_for_run(s, progress=lambda m: progress(0.05, desc=m))
-        out = self.wb.export_dir(tab_id(request)[:8], f"{run_name}-{c.id}{'-reformed' if r else ''}")
+        gguf = export_format == "gguf"
+        out = self.wb.export_dir(tab_id(request)[:8], f"{run_name}-{c.id}{'-reformed' if r else ''}{'-gguf' if gguf else ''}")
         try:
             result = self.wb.export(tab_id(request), key, p, out, r, on_event=progress_sink(progress),
-                                    extra=s.extra(c.id))
+                                    extra=s.extra(c.id), fmt="gguf" if gguf else "hf")
         except Cancelled:
             return self._cancelled("Export", c.id, "no new model folder or zip was written")
         if not result.verified or not self.wb.is_ours(result.zip_path):
             raise ExplorerError("the export could not be verified, so it is not offered for download")
+        if gguf:
+            return {self.ui.download: str(result.zip_path),
+                    self.ui.action_status: f"Exported `{c.id}`{' (reformed)' if r else ''} as GGUF and ran it in llama.cpp: "
+                                           f"max logit difference {result.max_logit_diff:.1e}, the same greedy tokens. "
+                                           "Run it with `llama-cli -m model.gguf` or `ollama create subnet -f Modelfile`."}
         return {self.ui.download: str(result.zip_path),
                 self.ui.action_status: f"Exported and verified `{c.id}`{' (reformed)' if r else ''} against the base "
                                        f"model (max logit difference after reload {result.max_logit_diff:.1e}). Load it "

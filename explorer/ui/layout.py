@@ -92,6 +92,8 @@ class UI:
     targets: gr.Textbox
     preset: gr.Radio
     population: gr.Number
+    minutes: gr.Number
+    fitness_mode: gr.Radio
     generations: gr.Number
     fitness_windows: gr.Number
     seed: gr.Number
@@ -120,6 +122,7 @@ class UI:
     eval_tasks: gr.CheckboxGroup
     eval_limit: gr.Number
     compare_btn: gr.Button
+    export_format: gr.Radio
     export_btn: gr.Button
     download: gr.File
     report_btn: gr.Button
@@ -163,9 +166,16 @@ def build(default_model: str = ModelSettings().model) -> UI:
                 targets = gr.Textbox(",".join(f"{t:g}" for t in search_defaults.targets),
                                      label="Targets (fraction of total parameters)")
                 preset = gr.Radio(list(PRESETS), value=search_defaults.preset_name, label="Budget preset")
+                fitness_mode = gr.Radio([("the sliced subnet (paper)", "paper"),
+                                         ("after reformation (pre-reformed levels)", "reformed")],
+                                        value=search_defaults.fitness_mode, label="Rank subnets by their perplexity",
+                                        info="reformation-aware: each block's widths come pre-reformed, so the "
+                                             "search ranks what a reformed pick gives")
                 with gr.Accordion("Budget details", open=False):
                     population = gr.Number(None, label="Population (blank = preset)", precision=0)
                     generations = gr.Number(None, label="Generations (blank = preset)", precision=0)
+                    minutes = gr.Number(0, label="Time budget, minutes (0 = the preset's)",
+                                        info="the targets share it; each stops with the best it has")
                     fitness_windows = gr.Number(None, label="Fitness windows (blank = preset)", precision=0)
                     baselines = gr.Checkbox(True, label="Also run the baselines (magnitude, Wanda-sp, FLAP)",
                                             info="FLAP and uniform FLAP with their bias compensation, as in FLAP's code")
@@ -207,6 +217,9 @@ def build(default_model: str = ModelSettings().model) -> UI:
                     eval_tasks = gr.CheckboxGroup(list(DEFAULT_TASKS), value=list(DEFAULT_TASKS[:2]), label="Tasks")
                     eval_limit = gr.Number(APP_EVAL_LIMIT, label="Items per task", precision=0)
                     eval_btn = gr.Button("Evaluate")
+                export_format = gr.Radio([("transformers folder", "hf"), ("GGUF for llama.cpp / Ollama", "gguf")],
+                                         value="hf", label="Export as", elem_id="export-format",
+                                         info="GGUF needs a whole-head subnet (FLAP baselines, the head search space)")
                 export_btn = gr.Button("Export & download", variant="primary")
                 download = gr.File(label="Download (verified export, zip)", interactive=False, elem_id="download")
                 action_status = gr.Markdown("", elem_id="action-status")
@@ -233,12 +246,14 @@ def build(default_model: str = ModelSettings().model) -> UI:
                                elem_id="compare-table", wrap=True)
     return UI(demo=demo, session=session, message=message, model_box=model_box, dtype=dtype, device=device,
               load_btn=load_btn, model_info=model_info, targets=targets, preset=preset, population=population,
+              minutes=minutes, fitness_mode=fitness_mode,
               generations=generations, fitness_windows=fitness_windows, seed=seed, run_name=run_name,
               baselines=baselines, start_btn=start_btn, stop_btn=stop_btn, status=status, runs=runs, open_btn=open_btn,
               x_axis=x_axis, y_axis=y_axis, plot=plot, pick_bridge=pick_bridge, pick_bridge_btn=pick_bridge_btn,
               pick_box=pick_box, pick_btn=pick_btn, subnet_file=subnet_file, card=card, layers=layers,
               reform_btn=reform_btn, measure_btn=measure_btn, eval_btn=eval_btn, eval_tasks=eval_tasks,
-              eval_limit=eval_limit, compare_btn=compare_btn, export_btn=export_btn, download=download,
+              eval_limit=eval_limit, compare_btn=compare_btn, export_format=export_format,
+              export_btn=export_btn, download=download,
               report_btn=report_btn, report_file=report_file, action_status=action_status, prompt=prompt,
               sample=sample, temperature=temperature, top_p=top_p, gen_seed=gen_seed, max_tokens=max_tokens,
               gen_btn=gen_btn, out_original=out_original, out_a=out_a, out_b=out_b, compare=compare)

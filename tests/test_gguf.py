@@ -1,0 +1,131 @@
+"""GGUF export, checked by llama.cpp itself (llama-cpp-python, built by `make llamacpp`).
+
+The references are independent of the writer: at full width the base model's own transformers
+class, narrowed the base model with the omitted heads and channels zeroed (plus the compensation
+biases); llama.cpp computes the other side with its own graph, tokenizer and kernels."""
+from __future__ import annotations
+
+import json
+
+import llama_cpp  # noqa: F401  - the check needs llama.cpp: a missing build fails here, never skips
+import pytest
+import torch
+
+from explorer.export_gguf import GGUFExportError, refusal, write_gguf
+from explorer.llamacpp import TOLERANCE, check
+from explorer.loading import embedded_gguf
+from explorer.reference import zeroed_reference
+from explorer.slicing import slice_model
+from explorer.subnet import LayerChoice, ModelShape, Subnet
+
+PROMPT = "The river runs through the old town, past"
+
+
+def whole_heads(shape: ModelShape, layers: list) -> Subnet:
+    """Per layer None or (kept KV groups, kept heads per group, kept MLP channels), full head dim."""
+    out = []
+    for spec in layers:
+        if spec is None:
+            out.append(None)
+            continue
+        groups, heads, channels = spec
+        pairs = tuple(tuple(range(shape.n_pairs)) for _ in groups)
+        out.append(LayerChoice(pairs, tuple(channels), tuple(groups), tuple(tuple(heads) for _ in groups)))
+    return Subnet(tuple(out)).validate(shape)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from explorer.loading import ensure_embedded_cache
+
+    return AutoTokenizer.from_pretrained(str(ensure_embedded_cache()))
+
+
+def tiny(name: str):
+    from tiny_models import tiny_model
+
+    model = tiny_model(name, vocab=49152)
+    model.config.max_position_embeddings = 256  # room for the prompt and 16 tokens in llama.cpp
+    return model, ModelShape.from_config(model.config)
+
+
+@pytest.mark.parametrize("arch", ["llama-default", "llama-bias", "llama-tied", "llama-llama3", "llama-linear",
+                                  "qwen2"])
+def test_full_width_gguf_in_llamacpp_equals_the_transformers_model(arch, tokenizer, tmp_path):
+    base, shape = tiny(arch)
+    sliced = slice_model(base, Subnet.full(shape), shape)
+    write_gguf(tmp_path / "m.gguf", sliced, embedded_gguf(), arch, "f32")
+    res = check(tmp_path / "m.gguf", base, tokenizer, PROMPT, "f32")
+    assert res.same_tokenization
+    assert res.max_logit_diff <= TOLERANCE["f32"] * res.logit_std, res.to_dict()
+    assert res.same_tokens, res.to_dict()
+
+
+def test_a_narrowed_whole_head_subnet_equals_the_zeroed_base_in_llamacpp(tokenizer, tmp_path):
+    """Fewer KV groups, fewer heads per group, a dropped block, narrower MLPs, compensation biases."""
+    from test_slicing import random_means
+
+    base, shape = tiny("llama-bias")
+    sub = whole_heads(shape, [((1,), (0, 2, 3), range(0, 96, 2)), None, ((0, 1), (1,), range(40)),
+                              ((0,), (0, 1, 2, 3), range(96))])
+    means = random_means(shape)
+    sliced = slice_model(base, sub, shape, means)
+    write_gguf(tmp_path / "m.gguf", sliced, embedded_gguf(), "narrow", "f32")
+    ref = zeroed_reference(base, sub, shape, means)
+    res = check(tmp_path / "m.gguf", ref, tokenizer, PROMPT, "f32")
+    assert res.max_logit_diff <= TOLERANCE["f32"] * res.logit_std, res.to_dict()
+    assert res.same_tokens
+    # the check can fail: a GGUF written from the wrong weights disagrees with the reference
+    other = slice_model(base, whole_heads(shape, [((0,), (0, 2, 3), range(0, 96, 2)), None, ((0, 1), (1,), range(40)),
+                                                  ((0,), (0, 1, 2, 3), range(96))]), shape, means)
+    write_gguf(tmp_path / "wrong.gguf", other, embedded_gguf(), "wrong", "f32")
+    assert check(tmp_path / "wrong.gguf", ref, tokenizer, PROMPT, "f32").max_logit_diff > 0.05 * res.logit_std
+
+
+def test_what_llamacpp_cannot_run_is_refused_with_a_reason(tmp_path):
+    base, shape = tiny("llama-default")
+    narrow_dims = Subnet.build([([range(4)] * 2, range(96))] * 4)  # 8 of 16 dims per head
+    assert "one head size" in refusal(slice_model(base, narrow_dims, shape), embedded_gguf())
+    no_mlp = whole_heads(shape, [((0, 1), range(4), ()), ((0, 1), range(4), range(96)), None, None])
+    assert "no MLP" in refusal(slice_model(base, no_mlp, shape), embedded_gguf())
+    assert "tokenizer" in refusal(slice_model(base, Subnet.full(shape), shape), None)
+    window, wshape = tiny("mistral-window")
+    assert "sliding-window" in refusal(slice_model(window, Subnet.full(wshape), wshape), embedded_gguf())
+    with pytest.raises(GGUFExportError, match="one head size"):
+        write_gguf(tmp_path / "x.gguf", slice_model(base, narrow_dims, shape), embedded_gguf(), "x")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.slow
+def test_cli_exports_the_embedded_model_and_a_whole_head_subnet_that_llamacpp_runs(embedded, tmp_path):
+    """Dense first (the path proven at full width), then a ~70 % whole-head subnet, both f16 through
+    `python -m explorer export --format gguf`; a per-dimension subnet is refused in one line."""
+    from explorer.cli import main
+
+    shape = embedded.shape
+    full = Subnet.full(shape)
+    (tmp_path / "full.json").write_text(full.to_json())
+    assert main(["export", "--subnet", str(tmp_path / "full.json"), "--format", "gguf", "--out",
+                 str(tmp_path / "dense"), "--heldout-windows", "0", "--no-zip"]) == 0
+    record = json.loads((tmp_path / "dense" / "export.json").read_text())
+    assert record["verification"]["llama_cpp"]["passed"] and record["gguf"]["head_count"] == [9] * 30
+    assert (tmp_path / "dense" / "Modelfile").read_text().startswith("# ollama create")
+
+    sub = whole_heads(shape, [((0, 2), (0, 1, 2), range(0, 1536, 2)) if i % 3 else ((1,), (0, 2), range(1024))
+                              for i in range(shape.num_layers)])
+    assert 0.6 < sub.fraction(shape) < 0.8
+    (tmp_path / "sub.json").write_text(sub.to_json())
+    assert main(["export", "--subnet", str(tmp_path / "sub.json"), "--format", "gguf", "--out",
+                 str(tmp_path / "sub"), "--heldout-windows", "0"]) == 0
+    record = json.loads((tmp_path / "sub" / "export.json").read_text())
+    cpp = record["verification"]["llama_cpp"]
+    assert cpp["passed"] and cpp["same_tokens"] and record["gguf"]["head_count"][0] == 2
+    assert (tmp_path / "sub.zip").is_file()
+
+    dims = Subnet.build([([range(16)] * 3, range(1536))] * shape.num_layers)
+    (tmp_path / "dims.json").write_text(dims.to_json())
+    assert main(["export", "--subnet", str(tmp_path / "dims.json"), "--format", "gguf", "--out",
+                 str(tmp_path / "dims"), "--heldout-windows", "0"]) == 2
+    assert not (tmp_path / "dims").exists()
