@@ -170,15 +170,20 @@ def calibrate(lm, settings, run_dir: Path, cancel: threading.Event | None = None
             except (OSError, ValueError):
                 continue
     from_cache = False
+    need_heads = getattr(settings, "space", "dims") == "heads"  # a pass saved before per-head scores lacks them
+    importance = None
     if own.is_file():
         importance = Importance.load(own)
     elif cached is not None and cached.is_file():
         importance = Importance.load(cached)
-        shutil.copyfile(cached, own)
-        from_cache = True
-        yield StageProgress("importance", 1, 1, "reused from the cache (same model and calibration data)")
-    else:
+        if not (need_heads and importance.heads is None):
+            shutil.copyfile(cached, own)
+            from_cache = True
+            yield StageProgress("importance", 1, 1, "reused from the cache (same model and calibration data)")
+    if importance is not None and need_heads and importance.heads is None:
+        yield StageProgress("importance", 0, 1, "the saved pass predates per-head scores: computing it again")
         importance = None
+    if importance is None:
         for item in iter_importance(lm.model, calib, lm.shape, cancel=cancel):
             if isinstance(item, Importance):
                 importance = item

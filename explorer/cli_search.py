@@ -36,6 +36,9 @@ def register(sub) -> None:
     p.add_argument("--fitness-mode", choices=["paper", "reformed"], default=None,
                    help="paper: rank the sliced subnets (default); reformed: rank subnets assembled from "
                         "pre-reformed per-block width ladders, i.e. what reformation will give")
+    p.add_argument("--space", choices=["dims", "heads"], default=None,
+                   help="dims: narrow every head's dimensions (the paper's space, default); heads: keep whole "
+                        "heads (KV groups x query heads per group), exportable as GGUF for llama.cpp")
     p.add_argument("--minutes", type=float, default=None,
                    help="a time budget: the targets share it and each stops with the best it has (the "
                         "generations are then a cap)")
@@ -73,6 +76,8 @@ def cmd_search(args) -> int:
             overrides["minutes"] = args.minutes
         if args.fitness_mode is not None:
             overrides["fitness_mode"] = args.fitness_mode
+        if args.space is not None:
+            overrides["space"] = args.space
         if "probs" in overrides or "first_probs" in overrides:
             raise ExplorerError("mutation probabilities are preset-only")
         settings = SearchSettings.preset(args.preset, **overrides)

@@ -36,9 +36,11 @@ class ChannelStats:
 
 @dataclass
 class Importance:
-    """Per base layer: attention scores [n_kv, n_pairs] and MLP scores [intermediate].
-
-    `stats[layer][name]` holds the ChannelStats of the inputs named in STAT_INPUTS.
+    """Per base layer: attention scores [n_kv, n_pairs], MLP scores [intermediate] and per query
+    head the scores of its own q and o weights [num_heads] (the head-granular space ranks a KV
+    group by the sum of its pair scores, which holds its k, v and every head's q and o, and the
+    heads within a group by their own). `stats[layer][name]` holds the ChannelStats of the
+    inputs named in STAT_INPUTS. `heads` is None in a pass saved before head scores existed.
     """
 
     attn: list[torch.Tensor]
@@ -46,25 +48,30 @@ class Importance:
     stats: list[dict[str, ChannelStats]] = field(default_factory=list)
     tokens: int = 0
     damp: float = 0.01
+    heads: list[torch.Tensor] | None = None
 
     def __post_init__(self):
         # Orders (best first) used by every importance-guided edit of a mask.
         self.attn_order = [[tuple(g.argsort(descending=True, stable=True).tolist()) for g in a] for a in self.attn]
         self.mlp_order = [tuple(m.argsort(descending=True, stable=True).tolist()) for m in self.mlp]
+        self.group_order = [tuple(a.sum(1).argsort(descending=True, stable=True).tolist()) for a in self.attn]
+        self.head_order = None if self.heads is None else [
+            [tuple(g.argsort(descending=True, stable=True).tolist()) for g in h.reshape(a.shape[0], -1)]
+            for h, a in zip(self.heads, self.attn)]
 
     def channel_means(self) -> ChannelMeans:
         """The dense model's mean o_proj / down_proj inputs: what bias compensation needs."""
         return ChannelMeans(tuple(s["o_in"].mean for s in self.stats), tuple(s["down_in"].mean for s in self.stats))
 
     def save(self, path) -> None:
-        torch.save({"attn": self.attn, "mlp": self.mlp, "tokens": self.tokens, "damp": self.damp,
+        torch.save({"attn": self.attn, "mlp": self.mlp, "tokens": self.tokens, "damp": self.damp, "heads": self.heads,
                     "stats": [{k: vars(v) for k, v in s.items()} for s in self.stats]}, path)
 
     @classmethod
     def load(cls, path) -> "Importance":
         d = torch.load(path, weights_only=True)
         stats = [{k: ChannelStats(**v) for k, v in s.items()} for s in d["stats"]]
-        return cls(d["attn"], d["mlp"], stats, d["tokens"], d["damp"])
+        return cls(d["attn"], d["mlp"], stats, d["tokens"], d["damp"], d.get("heads"))
 
 
 def hinv_diag(xtx: torch.Tensor, n: int, damp: float) -> torch.Tensor:
@@ -86,8 +93,10 @@ def saliency(weight: torch.Tensor, hinv: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().pow(2) / hinv.to(weight.device)[None, :]
 
 
-def block_scores(block, hinv: dict[str, torch.Tensor], shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention score per (KV group, rotary pair) and MLP score per channel of one block."""
+def block_scores(block, hinv: dict[str, torch.Tensor], shape: ModelShape
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention score per (KV group, rotary pair), MLP score per channel and query-head score
+    (its q and o saliency summed over the head) of one block."""
     lin = block_linears(block)
     hd, half, g = shape.head_dim, shape.n_pairs, shape.group_size
     q = saliency(lin["self_attn.q_proj"].weight, hinv["attn_in"]).sum(1).view(shape.num_heads, hd)
@@ -99,7 +108,7 @@ def block_scores(block, hinv: dict[str, torch.Tensor], shape: ModelShape) -> tup
     mlp = (saliency(lin["mlp.up_proj"].weight, hinv["mlp_in"]).sum(1)
            + saliency(lin["mlp.gate_proj"].weight, hinv["mlp_in"]).sum(1)
            + saliency(lin["mlp.down_proj"].weight, hinv["down_in"]).sum(0))
-    return attn, mlp
+    return attn, mlp, (q + o).sum(1)
 
 
 @torch.no_grad()
@@ -107,7 +116,7 @@ def iter_importance(model, windows: torch.Tensor, shape: ModelShape, batch_size:
                     cancel: threading.Event | None = None) -> Iterator[Progress | Importance]:
     """Yields Progress per block, then the Importance (last item)."""
     inputs = capture_block_inputs(model, windows, batch_size, cancel)
-    attn, mlp, stats = [], [], []
+    attn, mlp, heads, stats = [], [], [], []
     L = len(model.model.layers)
     for i, block in enumerate(model.model.layers):
         check_cancel(cancel)
@@ -116,13 +125,14 @@ def iter_importance(model, windows: torch.Tensor, shape: ModelShape, batch_size:
             outputs = run_block(block, inputs)
         hinv = {k: hinv_diag(s.xtx, s.n, damp) for k, s in col.stats.items()}
         with onloaded(block):
-            a, m = block_scores(block, hinv, shape)
+            a, m, h = block_scores(block, hinv, shape)
         attn.append(a.cpu())
         mlp.append(m.cpu())
+        heads.append(h.cpu())
         stats.append({k: ChannelStats(s.sq_norm.cpu(), s.mean.cpu(), s.variance.cpu(), s.n) for k, s in col.stats.items()})
         inputs = inputs.with_hidden(outputs)
         yield Progress("importance", i + 1, L, f"block {i + 1}/{L}")
-    yield Importance(attn, mlp, stats, tokens=int(windows.numel()), damp=damp)
+    yield Importance(attn, mlp, stats, tokens=int(windows.numel()), damp=damp, heads=heads)
 
 
 def _per_pair(per_dim_q: torch.Tensor, per_dim_kv: torch.Tensor, shape: ModelShape) -> torch.Tensor:
@@ -136,7 +146,7 @@ def _per_pair(per_dim_q: torch.Tensor, per_dim_kv: torch.Tensor, shape: ModelSha
 def wanda_importance(model, stats: Importance, shape: ModelShape) -> Importance:
     """|W_ij| * ||X_j|| summed per rotary pair and MLP channel over every projection, from the same
     calibration pass: first order, no weight update (it can rank better where nothing is reformed)."""
-    attn, mlp = [], []
+    attn, mlp, heads = [], [], []
     for i, block in enumerate(model.model.layers):
         with onloaded(block):
             lin = {k: v.weight.detach().float().abs().cpu() for k, v in block_linears(block).items()}
@@ -144,9 +154,10 @@ def wanda_importance(model, stats: Importance, shape: ModelShape) -> Importance:
         q = lin["self_attn.q_proj"] @ norm["attn_in"] + lin["self_attn.o_proj"].sum(0) * norm["o_in"]
         kv = lin["self_attn.k_proj"] @ norm["attn_in"] + lin["self_attn.v_proj"] @ norm["attn_in"]
         attn.append(_per_pair(q.view(shape.num_heads, -1), kv.view(shape.num_kv_heads, -1), shape))
+        heads.append(q.view(shape.num_heads, -1).sum(1))
         mlp.append(lin["mlp.gate_proj"] @ norm["mlp_in"] + lin["mlp.up_proj"] @ norm["mlp_in"]
                    + lin["mlp.down_proj"].sum(0) * norm["down_in"])
-    return Importance(attn, mlp, stats.stats, stats.tokens, stats.damp)
+    return Importance(attn, mlp, stats.stats, stats.tokens, stats.damp, heads)
 
 
 @torch.no_grad()
@@ -154,7 +165,7 @@ def wifv_importance(model, stats: Importance, shape: ModelShape) -> Importance:
     """FLAP's fluctuation (input variance x squared column norm of o_proj / down_proj) per rotary
     pair and MLP channel: it ranks what bias compensation can stand in for, because a channel
     that barely varies is well replaced by its mean."""
-    attn, mlp = [], []
+    attn, mlp, heads = [], [], []
     for i, block in enumerate(model.model.layers):
         with onloaded(block):
             lin = block_linears(block)
@@ -162,8 +173,9 @@ def wifv_importance(model, stats: Importance, shape: ModelShape) -> Importance:
             wd = lin["mlp.down_proj"].weight.detach().float().cpu().pow(2).sum(0)
         o = wo * stats.stats[i]["o_in"].variance
         attn.append(_per_pair(o.view(shape.num_heads, -1), torch.zeros(shape.num_kv_heads, shape.head_dim), shape))
+        heads.append(o.view(shape.num_heads, -1).sum(1))
         mlp.append(wd * stats.stats[i]["down_in"].variance)
-    return Importance(attn, mlp, stats.stats, stats.tokens, stats.damp)
+    return Importance(attn, mlp, stats.stats, stats.tokens, stats.damp, heads)
 
 
 SCORINGS = {"obs": None, "wanda": wanda_importance, "wifv": wifv_importance}

@@ -37,7 +37,7 @@ from .errors import Cancelled, ExplorerError
 from .evaluator import BatchEvaluator
 from .events import (CandidateEvaluated, FrontChanged, GenerationFinished, LatencyMeasured, SearchCancelled,
                      SearchFailed, SearchFinished, SearchStarted, StageProgress, check_cancel)
-from .evolution import Space, crossover, make_space, mutate, snap
+from .evolution import Space, crossover, make_space, mutate, repair, snap, space_top_layer
 from .fitness import FitnessEvaluator, resolve_dtype
 from .importance import SCORINGS, Importance, initial_subnet, split_subnet
 from .ladders import LadderSpec, Ladders, ladder_bytes
@@ -227,7 +227,8 @@ LADDER_SCORING = "obs"
 
 def target_space(shape: ModelShape, s: SearchSettings, target: float) -> Space:
     """The target's search space; in the reformation-aware mode only the ladders' levels."""
-    space = make_space(shape, target, s.window, s.multiple, s.head_multiple, s.depth, compensated=s.compensate)
+    space = make_space(shape, target, s.window, s.multiple, s.head_multiple, s.depth, compensated=s.compensate,
+                       granularity=s.space)
     if s.fitness_mode != "reformed":
         return space
     spec = LadderSpec.of(shape, s.head_multiple, s.multiple, s.ladder_mlp_levels)
@@ -246,6 +247,8 @@ def initial_jobs(lm: LoadedModel, s: SearchSettings, cal: Calibration, target: f
     only improve on it); duplicates are skipped. In the reformation-aware mode only the ladders'
     scoring ranks, and each subnet is moved onto the ladders' levels (`snap`, with `rng`)."""
     space = target_space(lm.shape, s, target)
+    if space.heads:
+        return head_initial_jobs(lm, s, cal, target, seen, baselines, space, rng or random.Random(0))
     reformed = s.fitness_mode == "reformed"
     opts = space.pair_options
     picks = sorted({opts[len(opts) - 1 - round(k * (len(opts) - 1) / max(1, s.split_init - 1))]
@@ -267,6 +270,35 @@ def initial_jobs(lm: LoadedModel, s: SearchSettings, cal: Calibration, target: f
         if b.subnet.key() not in seen:
             seen.add(b.subnet.key())
             jobs.append(Job(b.subnet, target, 0, "init", s.compensate, extra={"init_scoring": name}))
+    return jobs
+
+
+def head_initial_jobs(lm: LoadedModel, s: SearchSettings, cal: Calibration, target: float, seen: set[str],
+                      baselines, space: Space, rng: random.Random) -> list[Job]:
+    """The heads space's initial subnets: for each scoring and each attention option (widest
+    first, `split_init` + 1 of them), that option in every block with the widest uniform MLP that
+    fits, repaired into the window; and the baselines whose every block is an option of the space."""
+    shape, jobs = lm.shape, []
+    for name in s.init_scorings:
+        sc = cal.scoring(name, lm.model, shape)
+        if sc.head_order is None:
+            raise ExplorerError("these importance scores have no per-head scores (calibrate with space=heads "
+                                "computes them)")
+        for attn in list(reversed(space.heads))[: s.split_init + 1]:
+            width = next((w for w in reversed(space.width_options) if space.hi_params >= space.params(
+                Subnet(tuple(space_top_layer(space, sc, i, shape, attn, w) for i in range(shape.num_layers))), shape)),
+                None)
+            if width is None:
+                continue
+            sub = Subnet(tuple(space_top_layer(space, sc, i, shape, attn, width) for i in range(shape.num_layers)))
+            sub = repair(sub, sc, shape, space, rng)
+            if sub is not None and sub.key() not in seen:
+                seen.add(sub.key())
+                jobs.append(Job(sub, target, 0, "init", s.compensate, extra={"init_scoring": name}))
+    for b in baselines:
+        if space.allows(b.subnet, shape) and b.subnet.key() not in seen:
+            seen.add(b.subnet.key())
+            jobs.append(Job(b.subnet, target, 0, "init", s.compensate, extra={"init_scoring": b.origin.split(":", 1)[1]}))
     return jobs
 
 
@@ -436,6 +468,11 @@ def validate_targets(targets, shape: ModelShape, settings: SearchSettings) -> tu
 
 def resolve(lm: LoadedModel, settings: SearchSettings) -> SearchSettings:
     """Validate every setting and resolve the ones that depend on the machine (fitness dtype)."""
+    if settings.space not in ("dims", "heads"):
+        raise ExplorerError(f"space must be dims or heads (got {settings.space!r})")
+    if settings.space == "heads" and settings.fitness_mode == "reformed":
+        raise ExplorerError("the reformation-aware ranking has ladders of rotary pairs only: use it with the "
+                            "dims space (the heads space ranks the sliced subnets)")
     settings = dataclasses.replace(settings, targets=validate_targets(settings.targets, lm.shape, settings))
     unknown = [b for b in settings.baselines if b not in BASELINES]
     if unknown:

@@ -57,6 +57,9 @@ class SearchSettings:
     # "paper": fitness of the sliced subnet (METHOD 3); "reformed": of the subnet assembled from per-block
     # ladders of pre-reformed widths (METHOD 8.1: what the user gets after reformation)
     fitness_mode: str = "paper"
+    # "dims": the paper's space (rotary pairs per head, every head kept); "heads": whole heads (KV groups and
+    # query heads per group, full head dim), the form llama.cpp and other engines with one head size run
+    space: str = "dims"
     ladder_mlp_levels: int = 8  # MLP widths per block's ladder (the attention's: every head_multiple step)
     ladder_mb: int = 2048  # refuse ladders larger than this in memory
     population: int = 10  # first generation: mutations of the best initial subnet
