@@ -328,12 +328,7 @@ def export_gguf(lm, model, subnet, out_dir: str | Path, metrics: dict, provenanc
 
     on_event = on_event or no_event
     t0 = time.perf_counter()
-    base_gguf = source_gguf(lm)
-    why = refusal(model, base_gguf)
-    if why:
-        raise GGUFExportError(why)
-    if out_type not in OUT_TYPES:
-        raise GGUFExportError(f"unknown GGUF type {out_type!r}; choose from {', '.join(OUT_TYPES)}")
+    base_gguf = source_gguf(lm)  # write_gguf refuses what llama.cpp cannot run (before writing anything)
     out = Path(out_dir).expanduser().resolve()
     check_gguf_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -285,9 +285,10 @@ def head_initial_jobs(lm: LoadedModel, s: SearchSettings, cal: Calibration, targ
             raise ExplorerError("these importance scores have no per-head scores (calibrate with space=heads "
                                 "computes them)")
         for attn in list(reversed(space.heads))[: s.split_init + 1]:
-            width = next((w for w in reversed(space.width_options) if space.hi_params >= space.params(
-                Subnet(tuple(space_top_layer(space, sc, i, shape, attn, w) for i in range(shape.num_layers))), shape)),
-                None)
+            per_block = shape.attn_params(shape.head_dim, *attn, o_bias=shape.o_bias or space.compensated)
+            width = next((w for w in reversed(space.width_options) if space.hi_params >= shape.fixed_params
+                          + shape.num_layers * (per_block + shape.mlp_params(w, shape.mlp_bias or space.compensated))),
+                         None)
             if width is None:
                 continue
             sub = Subnet(tuple(space_top_layer(space, sc, i, shape, attn, width) for i in range(shape.num_layers)))

@@ -18,6 +18,7 @@ from explorer.settings import Probs
 from explorer.slicing import candidate_model, slice_model
 from explorer.subnet import ModelShape, Subnet
 from conftest import tiny_llama
+from test_search import _real_params
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +84,7 @@ def test_operators_stay_in_window_keep_whole_heads_and_sizes_are_real(setup, tar
         child.validate(shape)
         assert child.head_granular(shape) and space.allows(child, shape)
         assert space.lo_params <= child.params(shape) <= space.hi_params
-        seen: set = set()
-        real = sum(p.numel() for p in slice_model(model, child, shape).parameters()
-                   if not (p.data_ptr() in seen or seen.add(p.data_ptr())))
-        assert real == child.params(shape)
+        assert _real_params(slice_model(model, child, shape)) == child.params(shape)
         parents.append(child)
     assert len({p.key() for p in parents}) > 20
     assert len({(l.n_kv, l.heads_per_group(shape)) for p in parents for l in p.layers if l}) > 2
