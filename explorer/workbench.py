@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 from .errors import ExplorerError
 from .evaluation import EvalSettings, evaluate, heldout_perplexity
-from .events import EventSink, Progress, check_cancel, no_event
+from .events import SEARCH_END, EventSink, Progress, check_cancel, no_event
 from .generation import DecodeSettings, side_by_side
 from .latency import SpeedSettings, measure_speed
 from .loading import LoadedModel, load_model
@@ -356,8 +356,15 @@ class Workbench:
         resolve(lm, settings)  # bad targets and settings are refused here, before the job or the run exist
 
         def events():
+            end = None
             with self.job(tab, key, "search") as cancel:
-                yield from run_search(lm, settings, run_dir, cancel=cancel)
+                for ev in run_search(lm, settings, run_dir, cancel=cancel):
+                    if isinstance(ev, SEARCH_END):  # told only once the model is free: whoever reads
+                        end = ev                    # "stopped" may start the next job at once
+                        continue
+                    yield ev
+            if end is not None:
+                yield end
 
         return events()
 

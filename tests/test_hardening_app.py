@@ -255,15 +255,21 @@ def test_two_tabs_one_searches_the_other_is_told_busy(app_server):
             assert b.locator("#subnet-card").inner_text() == b_card
             assert "candidates evaluated" not in b.locator("#status-box").inner_text()
 
-            # the model is free again: B's reformation starts, and B's Stop cancels it
+            # the model is free again: B's reformation starts, and B's Stop cancels it. Stop is pressed
+            # until it reaches the job (a press before the job starts finds nothing running); the answer of
+            # a press may land after the cancellation's, so the cancellation is read from its toast too
             b.get_by_role("button", name="Reform").click()
+            cancelled = b.get_by_text(re.compile(r"Reformation of `?c00001`? cancelled")).first
             deadline = time.time() + 300
-            while "cancelled" not in b.locator("#action-status").inner_text():  # Stop until it takes
-                assert time.time() < deadline, "B's reformation was never cancelled"
+            while not ("Stopping the reformation" in b.locator("#action-status").inner_text()
+                       or cancelled.is_visible()):
+                assert time.time() < deadline, ("B's reformation was never stopped: "
+                                                + b.locator("#action-status").inner_text())
                 assert "Reformed" not in b.locator("#action-status").inner_text()
                 b.get_by_role("button", name="Stop").click()
                 time.sleep(0.5)
-            assert "Reformation of c00001 cancelled" in b.locator("#action-status").inner_text()
+            cancelled.wait_for(timeout=300_000)
+            assert "Reformed" not in b.locator("#action-status").inner_text()
             assert b.locator("#subnet-card").inner_text() == b_card  # nothing of it was kept
             for page in (a, b):
                 assert "Traceback" not in page.content()
