@@ -46,6 +46,7 @@ def test_full_flow_in_chromium(app_server, chromium, tmp_path):
 
     # a tiny search: progress text changes and points appear while it runs
     page.get_by_label("Targets (fraction of total parameters)").fill("0.9,0.8")
+    page.get_by_label("whole heads (runs in llama.cpp)").check()  # so the pick also exports as GGUF below
     page.get_by_text("Budget details").click()
     page.get_by_label("Population (blank = preset)").fill("6")
     page.get_by_label("Generations (blank = preset)").fill("2")
@@ -141,5 +142,18 @@ def test_full_flow_in_chromium(app_server, chromium, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert int(r.stdout.strip().splitlines()[-1]) >= 1
+
+    # the same pick as one GGUF file, run in llama.cpp by the export itself before it is offered
+    page.get_by_label("GGUF for llama.cpp / Ollama").check()
+    page.get_by_role("button", name="Export & download").click()
+    wait_text(page, "#action-status", "ran it in llama.cpp", 600)
+    link = page.locator("#download a").first
+    with page.expect_download() as dl:
+        link.click()
+    dl.value.save_as(tmp_path / "gguf.zip")
+    with zipfile.ZipFile(tmp_path / "gguf.zip") as z:
+        names = z.namelist()
+    assert any(n.endswith("model.gguf") for n in names) and any(n.endswith("Modelfile") for n in names), names
+    shot(page, "08-gguf")
     # no traceback ever reached the page
     assert "Traceback" not in page.content()

@@ -43,7 +43,7 @@ def test_api_flow(client, tmp_path):
     r = client.predict("default", "float32", "cpu", api_name="/load_model")
     assert "Dense held-out perplexity" in out(r, "load_model", "model_info") and not message(r, "load_model")
 
-    job = client.submit("0.6", "demo", 4, 1, None, 1, "paper", 3, "api-run", False, "parameters (% of dense)",
+    job = client.submit("0.6", "demo", 4, 1, None, 1, "paper", "dims", 3, "api-run", False, "parameters (% of dense)",
                         "perplexity (held-out, else search fitness)", api_name="/search")
     statuses = [out(o, "search", "status") for o in job]
     assert any("candidates evaluated" in str(s or "") for s in statuses)
@@ -109,7 +109,7 @@ def test_stop_keeps_what_was_found_and_evaluate_through_the_api(client):
     import time
 
     client.predict("default", "float32", "cpu", api_name="/load_model")
-    job = client.submit("0.8", "demo", 10, 50, None, 1, "paper", 5, "api-stop", False, "parameters (% of dense)",
+    job = client.submit("0.8", "demo", 10, 50, None, 1, "paper", "dims", 5, "api-stop", False, "parameters (% of dense)",
                         "perplexity (held-out, else search fitness)", api_name="/search")
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -134,3 +134,45 @@ def test_stop_keeps_what_was_found_and_evaluate_through_the_api(client):
     r = client.predict(["ppl", "piqa"], 8, api_name="/evaluate")
     card = str(out(r, "evaluate", "card"))
     assert "piqa" in card and "held-out ppl" in card
+
+
+def test_a_whole_head_search_exports_a_gguf_that_llamacpp_runs(client, app_server, embedded, tmp_path):
+    """Search in the heads space through the app, pick its 70 % subnet, export it as GGUF from the app;
+    the file llama.cpp loads computes the base model with that subnet's omitted heads and channels zeroed
+    (an independent reference, built here from the run's record) and answers with the same greedy tokens."""
+    import json
+
+    from explorer.llamacpp import TOLERANCE, check
+    from explorer.reference import zeroed_reference
+    from explorer.runs import open_run
+
+    client.predict("default", "float32", "cpu", api_name="/load_model")
+    job = client.submit("0.7", "demo", 4, 1, None, 1, "paper", "heads", 3, "api-heads", False,
+                        "parameters (% of dense)", "perplexity (held-out, else search fitness)", api_name="/search")
+    job.result(timeout=1200)
+    assert "finished" in str(out(job.outputs()[-1], "search", "status"))
+    run = open_run(app_server["base"] / "runs" / "api-heads")
+    assert run.settings["space"] == "heads"
+    best = min((c for c in run.candidates() if c.subnet.fraction(embedded.shape) < 0.72), key=lambda c: c.fitness)
+    assert best.subnet.head_granular(embedded.shape)
+    r = client.predict(best.id, "parameters (% of dense)", "perplexity (held-out, else search fitness)",
+                       api_name="/pick")
+    assert best.id in out(r, "pick", "card")
+    r = client.predict("gguf", api_name="/export")
+    assert "ran it in llama.cpp" in str(out(r, "export", "action_status")), message(r, "export")
+    with zipfile.ZipFile(out(r, "export", "download")) as z:
+        z.extractall(tmp_path)
+    gguf = next(tmp_path.rglob("*.gguf"))
+    record = json.loads(next(tmp_path.rglob("export.json")).read_text())
+    assert record["gguf"]["head_count"] != [9] * embedded.shape.num_layers  # whole heads were dropped
+
+    from transformers import AutoTokenizer
+
+    from explorer.loading import ensure_embedded_cache
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_embedded_cache()))
+    ref = zeroed_reference(embedded.model, best.subnet, embedded.shape,
+                           run.channel_means() if best.compensated else None)
+    res = check(gguf, ref, tokenizer, "The capital of France is", "f16")
+    assert res.same_tokenization and res.same_tokens, res.to_dict()
+    assert res.max_logit_diff <= TOLERANCE["f16"] * res.logit_std, res.to_dict()

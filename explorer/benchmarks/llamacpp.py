@@ -7,7 +7,8 @@ rounds that alternate between the models (so machine drift hits every row alike)
 
 The 70 % subnet is by default the shipped demo run's uniform-FLAP baseline at 70 % (whole heads,
 the same share in every block, FLAP's bias compensation), as picked and after the app's
-reformation; --run/--pick choose any whole-head candidate.
+reformation; --pick (repeatable, RUN_DIR:ID) adds any whole-head candidate, e.g. a heads-space
+search's best@0.7.
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ from ..runs import open_run
 from ..slicing import candidate_model, slice_model
 from ..subnet import Subnet
 from . import add_common_arguments, format_table, machine, write_json
+
+
+DEFAULT_PICK = "c00147"  # the shipped demo run's uniform-FLAP baseline at 70 %
 
 
 def llamacpp_perplexity(path: Path, windows, threads: int) -> float:
@@ -69,15 +73,19 @@ def run(args) -> dict:
     corpus = load_corpus(args.corpus)
     held = heldout_windows(lm.tokenizer, corpus, args.heldout_windows, args.seq_len)
     prompt = held[0, : args.prompt_len].tolist()
-    run = open_run(args.run)
-    c = run.pick(args.pick)
-    means = run.channel_means() if c.compensated else None
-    label = f"{c.origin.replace('baseline:', '')} {c.target:.0%}"
-    models = {"dense": (slice_model(lm.model, Subnet.full(lm.shape), lm.shape), Subnet.full(lm.shape)),
-              label: (candidate_model(lm.model, c, means), c.subnet)}
-    if not args.no_reform:
-        reformed = reform(lm, c.subnet, ReformSettings.demo(), means=means).model
-        models[f"{label} reformed"] = (reformed, c.subnet)
+    models = {"dense": (slice_model(lm.model, Subnet.full(lm.shape), lm.shape), Subnet.full(lm.shape))}
+    picks = []
+    for spec in args.pick or [DEFAULT_PICK]:
+        run_dir, cid = spec.rsplit(":", 1) if ":" in spec else (args.run, spec)
+        run = open_run(run_dir)
+        c = run.pick(cid)
+        means = run.channel_means() if c.compensated else None
+        space = "whole heads" if run.settings.get("space") == "heads" else "dims"
+        label = f"{c.origin.replace('baseline:', '')} {c.target:.0%}" + (f" ({space})" if c.origin == "search" else "")
+        picks.append({"run": str(run_dir), "pick": cid, "id": c.id, "label": label, "compensated": c.compensated})
+        models[label] = (candidate_model(lm.model, c, means), c.subnet)
+        if not args.no_reform:
+            models[f"{label} reformed"] = (reform(lm, c.subnet, ReformSettings.demo(), means=means).model, c.subnet)
     rows, files = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (model, sub) in models.items():
@@ -104,7 +112,7 @@ def run(args) -> dict:
             "same_tokens", "decode_tok_s", "speedup_vs_dense"]
     print(format_table(rows, cols))
     result = {"benchmark": "llamacpp", "model": lm.summary(), "corpus": corpus.description,
-              "run": args.run, "pick": args.pick, "heldout_windows": int(held.shape[0]), "seq_len": args.seq_len, "prompt_len": args.prompt_len,
+              "picks": picks, "heldout_windows": int(held.shape[0]), "seq_len": args.seq_len, "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "threads": args.threads, "rows": rows, "machine": machine(),
               "seconds": time.perf_counter() - t0}
     print(f"wrote {write_json(args.out, result)}")
@@ -114,7 +122,9 @@ def run(args) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p, heldout_windows=16)
     p.add_argument("--run", default="assets/runs/smollm2-135m-demo", help="the run holding the subnet")
-    p.add_argument("--pick", default="c00147", help="its candidate id (default: uniform FLAP at 70 %%)")
+    p.add_argument("--pick", action="append", default=None, metavar="[RUN_DIR:]ID",
+                   help="a whole-head candidate (repeatable; an id or best@0.7 from --run, or RUN_DIR:ID); "
+                        "default: the demo run's uniform FLAP at 70 %%")
     p.add_argument("--no-reform", action="store_true", help="skip the reformed row")
     p.add_argument("--types", nargs="+", default=["f16", "q8_0"], choices=["f16", "f32", "q8_0"])
     p.add_argument("--threads", type=int, default=2)

@@ -23,7 +23,7 @@ ENDPOINTS: dict[str, tuple[str, tuple, tuple, dict]] = {
     "load_model": ("load", ("model_box", "dtype", "device", "session"), ("model_info", "session", "message"),
                    dict(concurrency_limit=None, show_progress_on="model_info")),
     "search": ("search", ("targets", "preset", "population", "generations", "minutes", "fitness_windows",
-                          "fitness_mode", "seed", "run_name",
+                          "fitness_mode", "space", "seed", "run_name",
                           "baselines", "x_axis", "y_axis", "session"), (*VIEW, "runs"),
                dict(concurrency_limit=None, show_progress="hidden")),
     # Stop cancels whichever heavy job this tab runs; queued (so its toast reaches the page) but without a

@@ -142,8 +142,8 @@ class Handlers:
 
     # ---- search -------------------------------------------------------------------------------
     @user_errors
-    def search(self, targets, preset, population, generations, minutes, fitness_windows, fitness_mode, seed, run_name,
-               baselines, x, y, session, request: gr.Request):
+    def search(self, targets, preset, population, generations, minutes, fitness_windows, fitness_mode, space, seed,
+               run_name, baselines, x, y, session, request: gr.Request):
         s = session or Session()
         overrides: dict = {k: int(v) for k, v in (("population", population), ("generations", generations),
                                                   ("fitness_windows", fitness_windows)) if v not in (None, "")}
@@ -151,6 +151,8 @@ class Handlers:
             overrides["minutes"] = float(minutes)
         if fitness_mode:
             overrides["fitness_mode"] = fitness_mode
+        if space:
+            overrides["space"] = space
         if not baselines:
             overrides["baselines"] = ()
         settings = self.wb.search_settings(preset, parse_targets(targets), seed=int(seed or 0), **overrides)

@@ -94,6 +94,7 @@ class UI:
     population: gr.Number
     minutes: gr.Number
     fitness_mode: gr.Radio
+    space: gr.Radio
     generations: gr.Number
     fitness_windows: gr.Number
     seed: gr.Number
@@ -171,6 +172,10 @@ def build(default_model: str = ModelSettings().model) -> UI:
                                         value=search_defaults.fitness_mode, label="Rank subnets by their perplexity",
                                         info="reformation-aware: each block's widths come pre-reformed, so the "
                                              "search ranks what a reformed pick gives")
+                space = gr.Radio([("head dimensions (paper)", "dims"), ("whole heads (runs in llama.cpp)", "heads")],
+                                 value=search_defaults.space, label="Prune attention by",
+                                 info="whole heads keep one head size, so a pick exports as GGUF for llama.cpp "
+                                      "and Ollama; head dimensions reach lower perplexity")
                 with gr.Accordion("Budget details", open=False):
                     population = gr.Number(None, label="Population (blank = preset)", precision=0)
                     generations = gr.Number(None, label="Generations (blank = preset)", precision=0)
@@ -219,7 +224,8 @@ def build(default_model: str = ModelSettings().model) -> UI:
                     eval_btn = gr.Button("Evaluate")
                 export_format = gr.Radio([("transformers folder", "hf"), ("GGUF for llama.cpp / Ollama", "gguf")],
                                          value="hf", label="Export as", elem_id="export-format",
-                                         info="GGUF needs a whole-head subnet (FLAP baselines, the head search space)")
+                                         info="GGUF needs a whole-head subnet: search with \"Prune attention by: whole heads\", "
+                                              "or pick a baseline")
                 export_btn = gr.Button("Export & download", variant="primary")
                 download = gr.File(label="Download (verified export, zip)", interactive=False, elem_id="download")
                 action_status = gr.Markdown("", elem_id="action-status")
@@ -246,7 +252,7 @@ def build(default_model: str = ModelSettings().model) -> UI:
                                elem_id="compare-table", wrap=True)
     return UI(demo=demo, session=session, message=message, model_box=model_box, dtype=dtype, device=device,
               load_btn=load_btn, model_info=model_info, targets=targets, preset=preset, population=population,
-              minutes=minutes, fitness_mode=fitness_mode,
+              minutes=minutes, fitness_mode=fitness_mode, space=space,
               generations=generations, fitness_windows=fitness_windows, seed=seed, run_name=run_name,
               baselines=baselines, start_btn=start_btn, stop_btn=stop_btn, status=status, runs=runs, open_btn=open_btn,
               x_axis=x_axis, y_axis=y_axis, plot=plot, pick_bridge=pick_bridge, pick_bridge_btn=pick_bridge_btn,
