@@ -14,9 +14,10 @@ compensation bias is not zero (deci ignores a skipped block's o_proj bias), a bl
 attention but no MLP (deci's graph then discards the attention output), sliding windows and
 rope types other than default, linear and llama3.
 
-The tokenizer and chat template are copied from the GGUF file the base model was read from
-(the embedded SmolLM2 and any `.gguf` base); a base read from a transformers folder is refused
-for now, because llama.cpp needs its pre-tokenizer named, which only the converter's table knows.
+The tokenizer and chat template are those of the base model (explorer.gguf_tokenizer): copied
+from the GGUF file it was read from (the embedded SmolLM2, any `.gguf` base), or converted from
+its tokenizer.json (byte-level BPE: Llama 3, Qwen2, SmolLM2), with the pre-tokenizer llama.cpp
+itself tokenizes like transformers.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from .errors import ExplorerError
+from .gguf_tokenizer import GGUFTokenizer, TokenizerError, bpe_keys
 
 ARCH = "deci"
 OUT_TYPES = ("f16", "f32", "q8_0")
@@ -57,26 +59,36 @@ def source_gguf(lm) -> Path | None:
     return source if source.is_file() else None
 
 
+def base_tokenizer(lm) -> GGUFTokenizer:
+    """The base model's tokenizer as GGUF keys: its own GGUF's, else converted from tokenizer.json."""
+    source = source_gguf(lm)
+    try:
+        if source is not None:
+            return GGUFTokenizer.from_gguf(source)
+        return GGUFTokenizer.from_transformers(lm.tokenizer, int(lm.model.config.vocab_size))
+    except TokenizerError as e:
+        raise GGUFExportError(str(e)) from None
+
+
 def precheck(lm, subnet) -> str | None:
     """The reasons to refuse that need no sliced model (so the CLI fails before a reformation)."""
-    if source_gguf(lm) is None:
-        return NO_TOKENIZER
     if not subnet.head_granular(lm.shape):
         return PER_DIMENSION
+    if source_gguf(lm) is None:
+        try:
+            bpe_keys(lm.tokenizer, int(lm.model.config.vocab_size))
+        except TokenizerError as e:
+            return str(e)
     return None
 
 
-NO_TOKENIZER = ("GGUF export copies the tokenizer from the base model's own GGUF file; this base was read "
-                "from a transformers folder (load it from a .gguf file to export GGUF)")
 PER_DIMENSION = ("this subnet narrows heads to fewer dimensions; llama.cpp has one head size per model, so only "
                  "head-granular subnets (whole heads, as FLAP's baselines keep them) can be written as GGUF")
 
 
-def refusal(model, base_gguf: Path | None) -> str | None:
+def refusal(model) -> str | None:
     """One line saying why this sliced model cannot become a GGUF llama.cpp runs, or None."""
     cfg = model.config
-    if base_gguf is None:
-        return NO_TOKENIZER
     full = cfg.base_head_dim // 2
     for i, pairs in enumerate(cfg.attn_pairs):
         if pairs and any(len(g) != full for g in pairs):
@@ -146,13 +158,14 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def write_gguf(path: str | Path, model, base_gguf: Path, name: str, out_type: str = "f16") -> dict:
-    """Write `model` (a sliced SubnetForCausalLM) to `path`; returns what was written."""
+def write_gguf(path: str | Path, model, tokenizer: GGUFTokenizer, name: str, out_type: str = "f16") -> dict:
+    """Write `model` (a sliced SubnetForCausalLM) with the base's `tokenizer` to `path`; returns what
+    was written."""
     import gguf
 
     if out_type not in OUT_TYPES:
         raise GGUFExportError(f"unknown GGUF type {out_type!r}; choose from {', '.join(OUT_TYPES)}")
-    why = refusal(model, base_gguf)
+    why = refusal(model)
     if why:
         raise GGUFExportError(why)
     cfg = model.config
@@ -181,7 +194,7 @@ def write_gguf(path: str | Path, model, base_gguf: Path, name: str, out_type: st
     w.add_vocab_size(int(cfg.vocab_size))
     w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32,
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type])
-    copied = _copy_tokenizer(w, base_gguf)
+    copied = tokenizer.write(w)
 
     kept_f16 = []
 
@@ -243,26 +256,8 @@ def write_gguf(path: str | Path, model, base_gguf: Path, name: str, out_type: st
     w.close()
     return {"file": Path(path).name, "architecture": ARCH, "type": out_type, "blocks": len(plans),
             "head_count": [p.n_head for p in plans], "head_count_kv": [p.n_head_kv for p in plans],
-            "feed_forward_length": [p.n_ff for p in plans], "tokenizer_from": base_gguf.name,
+            "feed_forward_length": [p.n_ff for p in plans], "tokenizer_from": tokenizer.source,
             "tokenizer_keys": copied, "tensors_kept_f16": kept_f16, "bytes": Path(path).stat().st_size}
-
-
-def _copy_tokenizer(w, base_gguf: Path) -> int:
-    """Every `tokenizer.*` key of the base GGUF (vocabulary, merges, special ids, chat template)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(base_gguf))
-    n = 0
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, field.contents(), vtype, sub)
-        n += 1
-    if not n:
-        raise GGUFExportError(f"{base_gguf.name} holds no tokenizer")
-    return n
 
 
 def modelfile(gguf_name: str, chat_template: str | None) -> str:
@@ -328,14 +323,17 @@ def export_gguf(lm, model, subnet, out_dir: str | Path, metrics: dict, provenanc
 
     on_event = on_event or no_event
     t0 = time.perf_counter()
-    base_gguf = source_gguf(lm)  # write_gguf refuses what llama.cpp cannot run (before writing anything)
+    why = refusal(model)  # before anything is written or converted
+    if why:
+        raise GGUFExportError(why)
+    tokenizer = base_tokenizer(lm)
     out = Path(out_dir).expanduser().resolve()
     check_gguf_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name.replace('.', '_')}_partial_", dir=out.parent))
     try:
         on_event(Progress("export", 0, 3, f"writing {GGUF_FILE} ({out_type})"))
-        info = write_gguf(tmp / GGUF_FILE, model, base_gguf, out.name, out_type)
+        info = write_gguf(tmp / GGUF_FILE, model, tokenizer, out.name, out_type)
         check_cancel(cancel)
         result = None
         if verify:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from explorer.export_gguf import GGUFExportError, refusal, write_gguf
+from explorer.gguf_tokenizer import GGUFTokenizer, TokenizerError, bpe_keys
 from explorer.llamacpp import TOLERANCE, check
 from explorer.loading import embedded_gguf
 from explorer.reference import zeroed_reference
@@ -19,6 +20,7 @@ from explorer.slicing import slice_model
 from explorer.subnet import LayerChoice, ModelShape, Subnet
 
 PROMPT = "The river runs through the old town, past"
+TOKENIZER = GGUFTokenizer.from_gguf(embedded_gguf())  # llama.cpp's converter wrote these keys
 
 
 def whole_heads(shape: ModelShape, layers: list) -> Subnet:
@@ -56,7 +58,7 @@ def tiny(name: str):
 def test_full_width_gguf_in_llamacpp_equals_the_transformers_model(arch, tokenizer, tmp_path):
     base, shape = tiny(arch)
     sliced = slice_model(base, Subnet.full(shape), shape)
-    write_gguf(tmp_path / "m.gguf", sliced, embedded_gguf(), arch, "f32")
+    write_gguf(tmp_path / "m.gguf", sliced, TOKENIZER, arch, "f32")
     res = check(tmp_path / "m.gguf", base, tokenizer, PROMPT, "f32")
     assert res.same_tokenization
     assert res.max_logit_diff <= TOLERANCE["f32"] * res.logit_std, res.to_dict()
@@ -72,7 +74,7 @@ def test_a_narrowed_whole_head_subnet_equals_the_zeroed_base_in_llamacpp(tokeniz
                               ((0,), (0, 1, 2, 3), range(96))])
     means = random_means(shape)
     sliced = slice_model(base, sub, shape, means)
-    write_gguf(tmp_path / "m.gguf", sliced, embedded_gguf(), "narrow", "f32")
+    write_gguf(tmp_path / "m.gguf", sliced, TOKENIZER, "narrow", "f32")
     ref = zeroed_reference(base, sub, shape, means)
     res = check(tmp_path / "m.gguf", ref, tokenizer, PROMPT, "f32")
     assert res.max_logit_diff <= TOLERANCE["f32"] * res.logit_std, res.to_dict()
@@ -80,22 +82,65 @@ def test_a_narrowed_whole_head_subnet_equals_the_zeroed_base_in_llamacpp(tokeniz
     # the check can fail: a GGUF written from the wrong weights disagrees with the reference
     other = slice_model(base, whole_heads(shape, [((0,), (0, 2, 3), range(0, 96, 2)), None, ((0, 1), (1,), range(40)),
                                                   ((0,), (0, 1, 2, 3), range(96))]), shape, means)
-    write_gguf(tmp_path / "wrong.gguf", other, embedded_gguf(), "wrong", "f32")
+    write_gguf(tmp_path / "wrong.gguf", other, TOKENIZER, "wrong", "f32")
     assert check(tmp_path / "wrong.gguf", ref, tokenizer, PROMPT, "f32").max_logit_diff > 0.05 * res.logit_std
 
 
 def test_what_llamacpp_cannot_run_is_refused_with_a_reason(tmp_path):
     base, shape = tiny("llama-default")
     narrow_dims = Subnet.build([([range(4)] * 2, range(96))] * 4)  # 8 of 16 dims per head
-    assert "one head size" in refusal(slice_model(base, narrow_dims, shape), embedded_gguf())
+    assert "one head size" in refusal(slice_model(base, narrow_dims, shape))
     no_mlp = whole_heads(shape, [((0, 1), range(4), ()), ((0, 1), range(4), range(96)), None, None])
-    assert "no MLP" in refusal(slice_model(base, no_mlp, shape), embedded_gguf())
-    assert "tokenizer" in refusal(slice_model(base, Subnet.full(shape), shape), None)
+    assert "no MLP" in refusal(slice_model(base, no_mlp, shape))
     window, wshape = tiny("mistral-window")
-    assert "sliding-window" in refusal(slice_model(window, Subnet.full(wshape), wshape), embedded_gguf())
+    assert "sliding-window" in refusal(slice_model(window, Subnet.full(wshape), wshape))
     with pytest.raises(GGUFExportError, match="one head size"):
-        write_gguf(tmp_path / "x.gguf", slice_model(base, narrow_dims, shape), embedded_gguf(), "x")
+        write_gguf(tmp_path / "x.gguf", slice_model(base, narrow_dims, shape), TOKENIZER, "x")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_tokenizer_json_converts_to_what_llamacpps_own_converter_wrote(tokenizer, tmp_path):
+    """The embedded model's tokenizer.json, converted, holds the keys llama.cpp's convert_hf_to_gguf
+    wrote into SmolLM2's GGUF (vocabulary, token types, merges, special ids, chat template); the
+    pre-tokenizer is the one llama.cpp tokenizes the probe with as transformers does, and the probe
+    tells pre-tokenizers apart (under Llama 3's, llama.cpp splits it otherwise)."""
+    from explorer.gguf_tokenizer import PROBE, _llamacpp_ids, _string
+
+    ours = GGUFTokenizer.from_transformers(tokenizer, 49152)
+    for key, (value, vtype, _) in TOKENIZER.keys.items():
+        assert ours.keys[key][:2] == (value, vtype), key
+    assert "'smollm'" in ours.source
+    wrong = {**ours.keys, "tokenizer.ggml.pre": _string("llama-bpe")}
+    assert _llamacpp_ids(tmp_path / "w.gguf", wrong, 49152) != tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+
+
+def test_a_tokenizer_llamacpp_cannot_read_alike_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(TokenizerError, match="byte-level BPE"):
+        bpe_keys(PreTrainedTokenizerFast(tokenizer_object=words), 2)
+
+
+@pytest.mark.slow
+def test_a_base_from_a_transformers_folder_exports_a_gguf_llamacpp_runs(tokenizer, tmp_path):
+    """A Llama model read from a folder (config, safetensors, tokenizer.json; no GGUF anywhere):
+    the CLI converts its tokenizer and the narrowed subnet's GGUF agrees with our model in llama.cpp."""
+    from explorer.cli import main
+
+    base, shape = tiny("llama-bias")
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    sub = whole_heads(shape, [((1,), (0, 2, 3), range(0, 96, 2)), ((0, 1), (1,), range(40)), None,
+                              ((0,), (0, 1, 2, 3), range(96))])
+    (tmp_path / "sub.json").write_text(sub.to_json())
+    assert main(["export", "--model", str(tmp_path / "base"), "--subnet", str(tmp_path / "sub.json"), "--format",
+                 "gguf", "--out", str(tmp_path / "out"), "--heldout-windows", "0", "--no-zip"]) == 0
+    record = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert record["verification"]["llama_cpp"]["passed"] and record["verification"]["llama_cpp"]["same_tokenization"]
+    assert record["gguf"]["tokenizer_from"].startswith("converted from tokenizer.json")
 
 
 @pytest.mark.slow

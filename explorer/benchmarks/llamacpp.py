@@ -23,7 +23,7 @@ import numpy as np
 
 from ..data import heldout_windows, load_corpus
 from ..export import PROMPT_TEXT
-from ..export_gguf import source_gguf, write_gguf
+from ..export_gguf import base_tokenizer, write_gguf
 from ..llamacpp import check, open_gguf
 from ..loading import load_model
 from ..perplexity import perplexity
@@ -69,7 +69,7 @@ def decode_rate(path: Path, prompt: list[int], tokens: int, threads: int) -> flo
 def run(args) -> dict:
     t0 = time.perf_counter()
     lm = load_model(args.model, args.dtype, args.device)
-    base = source_gguf(lm)
+    base = base_tokenizer(lm)
     corpus = load_corpus(args.corpus)
     held = heldout_windows(lm.tokenizer, corpus, args.heldout_windows, args.seq_len)
     prompt = held[0, : args.prompt_len].tolist()
