@@ -131,7 +131,10 @@ def pareto_figure(candidates: Iterable, x_label: str, y_label: str, picked: list
         clickmode="event", legend=dict(orientation="h", yanchor="top", y=-0.12, x=0), hovermode="closest",
         hoverlabel=dict(font_size=15))
     if yk in ("ppl", "fitness_ppl"):
-        fig.update_yaxes(type="log")
+        ys = [p[2] for p in everything if p[2] and p[2] > 0]
+        # over two decades and more, label powers of ten only (Plotly's 2 and 5 between them clutter a projector)
+        wide = bool(ys) and max(ys) / min(ys) >= 100
+        fig.update_yaxes(type="log", **({"dtick": 1} if wide else {}))
     return fig
 
 
@@ -149,7 +152,7 @@ def layer_figure(summary: dict, shape) -> go.Figure:
                          marker_color="#f58518", customdata=widths,
                          hovertemplate="layer %{x}: %{customdata} of " + str(shape.intermediate_size)
                          + " channels<extra></extra>"))
-    fig.update_layout(barmode="group", template="plotly_white", height=300, yaxis=dict(range=[0, 1.05],
-                      tickformat=".0%"), xaxis_title="layer", margin=dict(l=50, r=10, t=10, b=90),
+    fig.update_layout(barmode="group", template="plotly_white", height=330, yaxis=dict(range=[0, 1.05],
+                      tickformat=".0%"), xaxis_title="layer", margin=dict(l=50, r=10, t=40, b=90),  # t: under Gradio's label
                       legend=dict(orientation="h", yanchor="top", y=-0.3, x=0))  # under the axis, clear of the label
     return fig

@@ -70,3 +70,12 @@ def test_status_says_generation_n_of_n_from_the_start():
     budgeted.update(GenerationFinished(0.7, 1, 20.0, "a", 1.0, 1, 0, 0))
     text = budgeted.markdown()
     assert "time budget 5 min" in text and "s left" in text and "| 70% | 1/… |" in text
+
+
+def test_log_axis_labels_powers_of_ten_only_when_it_spans_decades():
+    wide = [cand("a", 0.5, 5000.0), cand("b", 0.7, 20.0)]
+    narrow = [cand("a", 0.5, 50.0), cand("b", 0.7, 20.0)]
+    fig = pareto_figure(wide, "parameters (% of dense)", "search fitness perplexity")
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.dtick == 1
+    fig = pareto_figure(narrow, "parameters (% of dense)", "search fitness perplexity")
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.dtick is None  # Plotly's own ticks within a decade

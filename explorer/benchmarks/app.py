@@ -28,7 +28,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--no-first-run", "--disable-quic"]
 TRACES = """() => { const p = document.querySelector('#pareto-plot .js-plotly-plot');
   return p && p.data ? p.data.map(t => ({name: t.name, n: (t.customdata || []).length,
-                                         ids: (t.customdata || []).map(c => c[0])})) : []; }"""
+                                         ids: (t.customdata || []).map(c => c[0]), y: Array.from(t.y || [])})) : []; }"""
 
 
 def free_port() -> int:
@@ -79,6 +79,11 @@ def wait_for(page, test, timeout: float, poll: float = 0.25):
     raise TimeoutError(f"not reached in {timeout:.0f} s")
 
 
+def show_plot(page) -> None:
+    """Scroll so the plot's panel row is at the top of the viewport (what a projector shows)."""
+    page.evaluate("() => document.querySelector('#pareto-plot').scrollIntoView({block: 'start'})")
+
+
 def traces(page) -> list[dict]:
     return page.evaluate(TRACES)
 
@@ -99,6 +104,7 @@ def run(args) -> dict:
             page.set_default_timeout(300_000)
             page.goto(url)
             wait_for(page, lambda pg: any(t["n"] for t in traces(pg)), 120)
+            show_plot(page)
             page.screenshot(path=str(shots / "01-open.png"))
             ts = time.perf_counter()
             page.get_by_role("button", name="Load", exact=True).click()
@@ -129,6 +135,9 @@ def run(args) -> dict:
             _, t_first = wait_for(page, lambda pg: any(n.startswith(subnet_traces) and t["n"] > 1
                                                        for n, t in names(pg).items()), args.timeout)
             result["start_to_first_subnet_s"] = t_first - start
+            # let the search run on (the screenshot and the pick show a search, not its first point)
+            wait_for(page, lambda pg: time.perf_counter() - start >= args.search_seconds, args.search_seconds + 5)
+            show_plot(page)
             page.screenshot(path=str(shots / "03-search.png"))
             page.get_by_role("button", name="Stop").click()
             wait_for(page, lambda pg: "stopped" in pg.locator("#status-box").inner_text()
@@ -137,8 +146,10 @@ def run(args) -> dict:
             now = names(page)
             front = next(t for n, t in now.items() if n.startswith("Pareto front"))
             dense_ids = set(now.get("dense model", {}).get("ids", []))
-            members = [i for i in front["ids"] if i not in dense_ids] or front["ids"]  # a subnet, not the dense star
-            target_id = members[len(members) // 2]
+            # the front's best subnet (lowest perplexity), not the dense star: what a speaker would show
+            members = [(y, i) for i, y in zip(front["ids"], front["y"]) if i not in dense_ids] or \
+                list(zip(front["y"], front["ids"]))
+            target_id = min(members)[1]
             box = page.evaluate("""(id) => { const p = document.querySelector('#pareto-plot .js-plotly-plot');
                 const i = p.data.findIndex(t => t.name.startsWith('Pareto front'));
                 const k = p.data[i].customdata.findIndex(c => c[0] === id);
@@ -153,12 +164,14 @@ def run(args) -> dict:
             wait_for(page, lambda pg: target_id in pg.locator("#subnet-card").inner_text(), 120)
             result["click_to_card_s"] = time.perf_counter() - tc
             result["clicked"] = target_id
+            show_plot(page)
             page.screenshot(path=str(shots / "04-pick.png"))
             # reform the pick (the plot stays), then prompt it beside the original, then an error
             tr = time.perf_counter()
             page.get_by_role("button", name="Reform").click()
             wait_for(page, lambda pg: "Reformed" in pg.locator("#action-status").inner_text(), 900)
             result["reform_s"] = time.perf_counter() - tr
+            show_plot(page)
             page.screenshot(path=str(shots / "05-reform.png"))
             page.get_by_role("button", name="Add to compare").click()
             wait_for(page, lambda pg: "added to compare" in pg.locator("#action-status").inner_text(), 60)
@@ -194,9 +207,10 @@ def run(args) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default="0.8,0.7,0.6,0.5")
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--search-seconds", type=float, default=90, help="search this long after Start before Stop")
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--height", type=int, default=720)
-    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--shots", default="docs/screenshots")
     p.add_argument("--out", default="docs/results/app.json")
