@@ -43,6 +43,7 @@ class Calibration:
     key: str | None = None  # cache_key: the same model and calibration data have the same one
     cache_dir: Path | None = None
     run_dir: Path | None = None
+    selection: torch.Tensor | None = None  # windows that re-score the top candidates for the final pick
     _scorings: dict = field(default_factory=dict, repr=False)
 
     def scoring(self, name: str, model, shape) -> Importance:
@@ -144,8 +145,8 @@ def cache_key(lm, settings) -> str:
 
 def calibrate(lm, settings, run_dir: Path, cancel: threading.Event | None = None, windows: tuple | None = None,
               cache_dir: Path | None = None, seeds: tuple[Path, ...] = ()) -> Iterator[StageProgress | Calibration]:
-    """Yields StageProgress, then the Calibration (last item). `windows` = (calibration, fitness)
-    token tensors replaces the corpus (tests on tiny models; nothing is cached then). `seeds`: run
+    """Yields StageProgress, then the Calibration (last item). `windows` = (calibration, fitness[,
+    selection]) token tensors replaces the corpus (tests on tiny models; nothing is cached then). `seeds`: run
     folders (the shipped demo) whose `calibration.json` may name the very pass this search needs."""
     run_dir = Path(run_dir)
     corpus = load_corpus(settings.corpus) if windows is None else None
@@ -153,6 +154,9 @@ def calibrate(lm, settings, run_dir: Path, cancel: threading.Event | None = None
         lm.tokenizer, corpus, settings.calib_windows, settings.calib_seq_len, seed=settings.seed)
     fitness = windows[1] if windows is not None else calibration_windows(
         lm.tokenizer, corpus, settings.fitness_windows, settings.fitness_seq_len, seed=settings.seed + 1)
+    n_select = settings.select_windows if getattr(settings, "select_top", 0) > 1 else 0
+    selection = (windows[2] if len(windows) > 2 else None) if windows is not None else (calibration_windows(
+        lm.tokenizer, corpus, n_select, settings.fitness_seq_len, seed=settings.seed + 2) if n_select > 0 else None)
     own = run_dir / "importance.pt"
     key = None if windows is not None else cache_key(lm, settings)
     cached = None if (cache_dir is None or key is None) else Path(cache_dir) / f"{key}.pt"
@@ -203,7 +207,7 @@ def calibrate(lm, settings, run_dir: Path, cancel: threading.Event | None = None
                                                              "windows": settings.calib_windows,
                                                              "seq_len": settings.calib_seq_len, "seed": settings.seed}))
     yield Calibration(importance, means, calib, fitness, from_cache, key, None if cache_dir is None else Path(cache_dir),
-                      run_dir)
+                      run_dir, selection)
 
 
 __all__ = ["Calibration", "calibrate", "FILES", "cache_key"]

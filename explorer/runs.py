@@ -164,7 +164,8 @@ class Run:
         return fronts_of(self.candidates())
 
     def pick(self, pick: str) -> Candidate:
-        """A candidate by id, or "best@0.7": the best fitness among the search's own candidates at that target."""
+        """A candidate by id, or "best@0.7": the search's pick at that target (the best of its re-scored
+        top candidates, else the best fitness among its own candidates)."""
         cands = self.candidates()
         if pick.startswith("best@"):
             try:
@@ -176,6 +177,9 @@ class Run:
             if not pool:
                 targets = sorted({c.target for c in cands if c.origin in SEARCH_ORIGINS})
                 raise RunError(f"no search candidate at target {target} (targets: {targets})")
+            selected = [c for c in pool if "selection_ppl" in c.metrics]  # the search's final pick (search.select)
+            if selected:
+                return min(selected, key=lambda c: (c.metrics["selection_ppl"], c.id))
             return min(pool, key=lambda c: (c.fitness, c.id))
         for c in cands:
             if c.id == pick:

@@ -66,6 +66,10 @@ class SearchSettings:
     generations: int = 4  # after the first (with `minutes`: at most this many)
     minutes: float | None = None  # a time budget for the whole search (None: the generations alone decide)
     top_k: int = 5
+    # the final pick per target: the best `select_top` by fitness re-scored on `select_windows` fresh
+    # calibration windows (of fitness_seq_len); 4 short fitness windows cannot tell the top few apart
+    select_top: int = 4
+    select_windows: int = 16
     mutations: int = 6  # per generation
     crossovers: int = 3
     fresh: int = 1  # mutations of the initial subnet
@@ -112,6 +116,7 @@ class SearchSettings:
         d.setdefault("fitness_batch", 1)
         d.setdefault("compensate", False)  # runs from before compensation searched without it
         d.setdefault("seed_baselines", False)
+        d.setdefault("select_top", 0)  # runs from before the selection picked by fitness alone
         for k in ("first_probs", "probs"):
             if isinstance(d.get(k), dict):
                 d[k] = Probs(**d[k])

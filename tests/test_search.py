@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from explorer.capture import ChannelMeans
 from explorer.errors import ExplorerError
 from explorer.evolution import crossover, make_space, mutate
 from explorer.settings import Probs
@@ -19,7 +20,7 @@ from explorer.perplexity import perplexity
 from explorer.runs import open_run
 from explorer.events import CandidateEvaluated, FrontChanged, GenerationFinished, SearchCancelled, SearchFinished
 from explorer.search import SearchSettings, run_search
-from explorer.slicing import slice_model
+from explorer.slicing import candidate_model, slice_model
 from explorer.subnet import ModelShape
 from conftest import tiny_llama
 
@@ -121,6 +122,29 @@ def test_search_is_reproducible_and_yields_fronts(setup, tmp_path):
     origins = {c.origin for c in run.candidates()}
     assert {"dense", "init", "search", "baseline:magnitude", "baseline:wanda-sp", "baseline:flap"} <= origins
     assert run.status == "finished" and run.fronts()["params"]
+
+
+def test_the_pick_is_the_best_of_the_top_few_rescored_on_fresh_windows(setup, tmp_path):
+    """search.select: the best `select_top` by fitness are re-scored on the selection windows; each
+    score equals the perplexity of that candidate's sliced model on those windows (computed here by
+    the sliced model's own forward, not the search's evaluator), and the pick, the summary and
+    best@ are the lowest of them."""
+    model, shape, _, cal, fit = setup
+    sel = torch.randint(3, 97, (4, 24), generator=torch.Generator().manual_seed(5))
+    evs = _collect(run_search(_lm(model, shape), _settings(targets=(0.7,), select_top=3, fitness_dtype="float32"), tmp_path / "r",
+                              windows=(cal, fit, sel)))
+    done = [e for e in evs if isinstance(e, SearchFinished)][0]
+    run = open_run(tmp_path / "r")
+    rescored = [c for c in run.candidates() if "selection_ppl" in c.metrics]
+    assert len(rescored) == 3
+    ranked = sorted((c for c in run.candidates() if c.origin in ("search", "init") and c.fitness < float("inf")),
+                    key=lambda c: (c.fitness, c.id))
+    assert {c.id for c in rescored} <= {c.id for c in ranked[:3 + 2]}  # the elite's best (ties by nll/id)
+    means = ChannelMeans.load(tmp_path / "r" / "channel_means.safetensors")
+    for c in rescored:
+        assert c.metrics["selection_ppl"] == pytest.approx(perplexity(candidate_model(model, c, means), sel), rel=1e-5)
+    pick = min(rescored, key=lambda c: (c.metrics["selection_ppl"], c.id))
+    assert run.pick("best@0.7").id == pick.id == done.summary["best"]["0.7"]["id"]
 
 
 def test_resume_after_cancel_continues_without_reevaluating(setup, tmp_path):
