@@ -154,9 +154,12 @@ def calibrate(lm, settings, run_dir: Path, cancel: threading.Event | None = None
         lm.tokenizer, corpus, settings.calib_windows, settings.calib_seq_len, seed=settings.seed)
     fitness = windows[1] if windows is not None else calibration_windows(
         lm.tokenizer, corpus, settings.fitness_windows, settings.fitness_seq_len, seed=settings.seed + 1)
-    n_select = settings.select_windows if getattr(settings, "select_top", 0) > 1 else 0
-    selection = (windows[2] if len(windows) > 2 else None) if windows is not None else (calibration_windows(
-        lm.tokenizer, corpus, n_select, settings.fitness_seq_len, seed=settings.seed + 2) if n_select > 0 else None)
+    selection = None  # the final pick's re-scoring windows (search.select); none when it is off
+    if windows is not None:
+        selection = windows[2] if len(windows) > 2 else None
+    elif getattr(settings, "select_top", 0) > 1 and settings.select_windows > 0:
+        selection = calibration_windows(lm.tokenizer, corpus, settings.select_windows, settings.fitness_seq_len,
+                                        seed=settings.seed + 2)
     own = run_dir / "importance.pt"
     key = None if windows is not None else cache_key(lm, settings)
     cached = None if (cache_dir is None or key is None) else Path(cache_dir) / f"{key}.pt"
