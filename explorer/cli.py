@@ -19,7 +19,7 @@ log = logging.getLogger("explorer")
 
 # Modules that add subcommands: each has `register(subparsers)`; a step's CLI lives beside it.
 COMMAND_MODULES: tuple[str, ...] = ("explorer.cli_evaluate", "explorer.cli_search", "explorer.cli_reform")
-BENCHMARKS = ("dense", "quality", "reform", "zeroshot", "scaling", "objective", "latency", "llamacpp", "app")
+BENCHMARKS = ("dense", "quality", "flap", "reform", "zeroshot", "scaling", "objective", "latency", "llamacpp", "app")
 
 
 class Bars:

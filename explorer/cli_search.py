@@ -9,7 +9,7 @@ import sys
 from tqdm import tqdm
 
 from .errors import ExplorerError
-from .settings import SearchSettings, parse_override
+from .settings import PRESETS, SearchSettings, parse_override
 
 
 def _targets(text: str) -> tuple[float, ...]:
@@ -31,7 +31,9 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--corpus", default=d.corpus, help="bbc (embedded), a UTF-8 text file, or hf:wikitext-2")
     p.add_argument("--targets", type=_targets, default=d.targets, help="fractions of total parameters, e.g. 0.9,0.7,0.5")
-    p.add_argument("--preset", default=d.preset_name, choices=["demo", "paper"])
+    p.add_argument("--preset", default=d.preset_name, choices=list(PRESETS),
+                   help=f"demo: a talk's {PRESETS['demo'].minutes:g} minutes (default); paper: the paper's "
+                        "population and generations, no time budget")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--fitness-mode", choices=["paper", "reformed"], default=None,
                    help="paper: rank the sliced subnets (default); reformed: rank subnets assembled from "
@@ -41,7 +43,7 @@ def register(sub) -> None:
                         "heads (KV groups x query heads per group), exportable as GGUF for llama.cpp")
     p.add_argument("--minutes", type=float, default=None,
                    help="a time budget: the targets share it and each stops with the best it has (the "
-                        "generations are then a cap)")
+                        "generations are then a cap); default: the preset's; --set minutes=null for none")
     p.add_argument("--set", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
                    help="override a search setting, e.g. --set generations=8 (repeatable)")
     g = p.add_mutually_exclusive_group(required=True)
@@ -133,7 +135,7 @@ def _render(events, run_dir: str) -> int:
                 bar.update(1)
                 bar.set_postfix_str(f"target {c.target:.0%} gen {c.generation} ppl {c.fitness:.4g}", refresh=False)
             elif isinstance(ev, GenerationFinished):
-                tqdm.write(f"target {ev.target:.0%} generation {ev.generation}/{ev.generations}: best {ev.best_id} "
+                tqdm.write(f"target {ev.target:.0%} generation {ev.progress()}: best {ev.best_id} "
                            f"ppl {ev.best_fitness:.4g}, {ev.evals_per_s:.2f} evals/s", file=sys.stderr)
             elif isinstance(ev, LatencyMeasured):
                 m = ev.measurement

@@ -73,7 +73,11 @@ class GenerationFinished:
     evals_per_s: float  # this generation's real evaluations per second of wall time
     evaluated: int  # evaluated in this generation (replayed included)
     stopped_early: int
-    generations: int  # total per target, for progress bars
+    generations: int  # total per target, for progress bars (0 under a time budget: the clock decides)
+
+    def progress(self) -> str:
+        """'3/5', or '3' under a time budget (no fixed total to show)."""
+        return f"{self.generation}/{self.generations}" if self.generations else str(self.generation)
 
 
 @dataclass(frozen=True)

@@ -131,16 +131,18 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
                     fronts = now
                     yield FrontChanged(tuple(now["params"]), tuple(now["latency"]))
             best[target] = yield from select(run, elite, selector, s, target, group.leader, cancel)
-        if s.latency and group.leader and (budget.spent() or (latency is None and budget.minutes is not None)):
-            yield StageProgress("latency", 1, 1, "skipped: the time budget is spent (latencies stay predicted)"
-                                if latency is not None else "skipped: this machine has no latency model yet, and "
-                                "fitting one would overrun the time budget (a search without one fits it)")
-        elif s.latency and group.leader:  # timing is process 0's, after every candidate is found
-            if latency is None:
-                latency = yield from _latency(lm, s, run, cancel, fit=True)
-                predict_archive(run, archive, latency, lm.shape)
-                fronts = fronts_of(archive.candidates)
-                yield FrontChanged(tuple(fronts["params"]), tuple(fronts["latency"]))
+        if s.latency and group.leader and latency is None:  # timing is process 0's, after every candidate
+            if budget.minutes is not None:
+                yield StageProgress("latency", 0, 1, "this machine has no latency model yet: fitting it once, after "
+                                    "the time budget (it is cached for every later search)")
+            latency = yield from _latency(lm, s, run, cancel, fit=True)
+            predict_archive(run, archive, latency, lm.shape)
+            fronts = fronts_of(archive.candidates)
+            yield FrontChanged(tuple(fronts["params"]), tuple(fronts["latency"]))
+        if s.latency and group.leader and budget.spent():
+            yield StageProgress("latency", 1, 1, "measuring the front skipped: the time budget is spent "
+                                "(latencies stay predicted)")
+        elif s.latency and group.leader:
             yield from measure_front(lm, run, archive, best, fronts, cal, s.measure_max, cancel)
     except Cancelled as e:
         yield SearchCancelled(summary(archive, best, fronts, fitness, latency, time.perf_counter() - t0), str(e))
@@ -153,8 +155,9 @@ class Budget:
     equally (a target that ends early leaves its time to the next); within a target, another
     generation starts only if one as long as the last still ends before the target's share is
     spent, and the first always runs, so every target has its best. With latency on, the last tenth
-    is kept for timing the front, which is skipped, saying so, if nothing is left (and a latency
-    model is never fitted within a budget: that takes minutes). The leader's
+    is kept for timing the front, which is skipped, saying so, if nothing is left. A machine's
+    first search fits its latency model after the budget, saying so (minutes, once: it is cached),
+    so that even the demo preset's first search plots latencies. The leader's
     clock decides for every process of a distributed search. Without minutes it never stops a
     search; with them a search is reproducible only up to where the clock stopped it."""
 
@@ -553,6 +556,23 @@ def run_search(lm: LoadedModel, settings: SearchSettings, run_dir: str | Path,
                       lambda folder: _start(lm, settings, folder, cancel, resume, windows, group))
 
 
+def prepare(lm: LoadedModel, settings: SearchSettings, run_dir: str | Path,
+            cancel: threading.Event | None = None) -> Iterator[Any]:
+    """Build what a search reads before its first candidate into the disk cache, without
+    searching: the calibration pass, the baselines' subnets at every target and, for the
+    reformation-aware mode, the ladders. A later search on the same model and data reuses them,
+    so its time budget is spent on searching (bench/quality.py gives each mode the same minutes
+    this way; in the app the cache does the same after the first search). Yields StageProgress."""
+    settings = resolve(lm, settings)
+    run = create_run(Path(run_dir), {**settings.to_dict(), "model": lm.name, "schema": SCHEMA}, lm.shape)
+    cal = yield from _calibrate(lm, settings, run, cancel, None)
+    for target in settings.targets:
+        for _ in baseline_jobs(lm, settings, cal, target):
+            pass
+    if settings.fitness_mode == "reformed":
+        yield from _ladders(lm, settings, cal, cancel)
+
+
 def _start(lm, settings, run_dir: Path, cancel, resume: bool, windows, group: Group) -> Iterator[Any]:
     if resume:
         run = open_run(run_dir)
@@ -597,4 +617,4 @@ def _log(run: Run, event):
     return event
 
 
-__all__ = ["SearchSettings", "PRESETS", "run_search", "search", "Elite", "validate_targets", "check_cancel"]
+__all__ = ["SearchSettings", "PRESETS", "run_search", "prepare", "search", "Elite", "validate_targets", "check_cancel"]

@@ -12,7 +12,7 @@ import torch
 from explorer.capture import ChannelMeans
 from explorer.errors import ExplorerError
 from explorer.evolution import crossover, make_space, mutate
-from explorer.settings import Probs
+from explorer.settings import DEMO_MINUTES, Probs
 from explorer.fitness import FitnessEvaluator, MaskedEvaluator
 from explorer.importance import compute_importance, initial_subnet
 from explorer.loading import LoadedModel
@@ -201,6 +201,25 @@ def test_a_time_budget_stops_every_target_cleanly_with_its_best(setup, tmp_path)
     assert run.settings["minutes"] == 0.002 and run.status == "finished"
 
 
+def test_a_machines_first_budgeted_search_fits_its_latency_model_after_the_budget(setup, tmp_path, monkeypatch):
+    """The demo preset has a time budget; on a machine without a latency model its first search
+    still ends with latencies: the model is fitted once after the budget, saying so, and cached; the
+    front's real timing, which the spent budget has no room for, is skipped, saying so."""
+    from explorer.events import StageProgress
+
+    monkeypatch.setenv("SUBNET_EXPLORER_CACHE", str(tmp_path / "cache"))  # this "machine" has no latency model
+    model, shape, _, cal, fit = setup
+    evs = _collect(run_search(_lm(model, shape), _settings(targets=(0.7,), minutes=0.002, latency=True),
+                              tmp_path / "r", windows=(cal, fit)))
+    assert isinstance(evs[-1], SearchFinished), evs[-1]
+    said = [e.message for e in evs if isinstance(e, StageProgress) and e.stage == "latency"]
+    assert any("fitting it once, after the time budget" in m for m in said), said
+    assert any("measuring the front skipped" in m for m in said), said
+    assert evs[-1].summary["latency_model"] is not None
+    assert open_run(tmp_path / "r").fronts()["latency"]  # the front in predicted latency exists
+    assert list((tmp_path / "cache").rglob("*.json"))  # cached: the next search reads it
+
+
 @pytest.mark.parametrize("minutes", [0, -1, "five"])
 def test_bad_time_budget_fails_before_any_work(setup, tmp_path, minutes):
     model, shape, _, cal, fit = setup
@@ -213,6 +232,8 @@ def test_presets_and_overrides():
     paper = SearchSettings.preset("paper")
     assert (paper.population, paper.generations, paper.top_k) == (100, 50, 10)
     assert SearchSettings.preset("demo", generations=7).generations == 7
+    # the demo preset is a talk's time budget (its generations a cap); the paper's runs its generations
+    assert SearchSettings.preset("demo").minutes == DEMO_MINUTES and paper.minutes is None
     with pytest.raises(ExplorerError):
         SearchSettings.preset("demo", no_such_field=1)
     with pytest.raises(ExplorerError):
@@ -273,6 +294,37 @@ def test_reformation_aware_search_on_embedded_model(embedded, tmp_path):
                 target = model.model.layers[j].get_submodule(name.rsplit(".", 1)[0])
                 getattr(target, name.rsplit(".", 1)[1]).copy_(t)
     assert perplexity(model, cal.fitness) == pytest.approx(best.fitness, rel=2e-3)
+
+
+def test_prepare_builds_what_a_search_reads_so_its_budget_is_spent_searching(embedded, tmp_path, monkeypatch):
+    """bench/quality.py gives every search mode the same minutes: `prepare` puts the calibration pass,
+    the baselines and the ladders into the cache first, and the timed search then reads all three
+    instead of computing them (checked by what its progress says and by the baselines it scores)."""
+    from explorer.events import StageProgress
+    from explorer.search import prepare
+
+    monkeypatch.setenv("SUBNET_EXPLORER_CACHE", str(tmp_path / "cache"))  # nothing cached before
+    s = SearchSettings.preset("demo", targets=(0.7,), calib_windows=4, calib_seq_len=64, fitness_windows=1,
+                              fitness_seq_len=64, population=2, generations=0, top_k=2, split_init=1,
+                              baselines=("flap", "wanda-sp"), baseline_windows=2, latency=False, select_top=0,
+                              fitness_mode="reformed", ladder_mlp_levels=2, fitness_dtype="float32")
+    built = [e for e in prepare(embedded, s, tmp_path / "prepared") if isinstance(e, StageProgress)]
+    assert {e.stage for e in built} >= {"importance", "ladders"}
+    assert not any("reused from the cache" in e.message for e in built)  # it computed them
+    events = list(run_search(embedded, s, tmp_path / "run"))
+    assert isinstance(events[-1], SearchFinished), events[-1]
+    said = {e.stage: e.message for e in events if isinstance(e, StageProgress) and e.done == e.total}
+    assert "reused from the cache" in said["importance"] and "reused from the cache" in said["ladders"]
+    assert not any("pre-reforming" in e.message for e in events if isinstance(e, StageProgress))
+    # the baselines the search scored are the prepared ones, read back (Wanda-sp's sequential pass not rerun)
+    from explorer.calibration import calibrate
+
+    (tmp_path / "check").mkdir()
+    cal = list(calibrate(embedded, s, tmp_path / "check", cache_dir=tmp_path / "cache" / "importance"))[-1]
+    run = open_run(tmp_path / "run")
+    for name in ("flap", "wanda-sp"):
+        res, read = cal.baseline(name, embedded.model, embedded.shape, 0.7, s.baseline_windows)
+        assert read and res.subnet == [c for c in run.candidates() if c.origin == f"baseline:{name}"][0].subnet
 
 
 def test_a_fresh_install_reads_the_shipped_runs_baselines(embedded, tmp_path):

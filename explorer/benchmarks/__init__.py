@@ -26,14 +26,22 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(torch.corrcoef(ranks)[0, 1])
 
 
-def add_common_arguments(p, heldout_windows: int | None = None) -> None:
-    """--model/--dtype/--device/--corpus/--seq-len/--heldout-windows, with the shared defaults."""
-    from ..settings import DataSettings, ModelSettings
+def add_model_arguments(p) -> None:
+    """--model/--dtype/--device, with the shared defaults."""
+    from ..settings import ModelSettings
 
-    m, d = ModelSettings(), DataSettings()
+    m = ModelSettings()
     p.add_argument("--model", default=m.model)
     p.add_argument("--dtype", default=m.dtype)
     p.add_argument("--device", default=m.device)
+
+
+def add_common_arguments(p, heldout_windows: int | None = None) -> None:
+    """The model's arguments and --corpus/--seq-len/--heldout-windows, with the shared defaults."""
+    from ..settings import DataSettings
+
+    d = DataSettings()
+    add_model_arguments(p)
     p.add_argument("--corpus", default=d.corpus)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--heldout-windows", type=int, default=heldout_windows or d.heldout_windows)

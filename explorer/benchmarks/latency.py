@@ -25,7 +25,7 @@ from ..runs import open_run
 from ..search import run_search
 from ..settings import SearchSettings
 from ..slicing import candidate_model
-from . import format_table, machine, spearman, write_json
+from . import add_model_arguments, format_table, machine, spearman, write_json
 
 
 def independent_timing(models: dict, vocab: int, new_tokens: int, rounds: int, prompt_len: int = 32) -> dict:
@@ -133,12 +133,7 @@ def run(args) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..settings import ModelSettings
-
-    m = ModelSettings()
-    p.add_argument("--model", default=m.model)
-    p.add_argument("--dtype", default=m.dtype)
-    p.add_argument("--device", default=m.device)
+    add_model_arguments(p)
     p.add_argument("--run", default=None, help="a finished run with measured front members (default: search now)")
     p.add_argument("--targets", default="0.9,0.8,0.7,0.6,0.5")
     p.add_argument("--seed", type=int, default=0)

@@ -180,7 +180,8 @@ def build(default_model: str = ModelSettings().model) -> UI:
                     population = gr.Number(None, label="Population (blank = preset)", precision=0)
                     generations = gr.Number(None, label="Generations (blank = preset)", precision=0)
                     minutes = gr.Number(0, label="Time budget, minutes (0 = the preset's)",
-                                        info="the targets share it; each stops with the best it has")
+                                        info="the targets share it; each stops with the best it has "
+                                             f"(demo: {PRESETS['demo'].minutes:g} min; paper: none)")
                     fitness_windows = gr.Number(None, label="Fitness windows (blank = preset)", precision=0)
                     baselines = gr.Checkbox(True, label="Also run the baselines (magnitude, Wanda-sp, FLAP)",
                                             info="FLAP and uniform FLAP with their bias compensation, as in FLAP's code")

@@ -1,0 +1,8 @@
+"""FLAP on the reference data recipe over calibration seeds (see explorer/benchmarks/flap.py)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from explorer.benchmarks import main  # noqa: E402
+
+main("flap") if __name__ == "__main__" else None
