@@ -50,14 +50,20 @@ def load_corpus(name: str = "bbc") -> Corpus:
     return _text_file(Path(name).expanduser())
 
 
+def bbc_files() -> list[tuple[Path, bool]]:
+    """Every BBC article file in category, then file order, and whether the split holds it out
+    (its number within the category is a multiple of 5)."""
+    return [(f, int(f.stem) % 5 == 0) for folder in sorted(p for p in bbc_folder().iterdir() if p.is_dir())
+            for f in sorted(folder.glob("*.txt"))]
+
+
 def _bbc() -> Corpus:
     cal, held, seen = [], [], set()
-    for folder in sorted(p for p in bbc_folder().iterdir() if p.is_dir()):
-        for f in sorted(folder.glob("*.txt")):
-            text = f.read_text(encoding="utf-8", errors="replace").strip()
-            if text and text not in seen:  # the collection repeats some articles; keep the first copy
-                seen.add(text)
-                (held if int(f.stem) % 5 == 0 else cal).append(text)
+    for f, held_out in bbc_files():
+        text = f.read_text(encoding="utf-8", errors="replace").strip()
+        if text and text not in seen:  # the collection repeats some articles; keep the first copy
+            seen.add(text)
+            (held if held_out else cal).append(text)
     return Corpus("bbc", tuple(cal), tuple(held),
                   f"BBC News ({len(cal)} calibration / {len(held)} held-out articles)")
 

@@ -564,7 +564,7 @@ def prepare(lm: LoadedModel, settings: SearchSettings, run_dir: str | Path,
     so its time budget is spent on searching (bench/quality.py gives each mode the same minutes
     this way; in the app the cache does the same after the first search). Yields StageProgress."""
     settings = resolve(lm, settings)
-    run = create_run(Path(run_dir), {**settings.to_dict(), "model": lm.name, "schema": SCHEMA}, lm.shape)
+    run = _new_run(lm, settings, Path(run_dir))
     cal = yield from _calibrate(lm, settings, run, cancel, None)
     for target in settings.targets:
         for _ in baseline_jobs(lm, settings, cal, target):
@@ -582,8 +582,12 @@ def _start(lm, settings, run_dir: Path, cancel, resume: bool, windows, group: Gr
             raise RunError(f"the run was made on a different model ({run.settings.get('model')})")
     settings = resolve(lm, settings)
     if not resume:
-        run = create_run(run_dir, {**settings.to_dict(), "model": lm.name, "schema": SCHEMA}, lm.shape)
+        run = _new_run(lm, settings, run_dir)
     return _events(lm, settings, run, cancel, resume, windows, group)
+
+
+def _new_run(lm, settings: SearchSettings, run_dir: Path) -> Run:
+    return create_run(run_dir, {**settings.to_dict(), "model": lm.name, "schema": SCHEMA}, lm.shape)
 
 
 def _events(lm, settings, run: Run, cancel, resume, windows, group: Group) -> Iterator[Any]:

@@ -21,7 +21,7 @@ import time
 import torch
 
 from ..baselines import baseline_subnet
-from ..data import bbc_folder, windows
+from ..data import bbc_files, windows
 from ..importance import compute_importance
 from ..loading import load_model
 from ..perplexity import perplexity
@@ -36,11 +36,10 @@ METHODS = ("flap", "flap-uniform")
 def reference_texts() -> tuple[str, str]:
     """(calibration text, held-out text): every BBC file as it is, in category then file order,
     held out when its number is a multiple of 5, concatenated without separators."""
-    cal, held = [], []
-    for folder in sorted(p for p in bbc_folder().iterdir() if p.is_dir()):
-        for f in sorted(folder.glob("*.txt")):
-            (held if int(f.stem) % 5 == 0 else cal).append(f.read_text(encoding="utf-8", errors="replace"))
-    return "".join(cal), "".join(held)
+    files = bbc_files()
+    text = lambda held_out: "".join(f.read_text(encoding="utf-8", errors="replace")  # noqa: E731
+                                    for f, h in files if h == held_out)
+    return text(False), text(True)
 
 
 def official_windows(stream: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -77,8 +76,7 @@ def run(args) -> dict:
             log(f"seed {seed} {method}: " + " / ".join(f"{row[f'{t:g}']:.1f}" for t in targets))
     summary = []
     for method in METHODS:
-        for what in ("median", "min", "max"):
-            pick = getattr(statistics, what) if what == "median" else {"min": min, "max": max}[what]
+        for what, pick in (("median", statistics.median), ("min", min), ("max", max)):
             summary.append({"seed": what, "method": method,
                             **{f"{t:g}": pick(r[f"{t:g}"] for r in rows if r["method"] == method) for t in targets}})
     ref = {"seed": "issue", "method": "flap (official code)", **{f"{t:g}": FLAP_REFERENCE.get(t) for t in targets}}
