@@ -1,4 +1,5 @@
-"""FLAP on the reference data recipe over calibration seeds (see explorer/benchmarks/flap.py)."""
+"""FLAP against the issue's figures over calibration seeds, on our split or the reference's recipe,
+with an optional literal cross-check (see explorer/benchmarks/flap.py)."""
 import os
 import sys
 

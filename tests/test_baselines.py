@@ -170,3 +170,21 @@ def test_baselines_are_built_once_per_calibration_and_read_back(setup, tmp_path,
     fresh, read = Calibration(imp, imp.channel_means(), windows, windows[:1], key="k",
                               cache_dir=tmp_path / "cache").baseline("wanda-sp", model, shape, 0.6, 2)
     assert not read and fresh == direct and "unreadable cache file" in caplog.text
+
+
+def test_flap_matches_a_literal_reimplementation_of_the_official_prune_flap(setup):
+    """bench/flap.py's `literal_flap` (hooks, stacked standardisation, weighted cumulative-sum
+    threshold, masked weights with bias hooks; no explorer scoring, cutting or slicing) and our
+    FLAP give the same perplexity. At 0.8 and 0.7 of this model both cut rules (nearest kept share,
+    longest prefix within budget) keep the same items, so the figures agree to float precision."""
+    from explorer.benchmarks.flap import literal_flap
+    from explorer.runs import Candidate
+    from explorer.slicing import candidate_model
+
+    model, shape, stats, windows = setup
+    held = torch.randint(3, 97, (3, 24), generator=torch.Generator().manual_seed(1))
+    literal = literal_flap(model, windows, held, (0.8, 0.7))
+    for t, want in literal.items():
+        res = baseline_subnet("flap", model, stats, shape, t, windows)
+        ours = candidate_model(model, Candidate("flap", t, 0, "flap", res.subnet, {}, True), stats.channel_means())
+        assert perplexity(ours, held) == pytest.approx(want, rel=1e-5)

@@ -1,4 +1,5 @@
-"""FLAP against the issue's official-code figures, on the reference's data recipe, over calibration seeds.
+"""FLAP against the issue's official-code figures over calibration seeds, on our split or on the
+reference's data recipe.
 
 The issue's independent FLAP figures (57.6 / 177.6 / 593 / 1141 at 80 / 70 / 60 / 50 % of the
 parameters) come with a split and a window count but not the text recipe or the calibration
@@ -9,11 +10,19 @@ then one `random.randint(0, n - seqlen - 1)` start per window. Its dense held-ou
 issue's 28.9 (ours, on the deduplicated split: 28.99). FLAP and uniform FLAP run exactly as in
 `bench/quality.py` (`explorer.baselines`); each seed is a full importance pass. What it measures:
 how far the reference's figures are from ours once the data match, and how much the calibration draw
-alone moves them (the spread over seeds).
+alone moves them (the spread over seeds). `--recipe split` runs the same on our own split and windows
+(`explorer.data`: the corpus bench/quality.py reads, windows drawn by `calibration_windows(seed)`), so
+bench/quality.py's one FLAP figure per size can be placed within the spread of its draws.
+`--literal` adds, from the same windows, FLAP as `prune_flap` writes it (`literal_flap`): forward
+hooks, one stacked standardisation, the weighted cumulative-sum threshold, masked weights and
+output-bias hooks on a copy of the transformers model, none of explorer's scoring, cutting or
+slicing; a check that our FLAP is the official algorithm, not an agreement with itself.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import random
 import statistics
 import time
@@ -21,7 +30,7 @@ import time
 import torch
 
 from ..baselines import baseline_subnet
-from ..data import bbc_files, windows
+from ..data import bbc_files, calibration_windows, heldout_windows, load_corpus, windows
 from ..importance import compute_importance
 from ..loading import load_model
 from ..perplexity import perplexity
@@ -49,21 +58,88 @@ def official_windows(stream: torch.Tensor, n: int, seq_len: int, seed: int) -> t
     return torch.stack([stream[i:i + seq_len] for i in starts])
 
 
+@torch.no_grad()
+def literal_flap(model, cal: torch.Tensor, held: torch.Tensor, targets: tuple[float, ...]) -> dict[float, float]:
+    """Held-out perplexity of FLAP (AL-AM, WIFV) at each share of the total parameters, in the
+    steps of CASIA-IVA-Lab/FLAP `lib/prune.py`, extended to GQA by whole KV groups: the variance
+    of each o_proj / down_proj input channel over the calibration tokens times its column's
+    squared norm (o_proj's squared again); per block standardisation of the stacked scores; a KV
+    group's score the mean of its channels; one descending sort with each group weighted by its
+    cost in MLP channels; the threshold where the weighted cumulative sum is nearest the kept
+    share; removed columns zeroed and `W[:, removed] @ mean(x[removed])` added to the output."""
+    cfg = model.config
+    L, H, KV, D = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
+    hd = getattr(cfg, "head_dim", None) or D // H
+    projs = lambda m, i: (m.model.layers[i].self_attn.o_proj, m.model.layers[i].mlp.down_proj)  # noqa: E731
+    sums: dict = {}
+
+    def collect(key):
+        def hook(_mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            n, s1, s2 = sums.get(key, (0, 0.0, 0.0))
+            sums[key] = (n + x.shape[0], s1 + x.sum(0), s2 + x.pow(2).sum(0))
+        return hook
+
+    handles = [p.register_forward_pre_hook(collect((i, j))) for i in range(L) for j, p in enumerate(projs(model, i))]
+    for w in cal:
+        model(input_ids=w[None], use_cache=False)
+    for h in handles:
+        h.remove()
+    mean = {k: s1 / n for k, (n, s1, _) in sums.items()}
+    metric = [[sums[(i, j)][2] / sums[(i, j)][0] - mean[(i, j)] ** 2 for j in (0, 1)] for i in range(L)]
+    for i in range(L):
+        for j, p in enumerate(projs(model, i)):
+            metric[i][j] = metric[i][j] * p.weight.double().pow(2).sum(0)
+    standard = lambda x: (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)  # noqa: E731
+    attn = standard(torch.stack([m[0] for m in metric]) ** 2).view(L, KV, -1).mean(2)
+    mlp = standard(torch.stack([m[1] for m in metric]))
+    group, channel = 2 * D * hd * (H // KV + 1), 3 * D  # q, o of the group's query heads, its k, v; a channel
+    total = sum({id(p): p.numel() for p in model.parameters()}.values())
+    prunable = L * (KV * group + mlp.shape[1] * channel)
+    ranked, order = torch.sort(torch.cat([attn.flatten(), mlp.flatten()]), descending=True)
+    cost = torch.where(order < attn.numel(), float(group), float(channel)).double()
+    out = {}
+    for t in targets:
+        kept = t * total - (total - prunable) - L * 2 * D  # the two compensation biases per block count
+        thr = ranked[torch.argmin((torch.cumsum(cost, 0) - kept).abs())]
+        pruned = copy.deepcopy(model)
+        for i in range(L):
+            for j, (p, keep) in enumerate(zip(projs(pruned, i), (
+                    (attn[i] > thr).repeat_interleave(H * hd // KV), mlp[i] > thr))):
+                gone = ~keep
+                bias = (p.weight.double()[:, gone] @ mean[(i, j)][gone]).to(p.weight.dtype)
+                p.weight[:, gone] = 0
+                p.register_forward_hook(lambda _m, _a, y, b=bias: y + b)
+        nll = sum(torch.nn.functional.cross_entropy(pruned(input_ids=w[None], use_cache=False).logits[0, :-1].float(),
+                                                    w[1:], reduction="sum").item() for w in held)
+        out[t] = math.exp(nll / (held.shape[0] * (held.shape[1] - 1)))
+    return out
+
+
 def run(args) -> dict:
     t0 = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
     lm = load_model(args.model, args.dtype, args.device)
-    tok = lambda text: torch.tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    cal_text, held_text = reference_texts()
-    cal_stream = tok(cal_text)
-    held = windows(tok(held_text), args.seq_len, args.heldout_windows, None, "held-out")
+    if args.recipe == "split":
+        corpus = load_corpus("bbc")
+        held = heldout_windows(lm.tokenizer, corpus, args.heldout_windows, args.seq_len)
+        draw = lambda seed: calibration_windows(lm.tokenizer, corpus, args.calib_windows,  # noqa: E731
+                                                args.calib_seq_len, seed)
+        loader = "our split: explorer.data.calibration_windows(seed)"
+    else:
+        tok = lambda text: torch.tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        cal_text, held_text = reference_texts()
+        cal_stream = tok(cal_text)
+        held = windows(tok(held_text), args.seq_len, args.heldout_windows, None, "held-out")
+        draw = lambda seed: official_windows(cal_stream, args.calib_windows, args.calib_seq_len, seed)  # noqa: E731
+        loader = "FLAP lib/data.py randint starts"
     dense = perplexity(lm.model, held)
     log(f"dense held-out ppl {dense:.3f} on {held.shape[0]} x {held.shape[1]} tokens (the issue's: 28.9)")
     targets = tuple(float(t) for t in args.targets.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
     for seed in seeds:
-        cal = official_windows(cal_stream, args.calib_windows, args.calib_seq_len, seed)
+        cal = draw(seed)
         imp = compute_importance(lm.model, cal, lm.shape)
         for method in METHODS:
             row = {"seed": seed, "method": method}
@@ -74,8 +150,12 @@ def run(args) -> dict:
                 row[f"{t:g}"] = perplexity(model, held)
             rows.append(row)
             log(f"seed {seed} {method}: " + " / ".join(f"{row[f'{t:g}']:.1f}" for t in targets))
+        if args.literal:
+            rows.append({"seed": seed, "method": "flap-literal",
+                         **{f"{t:g}": v for t, v in literal_flap(lm.model, cal, held, targets).items()}})
+            log(f"seed {seed} flap-literal: " + " / ".join(f"{rows[-1][f'{t:g}']:.1f}" for t in targets))
     summary = []
-    for method in METHODS:
+    for method in METHODS + (("flap-literal",) if args.literal else ()):
         for what, pick in (("median", statistics.median), ("min", min), ("max", max)):
             summary.append({"seed": what, "method": method,
                             **{f"{t:g}": pick(r[f"{t:g}"] for r in rows if r["method"] == method) for t in targets}})
@@ -88,27 +168,41 @@ def run(args) -> dict:
             checks[f"{t:g}"] = {"median_vs_reference": statistics.median(vals) / FLAP_REFERENCE[t] - 1,
                                 "best_seed_vs_reference": min(abs(v / FLAP_REFERENCE[t] - 1) for v in vals),
                                 "reference_within_seed_range": min(vals) <= FLAP_REFERENCE[t] <= max(vals)}
+    literal = {}
+    if args.literal:  # the largest relative gap between our FLAP and the literal one over the seeds
+        by_seed = {r["seed"]: r for r in rows if r["method"] == "flap-literal"}
+        literal = {f"{t:g}": max(abs(by_seed[r["seed"]][f"{t:g}"] / r[f"{t:g}"] - 1) for r in flap_rows)
+                   for t in targets}
     cols = ["seed", "method", *[f"{t:g}" for t in targets]]
-    print("held-out perplexity of FLAP and uniform FLAP per calibration seed (the reference's data recipe):")
+    print(f"held-out perplexity of FLAP and uniform FLAP per calibration seed ({loader}):")
     print(format_table(rows + summary + [ref], cols))
     print("FLAP against the issue's figures:")
     print(format_table([{"target": k, **v} for k, v in checks.items()],
                        ["target", "median_vs_reference", "best_seed_vs_reference", "reference_within_seed_range"]))
+    if literal:
+        print("largest gap between our FLAP and the literal lib/prune.py one: "
+              + ", ".join(f"{k}: {v:.2%}" for k, v in literal.items()))
     result = {"benchmark": "flap", "model": lm.summary(), "dense": dense, "heldout_windows": int(held.shape[0]),
               "seq_len": args.seq_len, "calibration": {"windows": args.calib_windows, "seq_len": args.calib_seq_len,
-                                                       "seeds": seeds, "loader": "FLAP lib/data.py randint starts"},
-              "reference": FLAP_REFERENCE, "rows": rows, "summary": summary, "checks": checks, "machine": machine(),
+                                                       "seeds": seeds, "loader": loader},
+              "recipe": args.recipe,
+              "reference": FLAP_REFERENCE, "rows": rows, "summary": summary, "checks": checks, "literal_gap": literal,
+              "machine": machine(),
               "seconds": time.perf_counter() - t0}
-    print(f"wrote {write_json(args.out, result)}")
+    print(f"wrote {write_json(args.out or f'docs/results/flap-{args.recipe}.json', result)}")
     return result
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    p.add_argument("--recipe", choices=("reference", "split"), default="reference",
+                   help="reference: the BBC files as FLAP's loader would read them; split: ours (bench/quality.py's)")
     p.add_argument("--targets", default="0.8,0.7,0.6,0.5")
     p.add_argument("--seeds", default="0,1,2,3,4,5,6,7")
     p.add_argument("--calib-windows", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--heldout-windows", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--out", default="docs/results/flap-reference.json")
+    p.add_argument("--literal", action="store_true",
+                   help="also run FLAP as lib/prune.py writes it, on the same windows (literal_flap), as a cross-check")
+    p.add_argument("--out", default=None, help="default docs/results/flap-<recipe>.json")
