@@ -188,3 +188,71 @@ def test_flap_matches_a_literal_reimplementation_of_the_official_prune_flap(setu
         res = baseline_subnet("flap", model, stats, shape, t, windows)
         ours = candidate_model(model, Candidate("flap", t, 0, "flap", res.subnet, {}, True), stats.channel_means())
         assert perplexity(ours, held) == pytest.approx(want, rel=1e-5)
+
+
+class BiasGPT:
+    """CASIA-IVA-Lab/FLAP lib/layerwrapper.py `BiasGPT` (WIFV branch) as written, on the CPU in
+    float64: the oracle for the running-variance reading."""
+
+    def __init__(self, in_dim: int):
+        self.nsamples = 0
+        self.baseline_inp = torch.zeros(in_dim, dtype=torch.float64)
+        self.fluc_inp = torch.zeros(in_dim, dtype=torch.float64)
+
+    def add_batch(self, inp):
+        if len(inp.shape) == 2:
+            inp = inp.unsqueeze(0)
+        batch_size = inp.shape[0]
+        inp = inp.reshape((-1, inp.shape[-1])).t()
+        old_baseline_inp = self.baseline_inp
+        self.baseline_inp *= self.nsamples / (self.nsamples + batch_size)
+        self.baseline_inp += torch.mean(inp, dim=1) / (self.nsamples + batch_size)
+        if self.nsamples == 0:
+            self.fluc_inp = 0
+        else:
+            self.fluc_inp *= (self.nsamples - 1) / (self.nsamples + batch_size - 1)
+            self.fluc_inp += torch.sum((inp - self.baseline_inp.unsqueeze(1)) * (inp - old_baseline_inp.unsqueeze(1)),
+                                       dim=1) / (self.nsamples + batch_size)
+        self.nsamples += batch_size
+
+
+def test_flap_readings_estimate_their_statistics_as_direct_computations_do(setup):
+    """bench/flap.py's readings of the issue's FLAP: the pooled, per-window and first-token-free
+    variances against plain tensor maths on hooked inputs, the running one against FLAP's own
+    `BiasGPT.add_batch` fed one window per call as prune_flap does."""
+    from explorer.benchmarks.flap import Reading, calibration_stats
+
+    model, shape, _, windows = setup
+    B, T = windows.shape
+    direct = {k: v.view(B, T, -1) for k, v in inputs_of(model, windows).items()}
+    readings = {r: calibration_stats(model, windows, Reading(**kw)) for r, kw in (
+        ("pooled", {}), ("per-window", {"variance": "per-window"}), ("running", {"variance": "running"}),
+        ("skip", {"skip_first": True}))}
+    for i in range(shape.num_layers):
+        for j, name in enumerate(("self_attn.o_proj", "mlp.down_proj")):
+            X = direct[(i, name)]  # [B, T, C]
+            flat = X.reshape(B * T, -1)
+            want = {"pooled": flat.var(0, unbiased=False), "per-window": X.var(1, unbiased=False).mean(0),
+                    "skip": X[:, 1:].reshape(-1, X.shape[-1]).var(0, unbiased=False)}
+            oracle = BiasGPT(X.shape[-1])
+            for b in range(B):
+                oracle.add_batch(X[b:b + 1])
+            want["running"] = oracle.fluc_inp
+            for r, stats in readings.items():
+                mean, var = stats[(i, j)]
+                torch.testing.assert_close(var, want[r], rtol=1e-5, atol=1e-9)
+                seen = X[:, 1:] if r == "skip" else X
+                torch.testing.assert_close(mean, seen.reshape(-1, X.shape[-1]).mean(0), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("reading", ["running-variance", "float16", "skip-first-token", "unsquared-attention",
+                                     "group-sum", "group-max"])
+def test_every_flap_reading_prunes_and_measures(setup, reading):
+    """Each reading of bench/flap.py prunes the tiny model and measures a finite perplexity (a
+    float16 statistics pass or a group score that breaks the cut would not)."""
+    from explorer.benchmarks.flap import READINGS, literal_flap
+
+    model, _, _, windows = setup
+    held = torch.randint(3, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    got = literal_flap(model, windows, held, (0.7,), READINGS[reading])
+    assert set(got) == {0.7} and 1.0 < got[0.7] < float("inf")
