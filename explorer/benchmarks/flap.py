@@ -104,12 +104,13 @@ def running_variance(windows: list[tuple[int, torch.Tensor, torch.Tensor]]) -> t
 
 
 @torch.no_grad()
-def calibration_stats(model, cal: torch.Tensor, reading: Reading = Reading()) -> dict:
-    """(i, j) -> (mean, variance) of each input channel of block i's o_proj (j = 0) and
-    down_proj (j = 1) over the calibration windows, estimated as `reading` says; the mean (the
-    bias compensation's) is always over every token the statistics see."""
+def window_sums(model, cal: torch.Tensor, reading: Reading = Reading()) -> dict:
+    """(i, j) -> one (tokens, sum, sum of squares) per window of each input channel of block i's
+    o_proj (j = 0) and down_proj (j = 1), from a pass in `reading`'s precision over the tokens
+    it keeps. Every variance estimator is a function of these, so readings that differ only in
+    the estimator or the scoring share one pass (`run` keys them by `pass_key`)."""
     run = model if reading.dtype == "float32" else copy.deepcopy(model).to(getattr(torch, reading.dtype))
-    sums = defaultdict(list)  # one (tokens, sum, sum of squares) per window
+    sums = defaultdict(list)
 
     def collect(key):
         def hook(_mod, args):
@@ -118,8 +119,7 @@ def calibration_stats(model, cal: torch.Tensor, reading: Reading = Reading()) ->
                 sums[key].append((x.shape[0], x.sum(0), x.pow(2).sum(0)))
         return hook
 
-    layers = run.model.layers
-    handles = [p.register_forward_pre_hook(collect((i, j))) for i, b in enumerate(layers)
+    handles = [p.register_forward_pre_hook(collect((i, j))) for i, b in enumerate(run.model.layers)
                for j, p in enumerate((b.self_attn.o_proj, b.mlp.down_proj))]
     try:
         for w in cal:
@@ -127,6 +127,20 @@ def calibration_stats(model, cal: torch.Tensor, reading: Reading = Reading()) ->
     finally:
         for h in handles:
             h.remove()
+    return dict(sums)
+
+
+def pass_key(reading: Reading) -> tuple:
+    """What of a reading changes the statistics pass itself."""
+    return reading.dtype, reading.skip_first
+
+
+def calibration_stats(model, cal: torch.Tensor, reading: Reading = Reading(), sums: dict | None = None) -> dict:
+    """(i, j) -> (mean, variance) of each input channel of block i's o_proj (j = 0) and
+    down_proj (j = 1) over the calibration windows, estimated as `reading` says (from `sums`,
+    `window_sums`' result for this reading's pass, when given); the mean (the bias
+    compensation's) is always over every token the statistics see."""
+    sums = window_sums(model, cal, reading) if sums is None else sums
     out = {}
     for key, parts in sums.items():
         n = sum(p[0] for p in parts)
@@ -143,7 +157,7 @@ def calibration_stats(model, cal: torch.Tensor, reading: Reading = Reading()) ->
 
 @torch.no_grad()
 def literal_flap(model, cal: torch.Tensor, held: torch.Tensor, targets: tuple[float, ...],
-                 reading: Reading = Reading()) -> dict[float, float]:
+                 reading: Reading = Reading(), sums: dict | None = None) -> dict[float, float]:
     """Held-out perplexity of FLAP (AL-AM, WIFV) at each share of the total parameters, in the
     steps of CASIA-IVA-Lab/FLAP `lib/prune.py`, extended to GQA by whole KV groups: the variance
     of each o_proj / down_proj input channel over the calibration tokens times its column's
@@ -151,12 +165,12 @@ def literal_flap(model, cal: torch.Tensor, held: torch.Tensor, targets: tuple[fl
     group's score the mean of its channels; one descending sort with each group weighted by its
     cost in MLP channels; the threshold where the weighted cumulative sum is nearest the kept
     share; removed columns zeroed and `W[:, removed] @ mean(x[removed])` added to the output.
-    `reading` changes one of those steps (`Reading`)."""
+    `reading` changes one of those steps (`Reading`); `sums` is its pass's `window_sums`, if made."""
     cfg = model.config
     L, H, KV, D = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
     hd = getattr(cfg, "head_dim", None) or D // H
     projs = lambda m, i: (m.model.layers[i].self_attn.o_proj, m.model.layers[i].mlp.down_proj)  # noqa: E731
-    stats = calibration_stats(model, cal, reading)
+    stats = calibration_stats(model, cal, reading, sums)
     metric = [[stats[(i, j)][1] * p.weight.double().pow(2).sum(0) for j, p in enumerate(projs(model, i))]
               for i in range(L)]
     standard = lambda x: (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)  # noqa: E731
@@ -202,6 +216,16 @@ def literal_name(reading: str) -> str:
 def run(args) -> dict:
     t0 = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
+    # the arguments are checked before the model loads
+    how = args.windows.split(",")
+    if set(how) - {"random", "even", "first"}:
+        raise SystemExit(f"--windows takes random, even and first, not {args.windows}")
+    readings = ["pooled"] if args.literal else []
+    readings += [r for r in (args.readings.split(",") if args.readings else []) if r not in readings]
+    unknown = [r for r in readings if r not in READINGS]
+    if unknown:
+        raise SystemExit(f"unknown reading {', '.join(unknown)}; choose from {', '.join(READINGS)}")
+    literal_methods = tuple(literal_name(r) for r in readings)
     lm = load_model(args.model, args.dtype, args.device)
     if args.recipe == "split":
         corpus = load_corpus("bbc")
@@ -221,18 +245,9 @@ def run(args) -> dict:
     log(f"dense held-out ppl {dense:.3f} on {held.shape[0]} x {held.shape[1]} tokens (the issue's: 28.9)")
     targets = tuple(float(t) for t in args.targets.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
-    how = args.windows.split(",")
-    if set(how) - {"random", "even", "first"}:
-        raise SystemExit(f"--windows takes random, even and first, not {args.windows}")
     draws = [(seed, lambda seed=seed: draw(seed)) for seed in seeds] if "random" in how else []
     draws += [(h, lambda h=h: deterministic_windows(cal_stream, args.calib_windows, args.calib_seq_len, h))
               for h in how if h != "random"]  # a draw of its own each, labelled by how it is drawn
-    readings = ["pooled"] if args.literal else []
-    readings += [r for r in (args.readings.split(",") if args.readings else []) if r not in readings]
-    unknown = [r for r in readings if r not in READINGS]
-    if unknown:
-        raise SystemExit(f"unknown reading {', '.join(unknown)}; choose from {', '.join(READINGS)}")
-    literal_methods = tuple(literal_name(r) for r in readings)
     rows = []
     for seed, windows_of in draws:
         cal = windows_of()
@@ -246,8 +261,12 @@ def run(args) -> dict:
                 row[f"{t:g}"] = perplexity(model, held)
             rows.append(row)
             log(f"seed {seed} {method}: " + " / ".join(f"{row[f'{t:g}']:.1f}" for t in targets))
+        passes: dict[tuple, dict] = {}  # one statistics pass per precision and token set, for this draw
         for reading, method in zip(readings, literal_methods):
-            got = literal_flap(lm.model, cal, held, targets, READINGS[reading])
+            r = READINGS[reading]
+            if pass_key(r) not in passes:
+                passes[pass_key(r)] = window_sums(lm.model, cal, r)
+            got = literal_flap(lm.model, cal, held, targets, r, passes[pass_key(r)])
             rows.append({"seed": seed, "method": method, **{f"{t:g}": v for t, v in got.items()}})
             log(f"seed {seed} {method}: " + " / ".join(f"{rows[-1][f'{t:g}']:.1f}" for t in targets))
     summary = []
@@ -289,7 +308,7 @@ def run(args) -> dict:
                            ["method", *[f"{t:g}" for t in targets if t in FLAP_REFERENCE]]))
     result = {"benchmark": "flap", "model": lm.summary(), "dense": dense, "heldout_windows": int(held.shape[0]),
               "seq_len": args.seq_len, "calibration": {"windows": args.calib_windows, "seq_len": args.calib_seq_len,
-                                                       "seeds": seeds, "loader": loader,
+                                                       "seeds": seeds if "random" in how else [], "loader": loader,
                                                        "drawn": how},
               "recipe": args.recipe,
               "readings": {literal_name(r): vars(READINGS[r]) for r in readings},

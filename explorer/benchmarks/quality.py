@@ -211,7 +211,8 @@ def run(args) -> dict:
         print(f"zero-shot accuracy (%, {args.zeroshot_limit} seeded questions per task), dense and each search's "
               f"{zs_target:.0%} pick after reformation:")
         print(format_table(zs_rows, ["model", *TASKS, "average"]))
-    print("FLAP against the official-code figures (this run's one calibration draw; bench/flap.py places it among many):")
+    print("FLAP against the official-code figures (this run's one calibration draw; bench/flap.py places it "
+          "among many):")
     print(format_table(rows, ["target", "flap", "flap_reference", "flap_vs_reference"]))
     naive = naive_rate(lm, runs["search+comp"], SearchSettings.preset(args.preset, **{"seed": args.seed, **overrides}),
                        args.naive_samples, args.seed) if args.naive_samples else None
