@@ -38,8 +38,8 @@ def main(argv=None) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    from explorer.app.workbench import AppSettings
     from explorer.ui.app import create_app, launch_kwargs
-    from explorer.workbench import AppSettings
 
     demo, ws = create_app(Path(args.runs_dir), Path(args.exports_dir), default_model=args.model,
                           settings=AppSettings.from_env())

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from explorer.benchmarks.app import ARGS, CHROMIUM  # noqa: F401  (one copy, shared)
+from bench.app import ARGS, CHROMIUM  # noqa: F401  (one copy, shared)
 
 
 def wait_text(page, selector: str, needle: str, timeout_s: float = 300) -> str:

@@ -39,7 +39,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def embedded():
     """The real SmolLM2-135M-Instruct, loaded once per test session."""
-    from explorer.loading import load_model
+    from explorer.model.loading import load_model
 
     return load_model("default")
 
@@ -47,7 +47,7 @@ def embedded():
 # ---- the real app, served once per test session (browser and gradio_client tests) ----------------
 from pathlib import Path  # noqa: E402
 
-from explorer.benchmarks.app import served_app  # noqa: E402  (the benchmark serves the app the same way)
+from bench.app import served_app  # noqa: E402  (the benchmark serves the app the same way)
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"

@@ -1,7 +1,7 @@
 """A small search of a tiny random GQA Llama on fixed random token windows, for
 tests/test_distributed.py. Alone it is the one-process reference; started by a launcher
 (`accelerate launch`, `python -m torch.distributed.run`) every process runs it and they share the
-evaluations through `explorer.distributed`, exactly as `python -m explorer search` does.
+evaluations through `explorer.search.distributed`, exactly as `python -m explorer search` does.
 
     python tests/distributed_search.py RUN_DIR [--resume] [--stats DIR]
 
@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's tiny_llam
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the explorer package
 
 import torch  # noqa: E402
-
 from conftest import tiny_llama  # noqa: E402
-from explorer.loading import LoadedModel  # noqa: E402
-from explorer.search import SearchSettings, run_search  # noqa: E402
-from explorer.subnet import ModelShape  # noqa: E402
+
+from explorer.model.loading import LoadedModel  # noqa: E402
+from explorer.model.subnet import ModelShape  # noqa: E402
+from explorer.search.loop import SearchSettings, run_search  # noqa: E402
 
 
 def settings() -> SearchSettings:
@@ -66,8 +66,8 @@ def search(run_dir: Path, resume: bool = False, cancel: threading.Event | None =
 
 
 def main() -> int:
-    from explorer.distributed import init_from_env, shutdown
     from explorer.events import SearchCancelled, SearchFailed, SearchFinished
+    from explorer.search.distributed import init_from_env, shutdown
 
     p = argparse.ArgumentParser()
     p.add_argument("run_dir", type=Path)

@@ -8,9 +8,7 @@ import time
 import zipfile
 
 import pytest
-
 from browser import wait_text
-
 from conftest import ARTIFACTS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

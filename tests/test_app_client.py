@@ -142,9 +142,9 @@ def test_a_whole_head_search_exports_a_gguf_that_llamacpp_runs(client, app_serve
     (an independent reference, built here from the run's record) and answers with the same greedy tokens."""
     import json
 
-    from explorer.llamacpp import TOLERANCE, check
-    from explorer.reference import zeroed_reference
-    from explorer.runs import open_run
+    from explorer.model.reference import zeroed_reference
+    from explorer.pick.llamacpp import TOLERANCE, check
+    from explorer.search.runs import open_run
 
     client.predict("default", "float32", "cpu", api_name="/load_model")
     job = client.submit("0.7", "demo", 4, 1, None, 1, "paper", "heads", 3, "api-heads", False,
@@ -168,7 +168,7 @@ def test_a_whole_head_search_exports_a_gguf_that_llamacpp_runs(client, app_serve
 
     from transformers import AutoTokenizer
 
-    from explorer.loading import ensure_embedded_cache
+    from explorer.model.loading import ensure_embedded_cache
 
     tokenizer = AutoTokenizer.from_pretrained(str(ensure_embedded_cache()))
     ref = zeroed_reference(embedded.model, best.subnet, embedded.shape,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from browser import plot_title, wait_text, wait_until
 from conftest import ARTIFACTS
 
@@ -55,7 +54,7 @@ def click_marker(page, trace: str, cid: str) -> None:
 
 
 def test_on_stage(page, app_server):
-    from explorer.workbench import DEMO_RUN
+    from explorer.app.workbench import DEMO_RUN
 
     # a new page opens the shipped demo run; the legend never sits over the title
     assert plot_title(page) == DEMO_RUN
@@ -129,8 +128,8 @@ def test_a_new_page_opens_the_demo_even_after_an_upload(app_server, tmp_path, em
     """Another tab's upload creates a newer run; a fresh page still opens the shipped demo."""
     from gradio_client import Client, handle_file
 
-    from explorer.subnet import uniform_subnet
-    from explorer.workbench import DEMO_RUN
+    from explorer.app.workbench import DEMO_RUN
+    from explorer.model.subnet import uniform_subnet
 
     c = Client(app_server["url"], verbose=False)
     c.predict("default", "float32", "cpu", api_name="/load_model")

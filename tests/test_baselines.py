@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_llama
-from explorer.baselines import BASELINES, baseline_subnet, standardize, wifv_scores
+
+from explorer.calibrate.baselines import BASELINES, baseline_subnet, standardize, wifv_scores
+from explorer.calibrate.importance import compute_importance
 from explorer.errors import ExplorerError
-from explorer.fitness import FitnessEvaluator
-from explorer.importance import compute_importance
-from explorer.perplexity import perplexity
-from explorer.reference import zeroed_reference
-from explorer.slicing import slice_model
-from explorer.subnet import ModelShape, Subnet
+from explorer.model.perplexity import perplexity
+from explorer.model.reference import zeroed_reference
+from explorer.model.slicing import slice_model
+from explorer.model.subnet import ModelShape, Subnet
+from explorer.search.fitness import FitnessEvaluator
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_baselines_are_built_once_per_calibration_and_read_back(setup, tmp_path,
     """Wanda-sp's sequential pass is the slow part of a search's first seconds: a baseline is
     computed once per model, calibration data and target, then read back (from the cache by any
     later search, from the run by its resume) exactly as computed."""
-    from explorer.calibration import BASELINES_FILE, Calibration
+    from explorer.search.calibration import BASELINES_FILE, Calibration
 
     model, shape, imp, windows = setup
 
@@ -177,9 +177,9 @@ def test_flap_matches_a_literal_reimplementation_of_the_official_prune_flap(setu
     threshold, masked weights with bias hooks; no explorer scoring, cutting or slicing) and our
     FLAP give the same perplexity. At 0.8 and 0.7 of this model both cut rules (nearest kept share,
     longest prefix within budget) keep the same items, so the figures agree to float precision."""
-    from explorer.benchmarks.flap import literal_flap
-    from explorer.runs import Candidate
-    from explorer.slicing import candidate_model
+    from bench.flap import literal_flap
+    from explorer.model.slicing import candidate_model
+    from explorer.search.runs import Candidate
 
     model, shape, stats, windows = setup
     held = torch.randint(3, 97, (3, 24), generator=torch.Generator().manual_seed(1))
@@ -220,7 +220,7 @@ def test_flap_readings_estimate_their_statistics_as_direct_computations_do(setup
     """bench/flap.py's readings of the issue's FLAP: the pooled, per-window and first-token-free
     variances against plain tensor maths on hooked inputs, the running one against FLAP's own
     `BiasGPT.add_batch` fed one window per call as prune_flap does."""
-    from explorer.benchmarks.flap import Reading, calibration_stats
+    from bench.flap import Reading, calibration_stats
 
     model, shape, _, windows = setup
     B, T = windows.shape
@@ -250,7 +250,7 @@ def test_flap_readings_estimate_their_statistics_as_direct_computations_do(setup
 def test_every_flap_reading_prunes_and_measures(setup, reading):
     """Each reading of bench/flap.py prunes the tiny model and measures a finite perplexity (a
     float16 statistics pass or a group score that breaks the cut would not)."""
-    from explorer.benchmarks.flap import READINGS, literal_flap
+    from bench.flap import READINGS, literal_flap
 
     model, _, _, windows = setup
     held = torch.randint(3, 97, (2, 24), generator=torch.Generator().manual_seed(1))

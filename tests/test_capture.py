@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from explorer.capture import StatsCollector, block_linears, capture_block_inputs, run_block
-from explorer.slicing import slice_model
-from explorer.subnet import ModelShape, Subnet
+from explorer.calibrate.capture import StatsCollector, block_linears, capture_block_inputs, run_block
+from explorer.model.slicing import slice_model
+from explorer.model.subnet import ModelShape, Subnet
 
 
 def test_replay_block_by_block_matches_full_forward(tiny):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from explorer.data import CorpusError, load_corpus, split_text, windows
-from explorer.perplexity import perplexity
+from explorer.calibrate.data import CorpusError, load_corpus, split_text, windows
+from explorer.model.perplexity import perplexity
 
 
 def test_bbc_split_is_disjoint_and_deterministic():
@@ -70,7 +70,7 @@ def test_perplexity_of_uniform_model_is_vocab_size():
 
 @pytest.mark.slow
 def test_embedded_heldout_perplexity_is_sane(embedded):
-    from explorer.data import heldout_windows
+    from explorer.calibrate.data import heldout_windows
 
     held = heldout_windows(embedded.tokenizer, load_corpus("bbc"), 4, 256)
     ppl = perplexity(embedded.model, held)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_llama
-from explorer.events import SearchFinished
-from explorer.loading import load_model
-from explorer.perplexity import perplexity
-from explorer.reform import ReformSettings, reform
-from explorer.runs import open_run
-from explorer.search import run_search
-from explorer.settings import SearchSettings
-from explorer.slicing import slice_model
 from test_slicing import random_subnet
+
+from explorer.events import SearchFinished
+from explorer.model.loading import load_model
+from explorer.model.perplexity import perplexity
+from explorer.model.slicing import slice_model
+from explorer.pick.reform import ReformSettings, reform
+from explorer.search.loop import run_search
+from explorer.search.runs import open_run
+from explorer.settings import SearchSettings
 
 pytestmark = pytest.mark.slow  # needs the embedded model's tokenizer
 
@@ -56,7 +56,7 @@ def test_same_search_candidates_and_fitness(pair, tmp_path):
 
 
 def test_same_slices_reformation_perplexity_and_verified_export(pair, tmp_path):
-    from explorer.export import export_subnet
+    from explorer.pick.export import export_subnet
 
     plain, spread = pair
     sub = random_subnet(plain.shape, 4, drop=(1,))

@@ -1,4 +1,4 @@
-"""Candidate evaluation spread over processes (explorer.distributed), on CPU with gloo: two
+"""Candidate evaluation spread over processes (explorer.search.distributed), on CPU with gloo: two
 processes started the way a user starts them (`accelerate launch`, `torch.distributed.run`) find
 exactly the candidates, fitness values and fronts one process finds with the same seed, split the
 evaluations between them, leave the run directory to process 0, and continue a run that one
@@ -13,13 +13,13 @@ import sys
 import threading
 from pathlib import Path
 
+import distributed_search as ds
 import pytest
 import torch
 
-import distributed_search as ds
-from explorer.benchmarks.app import free_port
-from explorer.runs import Run, open_run
+from bench.app import free_port
 from explorer.events import CandidateEvaluated, SearchCancelled, SearchFinished
+from explorer.search.runs import Run, open_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed_search.py"
@@ -125,8 +125,8 @@ def test_two_processes_resume_a_run_one_process_stored(reference, tmp_path):
 def test_a_failure_is_raised_alike_on_the_other_processes():
     """What process 0's failure becomes on the others: an input error keeps its own message (every
     process would have refused it alike), a cancel stays a cancel, anything else names the process."""
-    from explorer.distributed import Failure
     from explorer.errors import Cancelled, ExplorerError
+    from explorer.search.distributed import Failure
 
     e = Failure.of(0, ExplorerError("no model at /nowhere")).error()
     assert type(e) is ExplorerError and str(e) == "no model at /nowhere"

@@ -4,19 +4,28 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import tiny_llama
-from explorer.evaluation import (DEFAULT_TASKS, EvalError, EvalResult, EvalSettings, evaluate, evaluate_subnet,
-                                 format_result, load_any, parse_tasks)
-from explorer.slicing import slice_model
-from explorer.subnet import ModelShape, Subnet
-from explorer.zeroshot import continuation_logprobs, encode_pair
 from test_zeroshot import ITEMS, word_tokenizer
+
+from explorer.model.slicing import slice_model
+from explorer.model.subnet import ModelShape, Subnet
+from explorer.pick.evaluation import (
+    DEFAULT_TASKS,
+    EvalError,
+    EvalResult,
+    EvalSettings,
+    evaluate,
+    evaluate_subnet,
+    format_result,
+    load_any,
+    parse_tasks,
+)
+from explorer.pick.zeroshot import continuation_logprobs, encode_pair
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     """The real CLI entry, in-process: (exit code, stdout, stderr)."""
-    from explorer.cli import main
+    from explorer.app.cli import main
 
     code = main(["evaluate", *args])
     out = capsys.readouterr()
@@ -100,8 +109,8 @@ def test_evaluate_subnet_full_equals_dense():
 
 
 def test_an_unexpected_error_is_one_line_with_the_traceback_in_the_log(tmp_path, monkeypatch, capsys):
-    import explorer.cli_search as cli_search
-    from explorer.cli import main
+    import explorer.app.cli_search as cli_search
+    from explorer.app.cli import main
 
     def broken(args):
         raise RuntimeError("something we did not foresee\nsecond line")

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from explorer.configuration_subnet import SubnetConfig
 from explorer.errors import Cancelled
 from explorer.events import Progress
-from explorer.export import TOLERANCE as EXPORT_TOLERANCE
-from explorer.export import ExportError, _install, check_target, export_subnet, source_files
-from explorer.reform import ReformSettings, reform
-from explorer.subnet import LayerChoice, Subnet
+from explorer.model.configuration_subnet import SubnetConfig
+from explorer.model.subnet import LayerChoice, Subnet
+from explorer.pick.export import TOLERANCE as EXPORT_TOLERANCE
+from explorer.pick.export import ExportError, _install, check_target, export_subnet, source_files
+from explorer.pick.reform import ReformSettings, reform
 
 FRESH = r'''
 import importlib.util, json, sys
@@ -115,7 +115,7 @@ def test_reformed_export_reloads_in_a_fresh_process(embedded, tmp_path):
 
 @pytest.mark.slow
 def test_cancelled_export_leaves_no_folder(embedded, tmp_path):
-    from explorer.slicing import slice_model
+    from explorer.model.slicing import slice_model
 
     sub = small_subnet(embedded.shape)
     cancel = threading.Event()
@@ -127,7 +127,7 @@ def test_cancelled_export_leaves_no_folder(embedded, tmp_path):
 
 @pytest.mark.slow
 def test_cli_reform_from_subnet_file(embedded, tmp_path, capsys):
-    from explorer.cli import main
+    from explorer.app.cli import main
 
     sub = small_subnet(embedded.shape)
     (tmp_path / "sub.json").write_text(sub.to_json())
@@ -149,8 +149,9 @@ def test_cli_reform_from_subnet_file(embedded, tmp_path, capsys):
 def tiny_lm(name: str, embedded):
     """A tiny random model of an architecture we accept, with the embedded model's tokenizer."""
     from tiny_models import tiny_model
-    from explorer.loading import LoadedModel
-    from explorer.subnet import ModelShape
+
+    from explorer.model.loading import LoadedModel
+    from explorer.model.subnet import ModelShape
 
     model = tiny_model(name, vocab=embedded.shape.vocab_size)
     return LoadedModel(model, embedded.tokenizer, ModelShape.from_config(model.config), name, f"tiny {name}", "",
@@ -162,9 +163,10 @@ def tiny_lm(name: str, embedded):
 def test_export_verifies_against_the_base_model_and_catches_a_wrong_model(arch, embedded, tmp_path):
     """The reference is the base model's own class: an export that ignored the sliding window (or
     the llama3 rope) would fail, so verification is not the model agreeing with itself."""
-    from explorer.export import ExportError
-    from explorer.slicing import slice_model
     from test_slicing import mixed_subnet, random_means
+
+    from explorer.model.slicing import slice_model
+    from explorer.pick.export import ExportError
 
     lm = tiny_lm(arch, embedded)
     sub = mixed_subnet(lm.shape, 5)
@@ -189,7 +191,7 @@ def test_export_verifies_against_the_base_model_and_catches_a_wrong_model(arch, 
 
 @pytest.mark.slow
 def test_reformed_label_must_match_the_weights(embedded, tmp_path):
-    from explorer.export import ExportError
+    from explorer.pick.export import ExportError
 
     lm = tiny_lm("llama-bias", embedded)
     from test_slicing import mixed_subnet
@@ -227,7 +229,7 @@ def test_target_checks_and_install(tmp_path):
 
 def test_export_tolerance_is_relative_to_the_largest_logit():
     """fp32 rounding grows with the logits' scale; a wrong model is off by whole units either way."""
-    from explorer.export import allowed_difference
+    from explorer.pick.export import allowed_difference
 
     assert allowed_difference(torch.tensor([0.5, -0.2])) == EXPORT_TOLERANCE
     assert allowed_difference(torch.tensor([[3.0, -22.8]])) == pytest.approx(22.8 * EXPORT_TOLERANCE)

@@ -7,18 +7,18 @@ import random
 
 import pytest
 import torch
-
-from explorer.errors import ExplorerError
-from explorer.evolution import make_space, mutate
-from explorer.settings import Probs
-from explorer.fitness import FitnessEvaluator, fast_dtype, resolve_dtype
-from explorer.importance import compute_importance, initial_subnet
-from explorer.loading import LoadedModel
-from explorer.perplexity import perplexity
-from explorer.search import SearchSettings, run_search
-from explorer.slicing import slice_model
-from explorer.subnet import ModelShape
 from conftest import tiny_llama
+
+from explorer.calibrate.importance import compute_importance, initial_subnet
+from explorer.errors import ExplorerError
+from explorer.model.loading import LoadedModel
+from explorer.model.perplexity import perplexity
+from explorer.model.slicing import slice_model
+from explorer.model.subnet import ModelShape
+from explorer.search.evolution import make_space, mutate
+from explorer.search.fitness import FitnessEvaluator, fast_dtype, resolve_dtype
+from explorer.search.loop import SearchSettings, run_search
+from explorer.settings import Probs
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_runs_store_the_resolved_dtype_and_old_runs_read_as_fp32(tmp_path, setup
     s = SearchSettings.preset("demo", targets=(0.8,), population=1, generations=0, split_init=0, baselines=(),
                               head_multiple=4, window=0.02, latency=False, init_scorings=("obs",))
     events = list(run_search(lm, s, tmp_path / "r", windows=(cal, fit)))
-    from explorer.runs import open_run
+    from explorer.search.runs import open_run
 
     stored = open_run(tmp_path / "r").settings
     assert stored["fitness_dtype"] in ("float32", "bfloat16") and stored["fitness_dtype"] != "auto"

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from explorer.generation import DecodeSettings, GenerationError, token_stream
-from explorer.slicing import slice_model
-from explorer.subnet import ModelShape, Subnet
+from explorer.model.generation import DecodeSettings, GenerationError, token_stream
+from explorer.model.slicing import slice_model
+from explorer.model.subnet import ModelShape, Subnet
 
 
 class WordTok:
@@ -57,7 +57,7 @@ def test_absurd_settings_are_refused(kw, msg):
 
 def test_a_box_says_why_it_is_empty():
     """A model whose first token is end-of-text gets a label that says so, not a blank box."""
-    from explorer.generation import Stream
+    from explorer.model.generation import Stream
     from explorer.ui.handlers import stream_label
 
     assert stream_label("Pick A", Stream(done=True)).endswith("done: the model's first token was end-of-text")

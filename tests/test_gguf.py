@@ -11,13 +11,13 @@ import llama_cpp  # noqa: F401  - the check needs llama.cpp: a missing build fai
 import pytest
 import torch
 
-from explorer.export_gguf import GGUFExportError, refusal, write_gguf
-from explorer.gguf_tokenizer import GGUFTokenizer, TokenizerError, bpe_keys
-from explorer.llamacpp import TOLERANCE, check
-from explorer.loading import embedded_gguf
-from explorer.reference import zeroed_reference
-from explorer.slicing import slice_model
-from explorer.subnet import LayerChoice, ModelShape, Subnet
+from explorer.model.loading import embedded_gguf
+from explorer.model.reference import zeroed_reference
+from explorer.model.slicing import slice_model
+from explorer.model.subnet import LayerChoice, ModelShape, Subnet
+from explorer.pick.export_gguf import GGUFExportError, refusal, write_gguf
+from explorer.pick.gguf_tokenizer import GGUFTokenizer, TokenizerError, bpe_keys
+from explorer.pick.llamacpp import TOLERANCE, check
 
 PROMPT = "The river runs through the old town, past"
 TOKENIZER = GGUFTokenizer.from_gguf(embedded_gguf())  # llama.cpp's converter wrote these keys
@@ -40,7 +40,7 @@ def whole_heads(shape: ModelShape, layers: list) -> Subnet:
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from explorer.loading import ensure_embedded_cache
+    from explorer.model.loading import ensure_embedded_cache
 
     return AutoTokenizer.from_pretrained(str(ensure_embedded_cache()))
 
@@ -104,7 +104,7 @@ def test_a_tokenizer_json_converts_to_what_llamacpps_own_converter_wrote(tokeniz
     wrote into SmolLM2's GGUF (vocabulary, token types, merges, special ids, chat template); the
     pre-tokenizer is the one llama.cpp tokenizes the probe with as transformers does, and the probe
     tells pre-tokenizers apart (under Llama 3's, llama.cpp splits it otherwise)."""
-    from explorer.gguf_tokenizer import PROBE, _llamacpp_ids, _string
+    from explorer.pick.gguf_tokenizer import PROBE, _llamacpp_ids, _string
 
     ours = GGUFTokenizer.from_transformers(tokenizer, 49152)
     for key, (value, vtype, _) in TOKENIZER.keys.items():
@@ -128,7 +128,7 @@ def test_a_tokenizer_llamacpp_cannot_read_alike_is_refused(tmp_path):
 def test_a_base_from_a_transformers_folder_exports_a_gguf_llamacpp_runs(tokenizer, tmp_path):
     """A Llama model read from a folder (config, safetensors, tokenizer.json; no GGUF anywhere):
     the CLI converts its tokenizer and the narrowed subnet's GGUF agrees with our model in llama.cpp."""
-    from explorer.cli import main
+    from explorer.app.cli import main
 
     base, shape = tiny("llama-bias")
     base.save_pretrained(tmp_path / "base")
@@ -147,7 +147,7 @@ def test_a_base_from_a_transformers_folder_exports_a_gguf_llamacpp_runs(tokenize
 def test_cli_exports_the_embedded_model_and_a_whole_head_subnet_that_llamacpp_runs(embedded, tmp_path):
     """Dense first (the path proven at full width), then a ~70 % whole-head subnet, both f16 through
     `python -m explorer export --format gguf`; a per-dimension subnet is refused in one line."""
-    from explorer.cli import main
+    from explorer.app.cli import main
 
     shape = embedded.shape
     full = Subnet.full(shape)

@@ -9,11 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from browser import ARGS, CHROMIUM, plot_title, wait_text, wait_until
-
 from conftest import tiny_config
-from explorer.subnet import ModelShape, uniform_subnet
+
+from explorer.model.subnet import ModelShape, uniform_subnet
 
 pytestmark = pytest.mark.slow
 

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config
-from explorer.loading import ModelLoadError, embedded_gguf, load_model
-from explorer.subnet import ModelShape, Subnet, SubnetError, uniform_subnet
-from explorer.workbench import read_subnet_file, subnet_file_limit
+
+from explorer.app.workbench import read_subnet_file, subnet_file_limit
+from explorer.model.loading import ModelLoadError, embedded_gguf, load_model
+from explorer.model.subnet import ModelShape, Subnet, SubnetError, uniform_subnet
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,19 +6,19 @@ import random
 
 import pytest
 import torch
-
-from explorer.errors import ExplorerError
-from explorer.evolution import crossover, head_options, make_space, mutate, set_heads, space_top_layer
-from explorer.importance import compute_importance, top_layer
-from explorer.loading import LoadedModel
-from explorer.reference import zeroed_reference
-from explorer.runs import open_run
-from explorer.search import SearchSettings, run_search
-from explorer.settings import Probs
-from explorer.slicing import candidate_model, slice_model
-from explorer.subnet import ModelShape, Subnet
 from conftest import tiny_llama
 from test_search import _real_params
+
+from explorer.calibrate.importance import compute_importance, top_layer
+from explorer.errors import ExplorerError
+from explorer.model.loading import LoadedModel
+from explorer.model.reference import zeroed_reference
+from explorer.model.slicing import candidate_model, slice_model
+from explorer.model.subnet import ModelShape, Subnet
+from explorer.search.evolution import crossover, head_options, make_space, mutate, set_heads, space_top_layer
+from explorer.search.loop import SearchSettings, run_search
+from explorer.search.runs import open_run
+from explorer.settings import Probs
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_operators_stay_in_window_keep_whole_heads_and_sizes_are_real(setup, tar
     rng = random.Random(0)
     start = Subnet(tuple(space_top_layer(space, imp, i, shape, space.heads[-1], space.width_options[-1])
                          for i in range(shape.num_layers)))
-    from explorer.evolution import repair
+    from explorer.search.evolution import repair
 
     parents = [repair(start, imp, shape, space, rng)]
     rough = Probs(depth=0.2, ratio=0.5, mask=0.5)

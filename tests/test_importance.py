@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from explorer.importance import compute_importance, initial_subnet, split_subnet
-from explorer.subnet import ModelShape
+from explorer.calibrate.importance import compute_importance, initial_subnet, split_subnet
+from explorer.model.subnet import ModelShape
 
 
 def _direct_inputs(model, windows):
@@ -93,7 +93,7 @@ def test_split_subnet_fills_budget(tiny_imp):
 
 
 def test_importance_save_load(tiny_imp, tmp_path):
-    from explorer.importance import Importance
+    from explorer.calibrate.importance import Importance
 
     _, _, imp = tiny_imp
     imp.save(tmp_path / "imp.pt")

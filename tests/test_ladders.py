@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_llama
-from explorer.calibration import Calibration
-from explorer.capture import capture_block_inputs, run_block
+
+from explorer.calibrate.capture import capture_block_inputs, run_block
+from explorer.calibrate.importance import compute_importance, top_layer
 from explorer.errors import ExplorerError
 from explorer.events import SearchFinished
-from explorer.fitness import FitnessEvaluator
-from explorer.importance import compute_importance, top_layer
-from explorer.ladders import LadderSpec, Ladders, build_ladders, ladder_bytes
-from explorer.loading import LoadedModel
-from explorer.reference import zeroed_reference
-from explorer.reform import ReformSettings
-from explorer.runs import open_run
-from explorer.search import SearchSettings, run_search
-from explorer.slicing import layer_indices
-from explorer.subnet import ModelShape, Subnet
+from explorer.model.loading import LoadedModel
+from explorer.model.reference import zeroed_reference
+from explorer.model.slicing import layer_indices
+from explorer.model.subnet import ModelShape, Subnet
+from explorer.pick.reform import ReformSettings
+from explorer.search.calibration import Calibration
+from explorer.search.fitness import FitnessEvaluator
+from explorer.search.ladders import Ladders, LadderSpec, build_ladders, ladder_bytes
+from explorer.search.loop import SearchSettings, run_search
+from explorer.search.runs import open_run
 
 
 @pytest.fixture(scope="module")

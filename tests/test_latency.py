@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from explorer.latency import SpeedReport, SpeedSettings, measure_speeds, paired_speedup, param_bytes
-from explorer.slicing import slice_model
-from explorer.subnet import LayerChoice, ModelShape, Subnet
+from explorer.model.latency import SpeedReport, SpeedSettings, measure_speeds, paired_speedup, param_bytes
+from explorer.model.slicing import slice_model
+from explorer.model.subnet import LayerChoice, ModelShape, Subnet
 
 
 def report(decode_rounds, prefill_rounds=None) -> SpeedReport:
@@ -70,7 +70,7 @@ def test_fused_projections_load_from_the_base_layout_and_save_fused(tiny, tmp_pa
 
 # ---- the latency model and paired measurements ------------------------------------------------------
 def test_fit_keeps_the_fixed_part_and_recovers_exact_costs():
-    from explorer.latency_model import fit
+    from explorer.search.latency_model import fit
 
     true = torch.tensor([9.0, 0.5, 2.0, 3.0], dtype=torch.float64)
     rows = [[1, 30, 2.0, 1.5], [1, 30, 1.0, 0.5], [1, 15, 1.0, 0.75], [1, 8, 0.5, 0.4], [1, 30, 2.0, 0.5],
@@ -86,7 +86,7 @@ def test_fit_keeps_the_fixed_part_and_recovers_exact_costs():
 def test_measurements_pair_rounds_and_flag_wide_spreads(tiny, monkeypatch):
     """Speed-ups are per-round ratios; a model whose ratios scatter is timed again with more rounds
     and, if still scattered, marked unreliable (fake clocks: what is checked is the bookkeeping)."""
-    import explorer.latency_model as lm_mod
+    import explorer.search.latency_model as lm_mod
 
     calls = []
 
@@ -106,7 +106,7 @@ def test_measurements_pair_rounds_and_flag_wide_spreads(tiny, monkeypatch):
 
 
 def test_real_paired_measurement_of_a_narrower_model(tiny):
-    from explorer.latency_model import measure
+    from explorer.search.latency_model import measure
 
     shape = ModelShape.from_config(tiny.config)
     small = slice_model(tiny, half_subnet(shape), shape)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_llama
-from explorer.loading import ModelLoadError, _source_key, check_architecture, embedded_cache_dir, load_model
+
+from explorer.model.loading import ModelLoadError, _source_key, check_architecture, embedded_cache_dir, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

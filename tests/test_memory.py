@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from explorer.capture import capture_block_inputs
-from explorer.loading import load_model
-from explorer.memory import OutOfMemoryRisk, available_bytes, calibration_bytes
-from explorer.subnet import ModelShape
+from explorer.calibrate.capture import capture_block_inputs
+from explorer.model.loading import load_model
+from explorer.model.memory import OutOfMemoryRisk, available_bytes, calibration_bytes
+from explorer.model.subnet import ModelShape
 
 
 def test_huge_model_is_refused_before_loading(tmp_path):

@@ -2,9 +2,9 @@
 cannot place, and never plots a prediction as a measurement."""
 from __future__ import annotations
 
-from explorer.runs import Candidate
-from explorer.subnet import ModelShape, Subnet
-from explorer.plots import metric, pareto_figure
+from explorer.app.plots import metric, pareto_figure
+from explorer.model.subnet import ModelShape, Subnet
+from explorer.search.runs import Candidate
 
 SHAPE = ModelShape(4, 64, 8, 2, 16, 96, 97)
 FULL = Subnet.full(SHAPE)

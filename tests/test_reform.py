@@ -1,7 +1,7 @@
 """Reformation maths on the tiny random GQA Llama: ADMM reaches the closed form, a reformed layer
 never fits worse than the unreformed one (checked on directly recomputed activations), the fitted
 intercept is never worse than bias compensation alone, full width changes nothing, the reformed
-model is the base model with those weights written in (checked against `explorer.reference`),
+model is the base model with those weights written in (checked against `explorer.model.reference`),
 and cancelling leaves the base model untouched."""
 from __future__ import annotations
 
@@ -9,19 +9,28 @@ import threading
 
 import pytest
 import torch
-
 from conftest import tiny_llama
-from explorer.capture import capture_block_inputs, run_block
+from test_slicing import random_subnet
+
+from explorer.calibrate.capture import capture_block_inputs, run_block
+from explorer.calibrate.importance import compute_importance
 from explorer.errors import Cancelled
 from explorer.events import Progress
-from explorer.loading import LoadedModel
-from explorer.importance import compute_importance
-from explorer.reference import weights_match, zeroed_reference
-from explorer.reform import (LayerReform, Problem, ReformSettings, admm, attention_gram, closed_form, mlp_gram,
-                             reform, reformed_digest)
-from explorer.slicing import layer_indices, slice_model
-from explorer.subnet import ModelShape, Subnet
-from test_slicing import random_subnet
+from explorer.model.loading import LoadedModel
+from explorer.model.reference import weights_match, zeroed_reference
+from explorer.model.slicing import layer_indices, slice_model
+from explorer.model.subnet import ModelShape, Subnet
+from explorer.pick.reform import (
+    LayerReform,
+    Problem,
+    ReformSettings,
+    admm,
+    attention_gram,
+    closed_form,
+    mlp_gram,
+    reform,
+    reformed_digest,
+)
 
 
 def loaded(model) -> LoadedModel:

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from explorer.cli import main
-from explorer.pareto import pareto_front
-from explorer.runs import Candidate, RunError, create_run, load_candidate, open_run, run_path
-from explorer.subnet import ModelShape, Subnet, uniform_subnet
+from explorer.app.cli import main
+from explorer.model.subnet import ModelShape, Subnet, uniform_subnet
+from explorer.search.pareto import pareto_front
+from explorer.search.runs import Candidate, RunError, create_run, load_candidate, open_run, run_path
 
 SHAPE = ModelShape(num_layers=2, hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=32,
                    vocab_size=50)

@@ -8,21 +8,20 @@ import threading
 
 import pytest
 import torch
-
-from explorer.capture import ChannelMeans
-from explorer.errors import ExplorerError
-from explorer.evolution import crossover, make_space, mutate
-from explorer.settings import DEMO_MINUTES, Probs
-from explorer.fitness import FitnessEvaluator, MaskedEvaluator
-from explorer.importance import compute_importance, initial_subnet
-from explorer.loading import LoadedModel
-from explorer.perplexity import perplexity
-from explorer.runs import open_run
-from explorer.events import CandidateEvaluated, FrontChanged, GenerationFinished, SearchCancelled, SearchFinished
-from explorer.search import SearchSettings, run_search
-from explorer.slicing import candidate_model, slice_model
-from explorer.subnet import ModelShape
 from conftest import tiny_llama
+
+from explorer.calibrate.importance import compute_importance, initial_subnet
+from explorer.errors import ExplorerError
+from explorer.events import CandidateEvaluated, FrontChanged, GenerationFinished, SearchCancelled, SearchFinished
+from explorer.model.loading import LoadedModel
+from explorer.model.perplexity import perplexity
+from explorer.model.slicing import ChannelMeans, candidate_model, slice_model
+from explorer.model.subnet import ModelShape
+from explorer.search.evolution import crossover, make_space, mutate
+from explorer.search.fitness import FitnessEvaluator, MaskedEvaluator
+from explorer.search.loop import SearchSettings, run_search
+from explorer.search.runs import open_run
+from explorer.settings import DEMO_MINUTES, Probs
 
 
 @pytest.fixture(scope="module")
@@ -261,12 +260,12 @@ def test_reformation_aware_search_on_embedded_model(embedded, tmp_path):
     """End to end on the real model: a search ranked by pre-reformed levels finishes, every searched
     candidate is made of levels, and its fitness is the perplexity of the sliced model with the
     levels' o_proj / down_proj written in, computed here the plain way (slice, write, perplexity)."""
-    from explorer.calibration import calibrate
-    from explorer.ladders import LadderSpec, Ladders
-    from explorer.loading import cache_root
-    from explorer.reform import ReformSettings
-    from explorer.search import LADDER_SCORING
-    from explorer.slicing import candidate_model
+    from explorer.model.loading import cache_root
+    from explorer.model.slicing import candidate_model
+    from explorer.pick.reform import ReformSettings
+    from explorer.search.calibration import calibrate
+    from explorer.search.ladders import Ladders, LadderSpec
+    from explorer.search.loop import LADDER_SCORING
 
     s = SearchSettings.preset("demo", targets=(0.7,), calib_windows=4, calib_seq_len=128, fitness_windows=1,
                               fitness_seq_len=64, population=3, generations=1, mutations=2, crossovers=1, fresh=1,
@@ -301,7 +300,7 @@ def test_prepare_builds_what_a_search_reads_so_its_budget_is_spent_searching(emb
     the baselines and the ladders into the cache first, and the timed search then reads all three
     instead of computing them (checked by what its progress says and by the baselines it scores)."""
     from explorer.events import StageProgress
-    from explorer.search import prepare
+    from explorer.search.loop import prepare
 
     monkeypatch.setenv("SUBNET_EXPLORER_CACHE", str(tmp_path / "cache"))  # nothing cached before
     s = SearchSettings.preset("demo", targets=(0.7,), calib_windows=4, calib_seq_len=64, fitness_windows=1,
@@ -317,7 +316,7 @@ def test_prepare_builds_what_a_search_reads_so_its_budget_is_spent_searching(emb
     assert "reused from the cache" in said["importance"] and "reused from the cache" in said["ladders"]
     assert not any("pre-reforming" in e.message for e in events if isinstance(e, StageProgress))
     # the baselines the search scored are the prepared ones, read back (Wanda-sp's sequential pass not rerun)
-    from explorer.calibration import calibrate
+    from explorer.search.calibration import calibrate
 
     (tmp_path / "check").mkdir()
     cal = list(calibrate(embedded, s, tmp_path / "check", cache_dir=tmp_path / "cache" / "importance"))[-1]
@@ -331,8 +330,8 @@ def test_a_fresh_install_reads_the_shipped_runs_baselines(embedded, tmp_path):
     """The demo's first seconds: on an empty cache the shipped run's importance pass and its baseline
     subnets (Wanda-sp's sequential pass is the slow one) are read, not computed, and they are the
     shipped run's own baseline candidates."""
-    from explorer.calibration import calibrate
-    from explorer.runs import SHIPPED_RUNS
+    from explorer.search.calibration import calibrate
+    from explorer.search.runs import SHIPPED_RUNS
 
     shipped = SHIPPED_RUNS / "smollm2-135m-demo"
     s = SearchSettings.preset("demo")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from explorer.app.workbench import Workbench as Workspace
 from explorer.errors import ExplorerError
-from explorer.workbench import Workbench as Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,8 +61,9 @@ def test_downloads_only_from_the_exports_folder(tmp_path):
 def test_remote_code_is_not_run_unless_allowed(tmp_path, embedded):
     """A folder whose config points at its own modeling code: we load the built-in class and never
     import the folder's Python."""
-    from explorer.loading import load_model
     from conftest import tiny_llama
+
+    from explorer.model.loading import load_model
 
     folder = tmp_path / "m"
     tiny_llama(vocab_size=embedded.shape.vocab_size).save_pretrained(folder)

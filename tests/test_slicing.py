@@ -6,14 +6,13 @@ import random
 
 import pytest
 import torch
-
 from conftest import tiny_llama
 from tiny_models import ARCHS, tiny_model
-from explorer.capture import ChannelMeans
-from explorer.reference import zeroed_reference as reference
-from explorer.architecture import ArchitectureError, check_architecture
-from explorer.slicing import slice_model
-from explorer.subnet import LayerChoice, ModelShape, Subnet, SubnetError
+
+from explorer.model.architecture import ArchitectureError, check_architecture
+from explorer.model.reference import zeroed_reference as reference
+from explorer.model.slicing import ChannelMeans, slice_model
+from explorer.model.subnet import LayerChoice, ModelShape, Subnet, SubnetError
 
 
 def random_subnet(shape: ModelShape, seed: int, drop: tuple[int, ...] = ()) -> Subnet:
@@ -31,7 +30,7 @@ def random_subnet(shape: ModelShape, seed: int, drop: tuple[int, ...] = ()) -> S
 
 
 def zeroed_reference(base, subnet: Subnet, shape: ModelShape):
-    """The base model with the omitted rows/columns zeroed, written without explorer.slicing.
+    """The base model with the omitted rows/columns zeroed, written without explorer.model.slicing.
 
     Zeroing the q/k rows of a dropped rotary pair removes its score contribution (both halves
     of the pair are zero, so rotation keeps them zero); zeroing v rows and o columns removes its
@@ -247,7 +246,7 @@ def test_every_architecture_narrowed_equals_the_zeroed_original(arch, compensate
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_reference_module_equals_this_tests_own_zeroing(tiny, ids, seed):
-    """explorer.reference (used by export verification) agrees with the zeroing written here."""
+    """explorer.model.reference (used by export verification) agrees with the zeroing written here."""
     shape = ModelShape.from_config(tiny.config)
     subnet = random_subnet(shape, seed, drop=(2,) if seed == 1 else ())
     with torch.no_grad():

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_llama
-from explorer.data import calibration_windows, load_corpus
+
+from explorer.app.workbench import AppSettings, Busy, Reformation, Workbench, model_key
+from explorer.calibrate.data import calibration_windows, load_corpus
 from explorer.errors import ExplorerError
 from explorer.events import CandidateEvaluated, SearchFinished, SearchStarted
-from explorer.generation import DecodeSettings
-from explorer.perplexity import perplexity
-from explorer.reform import ReformSettings
-from explorer.runs import RunError
-from explorer.subnet import uniform_subnet
-from explorer.workbench import AppSettings, Busy, Reformation, Workbench, model_key
+from explorer.model.generation import DecodeSettings
+from explorer.model.perplexity import perplexity
+from explorer.model.subnet import uniform_subnet
+from explorer.pick.reform import ReformSettings
+from explorer.search.runs import RunError
 
 pytestmark = pytest.mark.slow  # needs the embedded model's tokenizer
 
@@ -89,7 +89,7 @@ def test_reformed_means_reformed_even_after_the_cache_let_it_go(bench, tmp_path)
     assert len(wb.subnets) == 2
     p = wb.pick("r1", ids[0])
     model = wb.model_of(key, p, r)  # recomputed, and it must reproduce the digest
-    from explorer.reform import reformed_digest
+    from explorer.pick.reform import reformed_digest
 
     assert reformed_digest(model) == r.digest
     res = wb.export("tab", key, p, tmp_path / "e", r, make_zip=False)

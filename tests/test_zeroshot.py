@@ -5,14 +5,25 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import tiny_llama
-from explorer.slicing import slice_model
-from explorer.subnet import ModelShape, Subnet
-from explorer.zeroshot import (TASKS, Item, ZeroShotError, canonical_task, continuation_logprobs, encode_pair,
-                               evaluate_task, evaluate_tasks, load_items, score, select)
+from explorer.model.slicing import slice_model
+from explorer.model.subnet import ModelShape, Subnet
+from explorer.pick.zeroshot import (
+    TASKS,
+    Item,
+    ZeroShotError,
+    canonical_task,
+    continuation_logprobs,
+    encode_pair,
+    evaluate_task,
+    evaluate_tasks,
+    load_items,
+    score,
+    select,
+)
 
 WORDS = ("the cat sat on mat dog ran to a park yes no question answer : is it red blue sky grass green "
          "water wet dry fire hot cold ice").split()

@@ -31,8 +31,14 @@ ARCHS = {
 
 def tiny_model(name: str = "llama-default", seed: int = 0, layers: int = 4, vocab: int = VOCAB):
     """One of ARCHS, eval mode, every parameter random (weights ~0.08, biases ~0.1, norms ~1)."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     arch, extra = ARCHS[name]
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..workbench import AppSettings, Workbench
+from ..app.workbench import AppSettings, Workbench
 from .handlers import Handlers
 from .layout import BRIDGE_JS, CSS, UI, build
 

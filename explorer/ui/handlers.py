@@ -14,12 +14,20 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..app import plots
+from ..app.workbench import Workbench, model_key, parse_targets, slug
 from ..errors import Cancelled, ExplorerError
-from ..events import (CandidateEvaluated, FrontChanged, Progress, SearchCancelled, SearchFailed, SearchFinished,
-                      SearchStarted, StageProgress)
-from ..generation import DecodeSettings
-from ..workbench import Workbench, model_key, parse_targets, slug
-from .. import plots
+from ..events import (
+    CandidateEvaluated,
+    FrontChanged,
+    Progress,
+    SearchCancelled,
+    SearchFailed,
+    SearchFinished,
+    SearchStarted,
+    StageProgress,
+)
+from ..model.generation import DecodeSettings
 from . import views
 from .layout import UI
 from .session import Session

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from ..evaluation import DEFAULT_TASKS
-from ..generation import DecodeSettings
-from ..plots import X_AXES, Y_AXES
+from ..app.plots import X_AXES, Y_AXES
+from ..model.generation import DecodeSettings
+from ..pick.evaluation import DEFAULT_TASKS
 from ..settings import PRESETS, ModelSettings, SearchSettings
 from .session import Session
 from .views import NO_PICK, compare_frame

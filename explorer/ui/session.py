@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..workbench import Reformation
+from ..app.workbench import Reformation
 
 
 @dataclass

@@ -6,8 +6,15 @@ from dataclasses import replace
 
 import pandas as pd
 
-from ..events import (CandidateEvaluated, GenerationFinished, SearchCancelled, SearchFailed, SearchFinished,
-                      SearchStarted, StageProgress)
+from ..events import (
+    CandidateEvaluated,
+    GenerationFinished,
+    SearchCancelled,
+    SearchFailed,
+    SearchFinished,
+    SearchStarted,
+    StageProgress,
+)
 
 NO_PICK = "*Click a point on the plot.*"  # the card when the tab has no pick
 

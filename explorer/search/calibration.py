@@ -1,0 +1,216 @@
+"""A search's calibration statistics: the importance pass (METHOD section 2) with the channel
+statistics every baseline and bias compensation need, and the token windows of fitness.
+
+What depends only on the model and the data is computed once and reused: a run keeps its own
+copy (`importance.pt`, `channel_means.safetensors`, so a resume or a later pick needs no pass),
+and an on-disk cache keyed by the model and the calibration settings serves every later search
+of the same model on the same data, in this session or the next.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..calibrate.baselines import BaselineResult, baseline_subnet
+from ..calibrate.data import calibration_windows, load_corpus
+from ..calibrate.importance import Importance, iter_importance, scoring
+from ..events import StageProgress
+from ..model.slicing import ChannelMeans
+from ..model.subnet import Subnet
+from .ladders import Ladders, iter_ladders
+
+FILES = ("importance.pt", "channel_means.safetensors", "calibration.json")  # what a run holds of its calibration
+log = logging.getLogger(__name__)
+BASELINES_FILE = "baselines.json"  # a run's baseline subnets, by name, target and windows (seeds the cache)
+
+
+@dataclass
+class Calibration:
+    importance: Importance  # OBS scores and the dense pass's input statistics
+    means: ChannelMeans  # of o_proj / down_proj inputs: bias compensation
+    calib: torch.Tensor  # calibration windows (the importance pass; Wanda-sp runs on the first ones)
+    fitness: torch.Tensor  # fitness windows
+    from_cache: bool = False
+    key: str | None = None  # cache_key: the same model and calibration data have the same one
+    cache_dir: Path | None = None
+    run_dir: Path | None = None
+    selection: torch.Tensor | None = None  # windows that re-score the top candidates for the final pick
+    _scorings: dict = field(default_factory=dict, repr=False)
+
+    def scoring(self, name: str, model, shape) -> Importance:
+        """An Importance ranking channels by `name` (obs, wanda, wifv), computed once."""
+        if name not in self._scorings:
+            self._scorings[name] = scoring(name, model, self.importance, shape)
+        return self._scorings[name]
+
+    def baseline(self, name: str, model, shape, target: float, n_windows: int) -> tuple[BaselineResult, bool]:
+        """A baseline's subnet at `target` and whether it was read rather than computed. Wanda-sp runs
+        its own sequential pass over the calibration windows (the slow one); every baseline depends
+        only on the model, the calibration data and the target, so each is computed once and kept
+        beside the importance pass (`<key>.baselines.json` in the cache) and in the run."""
+        entry = f"{name}@{target:.6g}@{n_windows}"
+        stores = [p for p in (self._baselines_path(), self.run_dir and self.run_dir / BASELINES_FILE) if p]
+        for path in stores:
+            found = _read_json(path).get(entry)
+            if found is not None:
+                result = BaselineResult(name, Subnet.from_dict(found["subnet"]), bool(found["compensated"]))
+                break
+        else:
+            result = baseline_subnet(name, model, self.importance, shape, target, self.calib[:n_windows])
+        for path in stores:
+            table = _read_json(path)
+            if entry not in table:
+                table[entry] = {"subnet": result.subnet.to_dict(compact=True), "compensated": result.compensated}
+                _write_json(path, table)
+        return result, found is not None
+
+    def ladders(self, model, shape, spec, scoring: str, reform_settings, cancel: threading.Event | None = None
+                ) -> Iterator[StageProgress | Ladders]:
+        """The reformation-aware search's pre-reformed ladders (`explorer.search.ladders`): built once per
+        model, calibration data, ladder and reformation settings, then read from the cache. Yields
+        StageProgress, then the Ladders (last item)."""
+        order = self.scoring(scoring, model, shape)
+        raw = json.dumps([spec.pairs, spec.widths, scoring, reform_settings.damp, reform_settings.intercept,
+                          reform_settings.intercept_damp, reform_settings.method, self.means is not None])
+        path = None if self.key is None or self.cache_dir is None else \
+            Path(self.cache_dir) / f"{self.key}.ladders-{hashlib.sha1(raw.encode()).hexdigest()[:12]}.safetensors"
+        if path is not None and path.is_file():
+            try:
+                found = Ladders.load(path, order)
+                yield StageProgress("ladders", 1, 1, "reused from the cache (same model, data and ladder)")
+                yield found
+                return
+            except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt, saying so in the log
+                log.warning("ignoring the unreadable ladder cache %s", path, exc_info=True)
+        result = None
+        for item in iter_ladders(model, shape, order, scoring, self.calib, spec, self.means, reform_settings, cancel):
+            if isinstance(item, Ladders):
+                result = item
+            else:
+                yield StageProgress(item.stage, item.done, item.total, f"pre-reforming levels, {item.message}")
+        if path is not None:
+            result.save(path)
+        yield result
+
+    def _baselines_path(self) -> Path | None:
+        return None if self.key is None or self.cache_dir is None else Path(self.cache_dir) / f"{self.key}.baselines.json"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        log.warning("ignoring the unreadable cache file %s", path, exc_info=True)
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def weights_fingerprint(model) -> str:
+    """A short hash of a few of the model's weights: the same model on any machine has the same one
+    (a file path or a download time would not), a different model does not."""
+    from ..model.devices import onloaded
+
+    h = hashlib.sha1()
+    for module in (model.model.embed_tokens, model.model.layers[0], model.model.layers[-1], model.lm_head):
+        with onloaded(module):
+            for t in list(module.state_dict().values())[:4]:
+                h.update(t.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(lm, settings) -> str:
+    """The importance pass depends on the model's weights, its dtype, the corpus and the calibration
+    windows; the key is the same on every machine, so a shipped run's pass serves a fresh install."""
+    raw = json.dumps([weights_fingerprint(lm.model), str(lm.dtype), lm.shape.to_dict(), settings.corpus,
+                      settings.calib_windows, settings.calib_seq_len, settings.seed])
+    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def calibrate(lm, settings, run_dir: Path, cancel: threading.Event | None = None, windows: tuple | None = None,
+              cache_dir: Path | None = None, seeds: tuple[Path, ...] = ()) -> Iterator[StageProgress | Calibration]:
+    """Yields StageProgress, then the Calibration (last item). `windows` = (calibration, fitness[,
+    selection]) token tensors replaces the corpus (tests on tiny models; nothing is cached then). `seeds`: run
+    folders (the shipped demo) whose `calibration.json` may name the very pass this search needs."""
+    run_dir = Path(run_dir)
+    corpus = load_corpus(settings.corpus) if windows is None else None
+    calib = windows[0] if windows is not None else calibration_windows(
+        lm.tokenizer, corpus, settings.calib_windows, settings.calib_seq_len, seed=settings.seed)
+    fitness = windows[1] if windows is not None else calibration_windows(
+        lm.tokenizer, corpus, settings.fitness_windows, settings.fitness_seq_len, seed=settings.seed + 1)
+    selection = None  # the final pick's re-scoring windows (search.select); none when it is off
+    if windows is not None:
+        selection = windows[2] if len(windows) > 2 else None
+    elif getattr(settings, "select_top", 0) > 1 and settings.select_windows > 0:
+        selection = calibration_windows(lm.tokenizer, corpus, settings.select_windows, settings.fitness_seq_len,
+                                        seed=settings.seed + 2)
+    own = run_dir / "importance.pt"
+    key = None if windows is not None else cache_key(lm, settings)
+    cached = None if (cache_dir is None or key is None) else Path(cache_dir) / f"{key}.pt"
+    if cached is not None:
+        for seed in seeds:  # a shipped run computed on the same model and data
+            try:
+                if json.loads((seed / "calibration.json").read_text()).get("key") != key:
+                    continue
+                for src, dst in ((seed / "importance.pt", cached),
+                                 (seed / BASELINES_FILE, cached.with_suffix(".baselines.json"))):
+                    if src.is_file() and not dst.is_file():
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(src, dst)
+                break
+            except (OSError, ValueError):
+                continue
+    from_cache = False
+    need_heads = getattr(settings, "space", "dims") == "heads"  # a pass saved before per-head scores lacks them
+    importance = None
+    if own.is_file():
+        importance = Importance.load(own)
+    elif cached is not None and cached.is_file():
+        importance = Importance.load(cached)
+        if not (need_heads and importance.heads is None):
+            shutil.copyfile(cached, own)
+            from_cache = True
+            yield StageProgress("importance", 1, 1, "reused from the cache (same model and calibration data)")
+    if importance is not None and need_heads and importance.heads is None:
+        yield StageProgress("importance", 0, 1, "the saved pass predates per-head scores: computing it again")
+        importance = None
+    if importance is None:
+        for item in iter_importance(lm.model, calib, lm.shape, cancel=cancel):
+            if isinstance(item, Importance):
+                importance = item
+            else:
+                yield StageProgress("importance", item.done, item.total, item.message)
+        importance.save(own)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            shutil.copyfile(own, tmp)
+            tmp.replace(cached)
+    means = importance.channel_means()
+    if not (run_dir / "channel_means.safetensors").is_file():
+        means.save(run_dir / "channel_means.safetensors")
+    if key is not None and not (run_dir / "calibration.json").is_file():
+        (run_dir / "calibration.json").write_text(json.dumps({"key": key, "corpus": settings.corpus,
+                                                             "windows": settings.calib_windows,
+                                                             "seq_len": settings.calib_seq_len, "seed": settings.seed}))
+    yield Calibration(importance, means, calib, fitness, from_cache, key, None if cache_dir is None else Path(cache_dir),
+                      run_dir, selection)
+
+
+__all__ = ["Calibration", "calibrate", "FILES", "cache_key"]
