@@ -26,7 +26,7 @@ from bench.common import add_model_arguments, format_table, machine, main, spear
 from explorer.model.loading import load_model
 from explorer.model.slicing import candidate_model
 from explorer.pick.export import export_subnet
-from explorer.search.loop import run_search
+from explorer.search.run import run_search
 from explorer.search.runs import open_run
 from explorer.settings import SearchSettings
 

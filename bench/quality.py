@@ -39,9 +39,10 @@ from explorer.model.slicing import candidate_model
 from explorer.pick.reform import ReformSettings, reform
 from explorer.pick.zeroshot import TASKS, ZeroShotSettings, average, evaluate_tasks
 from explorer.search.fitness import MaskedEvaluator
-from explorer.search.loop import prepare, run_search
+from explorer.search.run import prepare, run_search
 from explorer.search.runs import Candidate, open_run
-from explorer.settings import SearchSettings, parse_override
+from explorer.app.inputs import parse_override
+from explorer.settings import SearchSettings
 
 # the search modes compared: the paper's fitness (sliced subnet), with bias compensation, and ranked by
 # pre-reformed levels (METHOD 8.1)

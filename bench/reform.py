@@ -41,7 +41,8 @@ def pick_subnets(lm, fractions, init: str, windows) -> dict[float, Subnet]:
         from explorer.calibrate.baselines import magnitude
 
         return {f: magnitude(lm.model, lm.shape, f) for f in fractions}
-    from explorer.calibrate.importance import compute_importance, initial_subnet
+    from explorer.calibrate.importance import compute_importance
+    from explorer.search.initial import initial_subnet
 
     imp = compute_importance(lm.model, windows, lm.shape)
     return {f: initial_subnet(imp, lm.shape, f) for f in fractions}

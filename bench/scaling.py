@@ -102,12 +102,13 @@ def run(args) -> dict:
 
 
 def measure_shape(row: dict, dev: str, dtype: torch.dtype, args) -> None:
-    from explorer.calibrate.importance import compute_importance, initial_subnet
+    from explorer.calibrate.importance import compute_importance
     from explorer.model.latency import SpeedSettings, measure_speeds
     from explorer.model.loading import LoadedModel
     from explorer.model.subnet import ModelShape
     from explorer.pick.reform import ReformSettings, reform
     from explorer.search.fitness import FitnessEvaluator, MaskedEvaluator, fast_dtype
+    from explorer.search.initial import initial_subnet
 
     torch.manual_seed(0)
     name = row["shape"]

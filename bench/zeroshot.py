@@ -38,7 +38,8 @@ def pick_candidate(lm, args, cal):
         means = run.channel_means() if c.compensated else None
         return c, means, {"run": args.run, "pick": args.pick, "id": c.id, "fitness_ppl": c.fitness,
                           "compensated": c.compensated}
-    from explorer.calibrate.importance import compute_importance, initial_subnet
+    from explorer.calibrate.importance import compute_importance
+    from explorer.search.initial import initial_subnet
 
     imp = compute_importance(lm.model, cal[:args.importance_windows], lm.shape)
     sub = initial_subnet(imp, lm.shape, args.fraction)

@@ -6,13 +6,15 @@ both dispatching on the event's type. Every event type of the project is defined
 """
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Generator, TypeVar
 
 from .errors import Cancelled
 
 EventSink = Callable[[Any], None]
+T = TypeVar("T")
 
 
 def no_event(_event: Any) -> None:
@@ -22,6 +24,32 @@ def no_event(_event: Any) -> None:
 def check_cancel(cancel: threading.Event | None) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled()
+
+
+def streamed(work: Callable[[EventSink], T]) -> Generator[Any, None, T]:
+    """Run `work(on_event)` in a thread and yield its events as they happen (an iterator of events
+    cannot yield from inside a blocking call); its result is the generator's return value, and its
+    exception is raised here."""
+    box: queue.Queue = queue.Queue()
+    done = object()
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append(work(box.put))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            result.append(e)
+        finally:
+            box.put(done)
+
+    thread = threading.Thread(target=run, name="streamed-work", daemon=True)
+    thread.start()
+    while (item := box.get()) is not done:
+        yield item
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
 
 
 # ---- any long job ---------------------------------------------------------------------------

@@ -85,7 +85,6 @@ class SearchSettings:
     init_scorings: tuple[str, ...] = ("obs", "wanda", "wifv")  # scores that rank the initial subnets' channels
     baselines: tuple[str, ...] = ("magnitude", "wanda-sp", "flap", "flap-uniform")
     seed_baselines: bool = True  # the baselines' subnets are initial subnets too (evaluated the search's way)
-    baseline_windows: int = 8  # calibration windows of Wanda-sp's sequential pass (the first ones)
     early_stop: bool = True
     cache_mb: int = 384  # prefix hidden-state cache
     latency: bool = True  # fit a latency model (cached per machine) and measure the front for real
@@ -128,21 +127,6 @@ class SearchSettings:
         return cls(**d)
 
 
-def parse_override(text: str) -> tuple[str, object]:
-    """"generations=8" -> ("generations", 8): a KEY=VALUE override of a settings field (JSON values,
-    else the text itself)."""
-    import argparse
-    import json
-
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key.strip().replace("-", "_"), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip().replace("-", "_"), value
-
-
 DEMO_MINUTES = 4.0  # the demo preset's time budget
 DEMO_GENERATIONS = 100  # its cap on generations per target (the clock ends them long before)
 
@@ -153,5 +137,5 @@ PRESETS: dict[str, SearchSettings] = {
         preset_name="paper", calib_windows=128, calib_seq_len=2048, fitness_windows=5, fitness_seq_len=2048,
         population=100, generations=50, top_k=10, mutations=50, crossovers=30, fresh=20,
         first_probs=Probs(depth=0.0, ratio=0.3, mask=0.6), probs=Probs(depth=0.1, ratio=0.1, mask=0.3),
-        window=0.01, cache_mb=2048, measure_max=16, baseline_windows=128),
+        window=0.01, cache_mb=2048, measure_max=16),
 }

@@ -27,7 +27,8 @@ from conftest import tiny_llama  # noqa: E402
 
 from explorer.model.loading import LoadedModel  # noqa: E402
 from explorer.model.subnet import ModelShape  # noqa: E402
-from explorer.search.loop import SearchSettings, run_search  # noqa: E402
+from explorer.search.run import run_search  # noqa: E402
+from explorer.settings import SearchSettings
 
 
 def settings() -> SearchSettings:

@@ -150,25 +150,25 @@ def test_baselines_are_built_once_per_calibration_and_read_back(setup, tmp_path,
 
     model, shape, imp, windows = setup
 
-    def calibration(run_dir):
+    def calibration(run_dir, n=2):  # a baseline reads every calibration window, as the importance pass does
         run_dir.mkdir()
-        return Calibration(imp, imp.channel_means(), windows, windows[:1], key="k", cache_dir=tmp_path / "cache",
+        return Calibration(imp, imp.channel_means(), windows[:n], windows[:1], key="k", cache_dir=tmp_path / "cache",
                            run_dir=run_dir)
 
     direct = baseline_subnet("wanda-sp", model, imp, shape, 0.6, windows[:2])
-    first, read = calibration(tmp_path / "a").baseline("wanda-sp", model, shape, 0.6, 2)
+    first, read = calibration(tmp_path / "a").baseline("wanda-sp", model, shape, 0.6)
     assert not read and first == direct
     later = calibration(tmp_path / "b")
-    again, read = later.baseline("wanda-sp", model, shape, 0.6, 2)
+    again, read = later.baseline("wanda-sp", model, shape, 0.6)
     assert read and again == direct
     assert (tmp_path / "b" / BASELINES_FILE).is_file()  # the run keeps its own copy
-    flap, read = later.baseline("flap", model, shape, 0.6, 2)
+    flap, read = later.baseline("flap", model, shape, 0.6)
     assert not read and flap == baseline_subnet("flap", model, imp, shape, 0.6, windows[:2]) and flap.compensated
-    other, read = later.baseline("wanda-sp", model, shape, 0.6, 3)  # other windows: its own entry
+    other, read = calibration(tmp_path / "c", 3).baseline("wanda-sp", model, shape, 0.6)  # other windows: own entry
     assert not read and other == baseline_subnet("wanda-sp", model, imp, shape, 0.6, windows[:3])
     (tmp_path / "cache" / "k.baselines.json").write_text("{garbled")
-    fresh, read = Calibration(imp, imp.channel_means(), windows, windows[:1], key="k",
-                              cache_dir=tmp_path / "cache").baseline("wanda-sp", model, shape, 0.6, 2)
+    fresh, read = Calibration(imp, imp.channel_means(), windows[:2], windows[:1], key="k",
+                              cache_dir=tmp_path / "cache").baseline("wanda-sp", model, shape, 0.6)
     assert not read and fresh == direct and "unreadable cache file" in caplog.text
 
 

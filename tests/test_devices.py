@@ -12,7 +12,7 @@ from explorer.model.loading import load_model
 from explorer.model.perplexity import perplexity
 from explorer.model.slicing import slice_model
 from explorer.pick.reform import ReformSettings, reform
-from explorer.search.loop import run_search
+from explorer.search.run import run_search
 from explorer.search.runs import open_run
 from explorer.settings import SearchSettings
 

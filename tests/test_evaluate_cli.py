@@ -38,7 +38,7 @@ def test_unknown_task_is_one_line_and_exit_2(capsys):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: unknown task 'mmlu'")
 
 
-@pytest.mark.parametrize("args, words", [(("--limit", "-5"), "--limit"), (("--model", "/no/such/dir"), "no model"),
+@pytest.mark.parametrize("args, words", [(("--limit", "-5"), "question limit"), (("--model", "/no/such/dir"), "no model"),
                                          (("--tasks", ","), "no tasks"), (("--batch-size", "0"), "--batch-size")])
 def test_bad_input_is_one_line_and_exit_2(capsys, args, words):
     code, _, err = run_cli(capsys, *args) if "--tasks" in args else run_cli(capsys, *args, "--tasks", "piqa")

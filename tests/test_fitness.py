@@ -9,16 +9,18 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from explorer.calibrate.importance import compute_importance, initial_subnet
+from explorer.calibrate.importance import compute_importance
 from explorer.errors import ExplorerError
 from explorer.model.loading import LoadedModel
 from explorer.model.perplexity import perplexity
 from explorer.model.slicing import slice_model
 from explorer.model.subnet import ModelShape
-from explorer.search.evolution import make_space, mutate
+from explorer.search.evolution import mutate
 from explorer.search.fitness import FitnessEvaluator, fast_dtype, resolve_dtype
-from explorer.search.loop import SearchSettings, run_search
-from explorer.settings import Probs
+from explorer.search.initial import initial_subnet
+from explorer.search.run import run_search
+from explorer.search.space import make_space
+from explorer.settings import Probs, SearchSettings
 
 
 @pytest.fixture(scope="module")

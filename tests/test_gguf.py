@@ -9,7 +9,6 @@ import json
 
 import llama_cpp  # noqa: F401  - the check needs llama.cpp: a missing build fails here, never skips
 import pytest
-import torch
 
 from explorer.model.loading import embedded_gguf
 from explorer.model.reference import zeroed_reference

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config
 
-from explorer.app.workbench import read_subnet_file, subnet_file_limit
+from explorer.app.inputs import read_subnet_file as read_file
 from explorer.model.loading import ModelLoadError, embedded_gguf, load_model
 from explorer.model.subnet import ModelShape, Subnet, SubnetError, uniform_subnet
+from explorer.pick.pickfile import file_limit as subnet_file_limit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,6 +107,11 @@ def test_a_good_gguf_file_loads_and_is_cached(tmp_path, cache, embedded):
 SHAPE = ModelShape.from_config(tiny_config())
 
 
+def read_subnet_file(path: Path, shape: ModelShape) -> Subnet:
+    """The subnet of a file read for a model of `shape` (any weights, as a bare subnet names none)."""
+    return read_file(path, shape, "fingerprint", "float32").subnet
+
+
 def write(tmp_path: Path, name: str, data: bytes | str) -> Path:
     p = tmp_path / name
     p.write_bytes(data.encode() if isinstance(data, str) else data)
@@ -123,12 +129,15 @@ def test_subnet_file_round_trip_and_export_form(tmp_path):
 @pytest.mark.parametrize("data,needle", [
     (b"", "is empty"),
     (b"\xff\xfe\x00garbage", "not UTF-8 text"),
-    ("{not json", "not a subnet description: not valid JSON"),
-    ("[1, 2, 3]", "not a subnet description"),
-    ('{"layers": 7}', "not a subnet description"),
-    ('{"layers": [[["x"], ["y"]]]}', "not a subnet description"),
-    ('{"layers": [{"attn_pairs": [["a"]], "mlp_channels": ["b"]}]}', "not a subnet description"),
-    ("[" * 20_000 + "]" * 20_000, r"not a subnet description \(RecursionError\)"),
+    ("{not json", "is not a subnet file: not valid JSON"),
+    ("[1, 2, 3]", "is not a subnet file: expected a JSON object"),
+    ('{"layers": 7}', "is not a subnet file"),
+    ('{"layers": [[["x"], ["y"]]]}', "is not a subnet file"),
+    ('{"layers": [{"attn_pairs": [["a"]], "mlp_channels": ["b"]}]}', "is not a subnet file"),
+    ("[" * 20_000 + "]" * 20_000, r"is not a subnet file.*nested too deeply"),
+    ('{"format": "subnet-explorer/subnet", "version": 2, "subnet": {"layers": []}, "compensation": {"x": 1}}',
+     "is not a subnet file: its bias compensation is unreadable"),
+    ('{"format": "subnet-explorer/subnet", "version": 9, "subnet": {"layers": []}}', "version 9"),
 ])
 def test_garbage_subnet_files_are_one_line(tmp_path, data, needle):
     with pytest.raises(SubnetError, match=needle) as e:
@@ -150,7 +159,7 @@ def test_subnet_of_another_model_is_refused(tmp_path):
 def test_oversized_subnet_file_is_refused_before_reading(tmp_path):
     limit = subnet_file_limit(SHAPE)
     big = write(tmp_path, "big.json", b" " * (limit + 1))
-    with pytest.raises(SubnetError, match="MiB; a subnet of the loaded model takes at most"):
+    with pytest.raises(SubnetError, match="MiB; a subnet file of this model takes at most"):
         read_subnet_file(big, SHAPE)
     # the limit is not tight against a real subnet written out in full
     full = write(tmp_path, "full.json", json.dumps(Subnet.full(SHAPE).to_dict(), indent=2))

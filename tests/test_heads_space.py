@@ -15,10 +15,11 @@ from explorer.model.loading import LoadedModel
 from explorer.model.reference import zeroed_reference
 from explorer.model.slicing import candidate_model, slice_model
 from explorer.model.subnet import ModelShape, Subnet
-from explorer.search.evolution import crossover, head_options, make_space, mutate, set_heads, space_top_layer
-from explorer.search.loop import SearchSettings, run_search
+from explorer.search.evolution import crossover, mutate
+from explorer.search.run import run_search
 from explorer.search.runs import open_run
-from explorer.settings import Probs
+from explorer.search.space import head_options, make_space, set_heads, space_top_layer
+from explorer.settings import Probs, SearchSettings
 
 
 @pytest.fixture(scope="module")

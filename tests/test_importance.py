@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from explorer.calibrate.importance import compute_importance, initial_subnet, split_subnet
+from explorer.calibrate.importance import compute_importance
 from explorer.model.subnet import ModelShape
+from explorer.search.initial import initial_subnet, split_subnet
 
 
 def _direct_inputs(model, windows):

@@ -22,8 +22,9 @@ from explorer.pick.reform import ReformSettings
 from explorer.search.calibration import Calibration
 from explorer.search.fitness import FitnessEvaluator
 from explorer.search.ladders import Ladders, LadderSpec, build_ladders, ladder_bytes
-from explorer.search.loop import SearchSettings, run_search
+from explorer.search.run import run_search
 from explorer.search.runs import open_run
+from explorer.settings import SearchSettings
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,7 @@ def test_measurements_pair_rounds_and_flag_wide_spreads(tiny, monkeypatch):
 
     calls = []
 
-    def fake_measure_speeds(models, vocab, settings):
+    def fake_measure_speeds(models, vocab, settings, **_):
         calls.append(settings.repeats)
         n = settings.repeats
         dense = [10.0] * n
@@ -103,6 +103,36 @@ def test_measurements_pair_rounds_and_flag_wide_spreads(tiny, monkeypatch):
     assert out["steady"].speedup == pytest.approx(2.0) and out["steady"].reliable and out["steady"].rounds == 4
     assert not out["wild"].reliable and out["wild"].rounds == 8 and out["wild"].spread > 0.1
     assert calls == [4, 8]  # only the wild one was timed again, with twice the rounds
+
+
+def test_timing_rounds_end_at_a_deadline_and_at_stop(tiny):
+    """A deadline ends the timed rounds once three are done (and before that refuses to report);
+    Stop ends them between runs; progress moves every round."""
+    import threading
+    import time
+
+    from explorer.errors import Cancelled
+    from explorer.model.latency import OutOfTime, measure_speeds
+
+    settings = SpeedSettings(prompt_len=8, new_tokens=2, repeats=50)
+    with pytest.raises(OutOfTime, match="0 of 50"):
+        measure_speeds({"a": tiny, "b": tiny}, 97, settings, deadline=time.perf_counter())
+    deadline = time.perf_counter() + 5.0
+    rounds = []
+
+    def on_round(done, total):
+        rounds.append((done, total))
+        if done == 3:  # the machine stalls here: the deadline passes
+            time.sleep(max(0.0, deadline - time.perf_counter()))
+
+    report = measure_speeds({"a": tiny, "b": tiny}, 97, settings, deadline=deadline, on_round=on_round, memory=False)
+    assert rounds == [(1, 50), (2, 50), (3, 50)]
+    assert len(report["a"].decode_ms_rounds) == len(report["b"].decode_ms_rounds) == 3
+    assert report["a"].settings["repeats"] == 3
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        measure_speeds({"a": tiny}, 97, settings, cancel=stop)
 
 
 def test_real_paired_measurement_of_a_narrower_model(tiny):

@@ -8,7 +8,7 @@ import pytest
 from explorer.app.cli import main
 from explorer.model.subnet import ModelShape, Subnet, uniform_subnet
 from explorer.search.pareto import pareto_front
-from explorer.search.runs import Candidate, RunError, create_run, load_candidate, open_run, run_path
+from explorer.search.runs import Candidate, RunError, create_run, open_run, run_path
 
 SHAPE = ModelShape(num_layers=2, hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=32,
                    vocab_size=50)
@@ -48,8 +48,7 @@ def test_torn_last_line_is_skipped(run):
 def test_pick_by_id_and_best_at_target(run):
     assert open_run(run.path).pick("best@0.7").id == "c00003"  # c4 only has a lower bound; baselines excluded
     assert open_run(run.path).pick("best@0.9").id == "c00002"
-    sub, settings = load_candidate(run.path, "c00001")
-    assert isinstance(sub, Subnet) and settings["seed"] == 0
+    assert isinstance(open_run(run.path).pick("c00001").subnet, Subnet) and open_run(run.path).settings["seed"] == 0
     for bad in ("best@0.5", "best@x", "nope"):
         with pytest.raises(RunError):
             open_run(run.path).pick(bad)

@@ -10,18 +10,20 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from explorer.calibrate.importance import compute_importance, initial_subnet
+from explorer.calibrate.importance import compute_importance
 from explorer.errors import ExplorerError
 from explorer.events import CandidateEvaluated, FrontChanged, GenerationFinished, SearchCancelled, SearchFinished
 from explorer.model.loading import LoadedModel
 from explorer.model.perplexity import perplexity
 from explorer.model.slicing import ChannelMeans, candidate_model, slice_model
 from explorer.model.subnet import ModelShape
-from explorer.search.evolution import crossover, make_space, mutate
+from explorer.search.evolution import crossover, mutate
 from explorer.search.fitness import FitnessEvaluator, MaskedEvaluator
-from explorer.search.loop import SearchSettings, run_search
+from explorer.search.initial import initial_subnet, snap
+from explorer.search.run import run_search
 from explorer.search.runs import open_run
-from explorer.settings import DEMO_MINUTES, Probs
+from explorer.search.space import make_space
+from explorer.settings import DEMO_MINUTES, Probs, SearchSettings
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def test_mutation_and_crossover_stay_in_window_and_sizes_are_real(setup, target)
     model, shape, imp, _, _ = setup
     space = make_space(shape, target, window=0.01, multiple=8, head_multiple=4)
     rng = random.Random(0)
-    parents = [initial_subnet(imp, shape, target, 8, 4)]
+    parents = [snap(initial_subnet(imp, shape, target, 8, 4), imp, shape, space, rng)]  # onto the options
     rough = Probs(depth=0.2, ratio=0.5, mask=0.5)
     for n in range(40):
         if n % 3 == 2 and len(parents) > 1:
@@ -182,22 +184,38 @@ def test_bad_targets_fail_before_any_work(setup, tmp_path, targets):
     assert not (tmp_path / "bad").exists()
 
 
-def test_a_time_budget_stops_every_target_cleanly_with_its_best(setup, tmp_path):
-    """Minutes instead of generations: each target runs its first generation, stops when its share
-    of the budget is spent (long before the cap of 60 here), and the search ends as usual."""
+def test_a_budget_far_smaller_than_one_generation_holds(setup, tmp_path, monkeypatch):
+    """A budget is read between candidates, not generations: with every evaluation slowed to 0.15 s
+    (a loaded machine), a first generation of 20 children (3 s) and a 0.6 s budget, the search ends
+    within the budget plus one candidate per target, each target with its best (at least the
+    method's own initial subnet), its selection re-scoring only what fits, and no generation
+    numbered out of order."""
+    import time
+
+    slow = 0.15
+    evaluate = FitnessEvaluator.evaluate
+
+    def slowed(self, *a, **k):
+        time.sleep(slow)
+        return evaluate(self, *a, **k)
+
+    monkeypatch.setattr(FitnessEvaluator, "evaluate", slowed)
     model, shape, _, cal, fit = setup
-    evs = _collect(run_search(_lm(model, shape), _settings(generations=59, minutes=0.002), tmp_path / "budget",
-                              windows=(cal, fit)))
-    assert isinstance(evs[-1], SearchFinished)
-    gens = [e for e in evs if isinstance(e, GenerationFinished)]
-    for target in (0.8, 0.6):
-        done = [e.generation for e in gens if e.target == target]
-        assert done and done == list(range(1, len(done) + 1)) and len(done) < 60
-        assert all(e.generations == 0 for e in gens)  # no fixed N to show: the clock decides
-    best = evs[-1].summary["best"]
-    assert set(best) == {"0.8", "0.6"}
+    s = _settings(targets=(0.8, 0.6), population=20, generations=59, minutes=0.01)
+    t0 = time.perf_counter()
+    evs = _collect(run_search(_lm(model, shape), s, tmp_path / "budget", windows=(cal, fit, fit)))
+    wall = time.perf_counter() - t0
+    assert isinstance(evs[-1], SearchFinished), evs[-1]
+    assert wall < 0.6 + 2 * slow + 0.5, wall  # the budget, one candidate per target, the tiny model's own work
     run = open_run(tmp_path / "budget")
-    assert run.settings["minutes"] == 0.002 and run.status == "finished"
+    assert set(evs[-1].summary["best"]) == {"0.8", "0.6"} and run.status == "finished"
+    for target in (0.8, 0.6):
+        mine = [c for c in run.candidates() if c.target == target]
+        assert any(c.origin == "init" for c in mine) and len(mine) < 20  # not even one generation's children
+        assert run.pick(f"best@{target}").target == target
+        gens = [e.generation for e in evs if isinstance(e, GenerationFinished) and e.target == target]
+        assert gens == list(range(1, len(gens) + 1))
+    assert all(e.generations == 0 for e in evs if isinstance(e, GenerationFinished))  # the clock decides
 
 
 def test_a_machines_first_budgeted_search_fits_its_latency_model_after_the_budget(setup, tmp_path, monkeypatch):
@@ -264,8 +282,7 @@ def test_reformation_aware_search_on_embedded_model(embedded, tmp_path):
     from explorer.model.slicing import candidate_model
     from explorer.pick.reform import ReformSettings
     from explorer.search.calibration import calibrate
-    from explorer.search.ladders import Ladders, LadderSpec
-    from explorer.search.loop import LADDER_SCORING
+    from explorer.search.ladders import LADDER_SCORING, Ladders, LadderSpec
 
     s = SearchSettings.preset("demo", targets=(0.7,), calib_windows=4, calib_seq_len=128, fitness_windows=1,
                               fitness_seq_len=64, population=3, generations=1, mutations=2, crossovers=1, fresh=1,
@@ -300,12 +317,12 @@ def test_prepare_builds_what_a_search_reads_so_its_budget_is_spent_searching(emb
     the baselines and the ladders into the cache first, and the timed search then reads all three
     instead of computing them (checked by what its progress says and by the baselines it scores)."""
     from explorer.events import StageProgress
-    from explorer.search.loop import prepare
+    from explorer.search.run import prepare
 
     monkeypatch.setenv("SUBNET_EXPLORER_CACHE", str(tmp_path / "cache"))  # nothing cached before
     s = SearchSettings.preset("demo", targets=(0.7,), calib_windows=4, calib_seq_len=64, fitness_windows=1,
                               fitness_seq_len=64, population=2, generations=0, top_k=2, split_init=1,
-                              baselines=("flap", "wanda-sp"), baseline_windows=2, latency=False, select_top=0,
+                              baselines=("flap", "wanda-sp"), latency=False, select_top=0,
                               fitness_mode="reformed", ladder_mlp_levels=2, fitness_dtype="float32")
     built = [e for e in prepare(embedded, s, tmp_path / "prepared") if isinstance(e, StageProgress)]
     assert {e.stage for e in built} >= {"importance", "ladders"}
@@ -322,7 +339,7 @@ def test_prepare_builds_what_a_search_reads_so_its_budget_is_spent_searching(emb
     cal = list(calibrate(embedded, s, tmp_path / "check", cache_dir=tmp_path / "cache" / "importance"))[-1]
     run = open_run(tmp_path / "run")
     for name in ("flap", "wanda-sp"):
-        res, read = cal.baseline(name, embedded.model, embedded.shape, 0.7, s.baseline_windows)
+        res, read = cal.baseline(name, embedded.model, embedded.shape, 0.7)
         assert read and res.subnet == [c for c in run.candidates() if c.origin == f"baseline:{name}"][0].subnet
 
 
@@ -341,5 +358,5 @@ def test_a_fresh_install_reads_the_shipped_runs_baselines(embedded, tmp_path):
     assert cal.from_cache and "reused from the cache" in items[0].message
     stored = {(c.origin, c.target): c for c in open_run(shipped).candidates() if c.origin.startswith("baseline:")}
     for name in ("wanda-sp", "flap"):
-        res, read = cal.baseline(name, embedded.model, embedded.shape, 0.7, s.baseline_windows)
+        res, read = cal.baseline(name, embedded.model, embedded.shape, 0.7)
         assert read and res.subnet == stored[(f"baseline:{name}", 0.7)].subnet

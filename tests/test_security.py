@@ -48,13 +48,13 @@ def test_run_names_cannot_escape(tmp_path):
 
 def test_downloads_only_from_the_exports_folder(tmp_path):
     ws = Workspace(tmp_path / "runs", tmp_path / "exports")
-    mine = ws.export_dir("abc", "run-x")
+    mine = ws.export_dir("run-x")
     mine.mkdir(parents=True)
     assert ws.is_ours(mine / "model.zip")
     assert not ws.is_ours(tmp_path / "runs" / "x.zip")
     assert not ws.is_ours("/etc/passwd")
     assert not ws.is_ours(mine / ".." / ".." / "elsewhere.zip")
-    assert ws.export_dir("../..", "../../x").parent == ws.exports_root
+    assert ws.export_dir("../../x").parent == ws.exports_root
 
 
 @pytest.mark.slow

@@ -7,16 +7,16 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import tiny_llama
 
 from explorer.app.workbench import AppSettings, Busy, Reformation, Workbench, model_key
 from explorer.calibrate.data import calibration_windows, load_corpus
 from explorer.errors import ExplorerError
-from explorer.events import CandidateEvaluated, SearchFinished, SearchStarted
+from explorer.events import SearchFinished, SearchStarted
 from explorer.model.generation import DecodeSettings
 from explorer.model.perplexity import perplexity
 from explorer.model.subnet import uniform_subnet
+from explorer.pick.evaluation import EvalSettings
 from explorer.pick.reform import ReformSettings
 from explorer.search.runs import RunError
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow  # needs the embedded model's tokenizer
 
 SETTINGS = dict(calib_windows=4, calib_seq_len=64, fitness_windows=2, fitness_seq_len=64, population=4, generations=1,
                 mutations=2, crossovers=1, fresh=1, top_k=2, head_multiple=4, window=0.02, split_init=2, latency=False,
-                fitness_dtype="float32", baseline_windows=2)
+                fitness_dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -96,16 +96,16 @@ def test_reformed_means_reformed_even_after_the_cache_let_it_go(bench, tmp_path)
     record = json.loads((Path(res.path) / "export.json").read_text())
     assert res.verified and record["provenance"]["reformed"] and record["provenance"]["reform_digest"] == r.digest
     bad = Reformation(**{**r.to_dict(), "digest": "0" * 16})
-    with pytest.raises(ExplorerError, match="did not reproduce"):
+    with pytest.raises(ExplorerError, match="gave other weights"):
         wb.model_of(key, p, bad)
 
 
 def test_evaluate_measure_generate_and_upload(bench, tmp_path):
     wb, key, lm = bench
     cid = next(c.id for c in wb.open("r1").candidates() if c.origin == "search")
-    extra = wb.evaluate("tab", key, wb.pick("r1", cid), ["ppl"], 1)
-    assert math.isfinite(extra["heldout_ppl"])
-    m = wb.measure_latency("tab", key, wb.pick("r1", cid))
+    res = wb.evaluate("tab", key, wb.pick("r1", cid), EvalSettings(tasks=("ppl",), heldout_windows=1, seq_len=64))
+    assert math.isfinite(res.ppl) and wb.pick("r1", cid).candidate.metrics["heldout_ppl"] == res.ppl
+    m = wb.measure("tab", key, [(wb.pick("r1", cid), None)])[cid]
     assert m.speedup > 0 and m.rounds >= 3
     assert wb.pick("r1", cid).candidate.metrics["measured_speedup"] == round(m.speedup, 4)  # annotated in the run
     streams = list(wb.generate(key, {"Original": lm.model, "pick": wb.sliced(key, wb.pick("r1", cid))},
@@ -113,11 +113,12 @@ def test_evaluate_measure_generate_and_upload(bench, tmp_path):
     assert streams[-1]["pick"].done and streams[-1]["Original"].done
     f = tmp_path / "sub.json"
     f.write_text(uniform_subnet(lm.shape, 0.5, 0.5, multiple=64).to_json())
-    name, c = wb.open_subnet_file(key, f)
-    assert name.startswith("uploads-") and c.origin == "upload" and "heldout_ppl" in c.metrics
-    assert wb.open_subnet_file(key, f)[1].id == c.id  # the same file is the same candidate
+    p, r = wb.open_subnet_file(key, f)
+    c = p.candidate
+    assert p.run.startswith("uploads-") and c.origin == "upload" and r is None and not c.compensated
+    assert wb.open_subnet_file(key, f)[0].candidate.id == c.id  # the same file is the same candidate
     f.write_text("{not json")
-    with pytest.raises(ExplorerError, match="not a subnet description|not valid JSON"):
+    with pytest.raises(ExplorerError, match="not valid JSON"):
         wb.open_subnet_file(key, f)
 
 

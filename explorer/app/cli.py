@@ -47,9 +47,17 @@ class Bars:
             self.bar = None
 
 
+class Parser(argparse.ArgumentParser):
+    """Bad arguments are one line and exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     m = ModelSettings()
-    p.add_argument("--model", default=m.model, help="'default' (embedded SmolLM2-135M-Instruct), a folder or a hub id")
+    p.add_argument("--model", default=m.model, help="'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf "
+                                                    "file or a hub id")
     p.add_argument("--dtype", default=m.dtype, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=m.device, help="cpu, cuda, cuda:N or auto")
     p.add_argument("--trust-remote-code", action="store_true", default=m.trust_remote_code,
@@ -65,32 +73,48 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heldout-windows", type=int, default=d.heldout_windows)
 
 
-def load_from_args(args):
-    from ..model.loading import load_model
+def workbench(exports_root: str | os.PathLike = "exports"):
+    """The application layer as the CLI uses it: run folders by path too, runs under ./runs."""
+    from .workbench import Workbench
 
-    return load_model(args.model, args.dtype, args.device, args.trust_remote_code,
-                      max_memory=getattr(args, "max_memory", None))
+    return Workbench(os.environ.get("SUBNET_EXPLORER_RUNS", "runs"), exports_root, allow_paths=True)
+
+
+def key_of(args) -> tuple:
+    from .runfolders import model_key
+
+    return model_key(args.model, args.dtype, args.device)
+
+
+def load(wb, args, key: tuple | None = None):
+    """Load the model the arguments name (with their memory caps and remote-code choice) into `wb`."""
+    return wb.model(key or key_of(args), max_memory=args.max_memory, trust_remote_code=args.trust_remote_code)
+
+
+def eval_settings(args, **kw):
+    """The held-out settings of the data arguments (checked here: a bad value is one line, before any work)."""
+    from ..pick.evaluation import EvalSettings
+
+    if args.seq_len < 2 or args.heldout_windows < 0:
+        raise ExplorerError("--seq-len must be at least 2 and --heldout-windows at least 0")
+    return EvalSettings(corpus=args.corpus, heldout_windows=args.heldout_windows, seq_len=args.seq_len, **kw)
 
 
 def cmd_info(args) -> int:
-    from ..pick.evaluation import EvalSettings, heldout_perplexity
-
-    lm = load_from_args(args)
-    info = lm.summary()
-    if not args.no_ppl:
-        s = EvalSettings(corpus=args.corpus, heldout_windows=args.heldout_windows, seq_len=args.seq_len)
-        bars = Bars()
-        try:
-            info["heldout_ppl"] = heldout_perplexity(lm.model, lm.tokenizer, s, on_event=bars)
-        finally:
-            bars.close()
-        info["heldout"] = {"corpus": args.corpus, "windows": args.heldout_windows, "seq_len": args.seq_len}
+    s = None if args.no_ppl else eval_settings(args)
+    wb = workbench()
+    load(wb, args)
+    bars = Bars()
+    try:
+        info = wb.info("cli", key_of(args), s, on_event=bars)
+    finally:
+        bars.close()
     print(json.dumps(info, indent=2))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m explorer", description=(
+    parser = Parser(prog="python -m explorer", description=(
         "Subnet Explorer: training-free search for smaller, faster subnets of a causal LM."))
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (and tracebacks) to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -6,7 +6,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..pick.evaluation import DEFAULT_TASKS, EvalError, EvalSettings, evaluate, format_result, load_any, parse_tasks
+from ..pick.evaluation import DEFAULT_TASKS, EvalError, EvalSettings, format_result, parse_tasks
 from .cli import Bars
 
 
@@ -34,24 +34,26 @@ def default_out(name: str) -> Path:
 
 
 def cmd_evaluate(args) -> int:
+    from ..model.loading import is_subnet_folder
+    from .cli import eval_settings, key_of, load, workbench
+    from .inputs import parse_limit
+
     tasks = parse_tasks(args.tasks)  # bad input fails before the model loads
-    if args.limit is not None and args.limit < 0:
-        raise EvalError(f"--limit must be 0 (all questions) or a positive number, not {args.limit}")
     if args.batch_size < 1:
         raise EvalError("--batch-size must be at least 1")
-    settings = EvalSettings(tasks=tasks, limit=args.limit or None, seed=args.seed, batch_size=args.batch_size,
-                            corpus=args.corpus, seq_len=args.seq_len, heldout_windows=args.heldout_windows)
-    model, tokenizer, name = load_any(args.model, args.dtype, args.device, args.trust_remote_code)
+    settings = eval_settings(args, tasks=tasks, limit=parse_limit(args.limit), seed=args.seed,
+                             batch_size=args.batch_size)
+    wb = workbench()
+    if not is_subnet_folder(args.model):  # an exported folder is rebuilt with our own class, never its code
+        load(wb, args)
     bars = Bars()
     try:
-        result = evaluate(model, tokenizer, settings=settings, on_event=bars, name=name,
-                          info={"model_spec": args.model, "dtype": args.dtype, "device": args.device,
-                                "params": sum(p.numel() for p in model.parameters())})
+        result = wb.evaluate("cli", key_of(args), None, settings, on_event=bars)
     finally:
         bars.close()
-    print(f"{name}: {result.seconds:.0f} s")
+    print(f"{result.name}: {result.seconds:.0f} s")
     print(format_result(result))
-    out = Path(args.out) if args.out else default_out(name)
+    out = Path(args.out) if args.out else default_out(result.name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(result.to_json())
     print(f"wrote {out}")

@@ -1,27 +1,22 @@
-"""`python -m explorer search` (run or resume a search, with a progress bar) and
-`python -m explorer front RUN_DIR` (the run's fronts as a table or JSON; needs no model)."""
+"""`python -m explorer search` (run or resume a search, with a progress bar), `measure` (time
+candidates for real), `front` and `report` (read a run; no model needed). Each command parses its
+arguments and makes one call to the application layer."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from tqdm import tqdm
 
 from ..errors import ExplorerError
-from ..settings import PRESETS, SearchSettings, parse_override
+from ..settings import PRESETS, SearchSettings
+from .cli import Bars, add_model_args, key_of, load, workbench
 
-
-def _targets(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"targets must be comma-separated fractions, got {text!r}") from None
+# what decides a new search's result: with --resume the run's stored settings decide instead
+SEARCH_FLAGS = ("targets", "preset", "seed", "corpus", "minutes", "fitness_mode", "space", "set")
 
 
 def register(sub) -> None:
-    from .cli import add_model_args
-
     d = SearchSettings()
     p = sub.add_parser("search", help="search subnets at several size targets; writes a run directory", epilog=(
         "Several processes (one model replica each) share the evaluations when launched by "
@@ -29,12 +24,14 @@ def register(sub) -> None:
         "`python -m torch.distributed.run --nproc_per_node N -m explorer search ...`; with --device cuda "
         "each process takes its own GPU. Process 0 writes the run directory and prints."))
     add_model_args(p)
-    p.add_argument("--corpus", default=d.corpus, help="bbc (embedded), a UTF-8 text file, or hf:wikitext-2")
-    p.add_argument("--targets", type=_targets, default=d.targets, help="fractions of total parameters, e.g. 0.9,0.7,0.5")
-    p.add_argument("--preset", default=d.preset_name, choices=list(PRESETS),
+    p.add_argument("--corpus", default=None, help=f"bbc (embedded), a UTF-8 text file, or hf:wikitext-2 "
+                                                  f"(default {d.corpus})")
+    p.add_argument("--targets", default=None, help="fractions of total parameters, e.g. 0.9,0.7,0.5 or 70%% "
+                                                   f"(default {','.join(map(str, d.targets))})")
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help=f"demo: a talk's {PRESETS['demo'].minutes:g} minutes (default); paper: the paper's "
                         "population and generations, no time budget")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")
     p.add_argument("--fitness-mode", choices=["paper", "reformed"], default=None,
                    help="paper: rank the sliced subnets (default); reformed: rank subnets assembled from "
                         "pre-reformed per-block width ladders, i.e. what reformation will give")
@@ -44,11 +41,11 @@ def register(sub) -> None:
     p.add_argument("--minutes", type=float, default=None,
                    help="a time budget: the targets share it and each stops with the best it has (the "
                         "generations are then a cap); default: the preset's; --set minutes=null for none")
-    p.add_argument("--set", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
                    help="override a search setting, e.g. --set generations=8 (repeatable)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--out", metavar="RUN_DIR", help="a new run directory")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue a cancelled or crashed run")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run with its own settings")
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("measure", help="time candidates' decode for real, paired with the dense model")
     add_model_args(p)
@@ -65,31 +62,42 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_front)
 
 
-def cmd_search(args) -> int:
-    from ..search.loop import run_search
-    from .cli import load_from_args
+def search_overrides(args) -> dict:
+    """What the user set on the command line (a flag not given leaves the preset's value)."""
+    from .inputs import parse_override
 
-    overrides = dict(args.set)
-    if args.resume:
-        settings = SearchSettings()
-    else:
-        overrides.update(targets=args.targets, seed=args.seed, corpus=args.corpus)
-        if args.minutes is not None:
-            overrides["minutes"] = args.minutes
-        if args.fitness_mode is not None:
-            overrides["fitness_mode"] = args.fitness_mode
-        if args.space is not None:
-            overrides["space"] = args.space
-        if "probs" in overrides or "first_probs" in overrides:
-            raise ExplorerError("mutation probabilities are preset-only")
-        settings = SearchSettings.preset(args.preset, **overrides)
+    given = dict(parse_override(text) for text in args.set or ())
+    for name in ("seed", "corpus", "minutes", "fitness_mode", "space"):
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name)
+    return given
+
+
+def cmd_search(args) -> int:
     from ..search.distributed import init_from_env, rank_device, shutdown
 
+    wb = workbench()
+    if args.resume:
+        given = [f"--{f.replace('_', '-')}" for f in SEARCH_FLAGS if getattr(args, f) is not None]
+        if given:
+            raise ExplorerError(f"--resume continues the run with its own settings; {', '.join(given)} cannot "
+                                "change them (start a new run with --out instead)")
+        wb.open(args.resume)  # a missing or broken run is refused before any model loads
+    else:
+        settings = wb.search_settings(args.preset or SearchSettings().preset_name,
+                                      args.targets if args.targets is not None else SearchSettings().targets,
+                                      search_overrides(args))
+        wb.new_run_dir(args.out)  # a taken folder is refused before any model loads
     group = init_from_env()  # several processes when a launcher started us (WORLD_SIZE > 1)
     try:
         args.device = rank_device(args.device, group)
-        lm = group.leader_then_others(lambda: load_from_args(args))  # one fills the model cache, then the rest
-        events = run_search(lm, settings, args.resume or args.out, resume=bool(args.resume), group=group)
+        key = key_of(args)
+        if args.resume:
+            key, _ = group.leader_then_others(lambda: wb.model_for_run(args.resume, key, max_memory=args.max_memory))
+            events = wb.resume("cli", args.resume, key, group=group)
+        else:
+            group.leader_then_others(lambda: load(wb, args))  # one fills the model cache, then the rest
+            events = wb.search("cli", key, settings, args.out, group=group)
         if not group.leader:  # process 0 reports; the others only evaluate their share
             return _quiet(events)
         return _render(events, args.resume or args.out)
@@ -114,7 +122,6 @@ def _render(events, run_dir: str) -> int:
     """Progress bars on stderr, the summary as JSON on stdout; the exit code."""
     from ..events import (
         CandidateEvaluated,
-        FrontChanged,
         GenerationFinished,
         LatencyMeasured,
         SearchCancelled,
@@ -128,11 +135,19 @@ def _render(events, run_dir: str) -> int:
     try:
         for ev in events:
             if isinstance(ev, StageProgress):
+                if ev.stage in ("machine", "budget"):  # said once, not a bar
+                    tqdm.write(f"{ev.stage}: {ev.message}", file=sys.stderr)
+                    continue
                 if stage is None or stage.desc != ev.stage:
                     if stage is not None:
                         stage.close()
                     stage = tqdm(total=ev.total, desc=ev.stage, file=sys.stderr, leave=False)
+                stage.total = ev.total
                 stage.update(ev.done - stage.n)
+                if ev.message:
+                    stage.set_postfix_str(ev.message[:60], refresh=False)
+                if ev.done >= ev.total and ev.message:
+                    tqdm.write(f"{ev.stage}: {ev.message}", file=sys.stderr)
             elif isinstance(ev, CandidateEvaluated):
                 if bar is None:
                     if stage is not None:
@@ -150,8 +165,6 @@ def _render(events, run_dir: str) -> int:
                 tqdm.write(f"measured {ev.id}: {m['ms']:.2f} ms/token, {m['speedup']:.2f}x the dense model "
                            f"(spread {100 * m['spread']:.0f}%{'' if m['reliable'] else ', unreliable'})",
                            file=sys.stderr)
-            elif isinstance(ev, FrontChanged):
-                pass
             elif isinstance(ev, SearchFinished):
                 s = ev.summary
                 print(json.dumps({"run_dir": run_dir, "best": s["best"],
@@ -173,82 +186,56 @@ def _render(events, run_dir: str) -> int:
 
 def cmd_report(args) -> int:
     """The run's fronts (interactive plots and tables), the picks worked on and the prompts tried."""
-    from ..search.runs import open_run
-    from .report import write_report
+    from pathlib import Path
 
-    print(f"wrote {write_report(open_run(args.run_dir), args.out)}")
+    out = Path(args.out) if args.out else Path(args.run_dir) / "report.html"
+    print(f"wrote {workbench().report(args.run_dir, out=out)}")
     return 0
 
 
 def cmd_measure(args) -> int:
-    """Paired decode timings of candidates (any front member on request); stored as annotations."""
-    from ..model.loading import load_model
-    from ..model.slicing import candidate_model
-    from ..search.latency_model import measure
-    from ..search.runs import open_run
-    from .cli import Bars
+    """Paired decode timings of candidates (the run's fronts by default); stored with the run."""
+    from ..tables import format_table
 
-    run = open_run(args.run_dir)
-    by_id = {c.id: c for c in run.candidates()}
+    wb = workbench()
+    run = wb.open(args.run_dir)
     fronts = run.fronts()
-    ids = [i.strip() for i in args.ids.split(",") if i.strip()] or list(dict.fromkeys(fronts["params"] + fronts["latency"]))
-    unknown = [i for i in ids if i not in by_id]
-    if unknown:
-        raise ExplorerError(f"no candidate {unknown[0]!r} in {args.run_dir}")
-    ids = [i for i in ids if by_id[i].origin != "dense"]
-    lm = load_model(run.settings.get("model", args.model), args.dtype, args.device, args.trust_remote_code)
-    means = run.channel_means() if any(by_id[i].compensated for i in ids) else None
+    ids = [i.strip() for i in args.ids.split(",") if i.strip()] or list(dict.fromkeys(fronts["params"] +
+                                                                                       fronts["latency"]))
+    picks = [wb.pick(args.run_dir, i) for i in ids]  # an unknown id is refused before the model loads
+    picks = [(p, None) for p in picks if p.candidate.origin != "dense"]
+    key, _ = wb.model_for_run(args.run_dir, key_of(args), max_memory=args.max_memory)
     bars = Bars()
     try:
-        got = measure(lm.model, {i: candidate_model(lm.model, by_id[i], means) for i in ids}, lm.shape.vocab_size,
-                      on_event=bars)
+        got = wb.measure("cli", key, picks, on_event=bars)
     finally:
         bars.close()
     latency = run.latency_model()
     rows = []
-    for i, m in got.items():
-        run.annotate(i, m.metrics())
-        pred = by_id[i].metrics.get("predicted_latency_ms")
-        rows.append({"id": i, "fraction": by_id[i].metrics.get("fraction"), "measured_ms": m.ms,
+    for p, _ in picks:
+        c, m = p.candidate, got[p.candidate.id]
+        pred = c.metrics.get("predicted_latency_ms")
+        rows.append({"id": c.id, "fraction": c.metrics.get("fraction"), "measured_ms": m.ms,
                      "speedup": m.speedup, "spread": m.spread, "reliable": m.reliable,
                      "predicted_speedup": latency.dense_ms / pred if latency and pred else ""})
-    from ..tables import format_table
-
     print(format_table(rows, ["id", "fraction", "measured_ms", "speedup", "predicted_speedup", "spread", "reliable"]))
     return 0
 
 
-FRONT_COLUMNS = ["id", "target", "origin", "generation", "params", "fraction", "fitness_ppl",
-                 "predicted_latency_ms", "measured_ms", "measured_speedup", "measured_spread", "heldout_ppl"]
-
-
-def front_rows(run) -> dict[str, list[dict]]:
-    cands = {c.id: c for c in run.candidates()}
-    out = {}
-    for name, ids in run.fronts().items():
-        rows = []
-        for i in ids:
-            c = cands[i]
-            rows.append({"id": c.id, "target": c.target, "origin": c.origin, "generation": c.generation,
-                         **{k: c.metrics.get(k, "") for k in FRONT_COLUMNS[4:]}})
-        out[name] = rows
-    return out
-
-
 def cmd_front(args) -> int:
-    from ..search.runs import open_run
     from ..tables import format_table
+    from .workbench import FRONT_COLUMNS
 
-    run = open_run(args.run_dir)
-    rows = front_rows(run)
+    front = workbench().front(args.run_dir)
     if args.json:
-        print(json.dumps({"run_dir": args.run_dir, "status": run.status, "fronts": rows}, indent=2))
+        print(json.dumps({"run_dir": args.run_dir, "status": front["status"], "fronts": front["fronts"]}, indent=2))
         return 0
-    print(f"run {args.run_dir} ({run.status}, {len(run.candidates())} candidates)")
+    print(f"run {args.run_dir} ({front['status']}, {front['candidates']} candidates)")
     for name, title in (("params", "quality vs parameters"), ("latency", "quality vs predicted latency")):
+        rows = front["fronts"][name]
         print(f"\n{title}:")
-        print(format_table(rows[name], FRONT_COLUMNS) if rows[name] else "(empty)")
+        print(format_table(rows, FRONT_COLUMNS) if rows else "(empty)")
     return 0
 
 
-__all__ = ["register", "cmd_search", "cmd_front", "cmd_measure", "cmd_report", "front_rows"]
+__all__ = ["register", "cmd_search", "cmd_front", "cmd_measure", "cmd_report"]

@@ -1,21 +1,21 @@
-"""The application layer: every user action is one method here, and both the CLI and the app
-call it. It owns what several actions share: the loaded models (one explicit cache keyed by
-model, dtype and device), the sliced and reformed subnet models (a bounded LRU), one heavy job
-per model and per tab with its Stop, the saved runs, and the reading of subnet files.
+"""The application layer: every user action is one method here, and both the CLI and the app call
+it, so the two cannot answer the same question differently. It owns what several actions share:
+the loaded models (one explicit cache keyed by model, dtype and device), the sliced and reformed
+subnet models (a bounded LRU), one heavy job per model and per tab with its Stop and its share of
+the machine's cores, and the saved runs (`RunFolders`). Inputs arrive parsed (`explorer.app.inputs`).
 
-A browser tab's own choices (its run, pick, reformations) stay with the tab (`Session` in the
-UI, plain arguments in the CLI); the workbench only keys jobs by tab. A reformed model is
-identified by the digest of its weights: when it has left the cache it is recomputed and must
-reproduce that digest, so what a tab calls "reformed" is always the weights it reformed.
+A browser tab's own choices (its run, pick, reformations) stay with the tab (`Session` in the UI,
+plain arguments in the CLI); the workbench only keys jobs by tab. A reformed model is named by
+its `Reformation` (settings, digest, sketch): when it has left the cache it is reformed again and
+must reproduce those weights, so what a tab calls "reformed" is always the weights it reformed,
+for its evaluation, timing, prompts and export alike.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
-import re
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
@@ -24,18 +24,21 @@ from typing import Any, Callable, Iterator
 
 from ..errors import ExplorerError
 from ..events import SEARCH_END, EventSink, Progress, check_cancel, no_event
+from ..model.cores import CoreShare
 from ..model.generation import DecodeSettings, side_by_side
 from ..model.latency import SpeedSettings, measure_speed
-from ..model.loading import LoadedModel, load_model
+from ..model.loading import LoadedModel, is_subnet_folder, load_model, weights_fingerprint
 from ..model.slicing import candidate_model
-from ..model.subnet import ModelShape, Subnet, SubnetError
-from ..pick.evaluation import EvalSettings, evaluate, heldout_perplexity
-from ..pick.reform import ReformSettings, reform
-from ..search.runs import SHIPPED_RUNS, Candidate, Run, RunError, create_run, open_run, run_path
+from ..model.subnet import Subnet
+from ..pick.evaluation import EvalResult, EvalSettings, evaluate, heldout_perplexity, load_subnet_folder
+from ..pick.pickfile import PickFile
+from ..pick.reform import ReformSettings, reform, same_sketch
+from ..search.runs import SHIPPED_RUNS, Candidate, create_run, open_run, run_path
 from ..settings import SearchSettings
+from . import inputs
+from .runfolders import DEMO_RUN, RunFolders, model_key, slug, uploads_run_name
 
 log = logging.getLogger(__name__)
-DEMO_RUN = "smollm2-135m-demo"  # what a new page opens
 MAX_PROMPT_CHARS = 200_000  # far above any context this app serves; beyond it, tokenizing alone is the attack
 
 
@@ -45,12 +48,14 @@ class Busy(ExplorerError):
 
 @dataclass(frozen=True)
 class AppSettings:
-    """What interactive actions measure, sized for a responsive page on a laptop CPU."""
+    """What interactive actions measure, sized for a responsive page on a laptop CPU (the CLI's
+    commands take their own settings, whose defaults live with each step)."""
 
     heldout_windows: int = 8
     seq_len: int = 512
     speed: SpeedSettings = SpeedSettings(prompt_len=64, new_tokens=16, repeats=3)
     reform: ReformSettings = ReformSettings.demo()
+    eval_limit: int = 100  # questions per zero-shot task: a quick look, not a benchmark
     stream_interval_s: float = 1.0
     search_overrides: tuple[tuple[str, object], ...] = ()  # applied under the user's own settings
     max_subnets: int = 6  # sliced / reformed models kept in memory
@@ -60,7 +65,7 @@ class AppSettings:
         """Small measurements for tests and slow machines (SUBNET_EXPLORER_QUICK=1)."""
         return cls(heldout_windows=2, seq_len=256, speed=SpeedSettings(prompt_len=32, new_tokens=8, repeats=1),
                    reform=replace(ReformSettings.demo(), windows=8, seq_len=128), stream_interval_s=0.5,
-                   search_overrides=(("calib_windows", 8), ("baseline_windows", 2), ("latency", False)))
+                   search_overrides=(("calib_windows", 8), ("latency", False)))
 
     @classmethod
     def from_env(cls) -> "AppSettings":
@@ -68,22 +73,23 @@ class AppSettings:
 
     @property
     def eval(self) -> EvalSettings:
-        return EvalSettings(heldout_windows=self.heldout_windows, seq_len=self.seq_len)
+        return EvalSettings(heldout_windows=self.heldout_windows, seq_len=self.seq_len, limit=self.eval_limit)
 
 
 @dataclass(frozen=True)
 class Pick:
-    """A candidate and what rebuilds its model exactly: the run it belongs to (None for a subnet
-    file) and, when it is bias-compensated, the run's channel means."""
+    """A candidate and what rebuilds its model exactly: the run it belongs to and, when it is
+    bias-compensated, the channel means its biases are built from."""
 
-    run: str | None
+    run: str
     candidate: Candidate
     means: Any = None
 
 
 @dataclass(frozen=True)
 class Reformation:
-    """What a tab knows of a reformation it ran; the model itself may leave the cache."""
+    """What names a reformed model (the model itself may leave the cache): its settings, and the
+    digest and sketch of the weights they produced."""
 
     run: str
     cid: str
@@ -92,83 +98,18 @@ class Reformation:
     digest: str
     settings: dict
     layers: tuple = ()  # reform.LayerReform.to_dict() per projection: the calibration errors before / after
+    sketch: tuple = ()  # reform.reformed_sketch: matches the same reformation on another thread count
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def model_key(spec: str, dtype: str = "float32", device: str = "cpu") -> tuple:
-    return ((spec or "").strip() or "default", dtype, device)
-
-
-# ---- parsing user input -------------------------------------------------------------------------
-def parse_targets(text: str) -> tuple[float, ...]:
-    """'0.9, 0.8, 70%' -> (0.9, 0.8, 0.7); the search checks what the space can reach."""
-    out = []
-    for part in (text or "").replace(";", ",").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            out.append(float(part[:-1]) / 100 if part.endswith("%") else float(part))
-        except ValueError:
-            raise ExplorerError(f"targets must be numbers like 0.7 or 70%, got {part!r}") from None
-    if not out:
-        raise ExplorerError("give at least one target, e.g. 0.7")
-    return tuple(out)
+    def record(self) -> dict:
+        """What a subnet file keeps of it: enough to reform again and check the result."""
+        return {"settings": self.settings, "digest": self.digest, "sketch": list(self.sketch)}
 
 
-def subnet_file_limit(shape: ModelShape) -> int:
-    """Largest subnet JSON accepted for a model: every index of every layer written out, 16 bytes each,
-    plus slack. Anything larger cannot be a subnet of this model, and is refused before it is read."""
-    per_layer = shape.num_kv_heads * shape.n_pairs + shape.intermediate_size + shape.num_heads
-    return 64 * 1024 + 16 * shape.num_layers * per_layer
-
-
-def read_subnet_file(path: Path, shape: ModelShape) -> Subnet:
-    """A subnet file, read as data only, that fits `shape`; otherwise one SubnetError line."""
-    name = path.name
-    try:
-        size = path.stat().st_size
-    except OSError:
-        raise SubnetError(f"the file {name} could not be read") from None
-    limit = subnet_file_limit(shape)
-    if size == 0:
-        raise SubnetError(f"{name} is empty")
-    if size > limit:
-        raise SubnetError(f"{name} has {size / 2**20:.1f} MiB; a subnet of the loaded model takes at most "
-                          f"{limit / 2**20:.1f} MiB, so it is not one")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise SubnetError(f"{name} is not UTF-8 text, so not a subnet JSON") from None
-    try:
-        subnet = Subnet.from_json(text)  # json.loads only: data, never code
-    except SubnetError as e:
-        raise SubnetError(f"{name} is not a subnet description: {str(e).removeprefix('not a subnet description: ')}") \
-            from None
-    except (RecursionError, ValueError, TypeError, OverflowError, AttributeError, IndexError, KeyError) as e:
-        raise SubnetError(f"{name} is not a subnet description ({type(e).__name__})") from None
-    try:
-        return subnet.validate(shape)
-    except SubnetError as e:
-        raise SubnetError(f"{name} does not fit the loaded model ({shape.num_layers} layers, {shape.num_kv_heads} "
-                          f"KV groups of {shape.n_pairs} rotary pairs, MLP {shape.intermediate_size}): {e}") from None
-
-
-def slug(spec: str) -> str:
-    base = "smollm2" if spec in ("default", "") else spec.rstrip("/").split("/")[-1]
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", base)[:40] or "model"
-
-
-def uploads_run_name(spec: str) -> str:
-    """One uploads run per base model: readable slug plus a hash of the spec (two folders may share a name)."""
-    return f"uploads-{slug(spec)}-{hashlib.sha1(spec.encode()).hexdigest()[:6]}"
-
-
-# ---- the shared resources -------------------------------------------------------------------------
 class ModelCache:
-    """A bounded LRU of built models (sliced and reformed subnets); the bound holds on every insert."""
+    """A small LRU of sliced / reformed subnet models (weights of a few subnets, never of base models)."""
 
     def __init__(self, limit: int):
         self.limit = max(1, limit)
@@ -199,13 +140,10 @@ class _Job:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
-class Workbench:
+class Workbench(RunFolders):
     def __init__(self, runs_root: str | Path, exports_root: str | Path, settings: AppSettings = AppSettings(),
                  shipped_runs: Path | None = SHIPPED_RUNS, allow_paths: bool = False):
-        self.runs_root = Path(runs_root)
-        self.exports_root = Path(exports_root)
-        self.shipped_runs = shipped_runs
-        self.allow_paths = allow_paths  # the CLI opens run folders by path; the app only by name
+        super().__init__(runs_root, exports_root, shipped_runs, allow_paths)
         self.settings = settings
         self._models: dict[tuple, LoadedModel] = {}
         self._model_locks: dict[tuple, threading.Lock] = {}
@@ -218,12 +156,13 @@ class Workbench:
         self._uploads = threading.Lock()
 
     # ---- models -------------------------------------------------------------------------------
-    def model(self, key: tuple, progress: Callable[[str], None] | None = None, max_memory: str | None = None
-              ) -> LoadedModel:
+    def model(self, key: tuple, progress: Callable[[str], None] | None = None, max_memory: str | None = None,
+              trust_remote_code: bool = False) -> LoadedModel:
         """The model `key` names, loaded once."""
         with self._load_lock:
             if key not in self._models:
-                self._models[key] = load_model(key[0], key[1], key[2], progress=progress, max_memory=max_memory)
+                self._models[key] = load_model(key[0], key[1], key[2], trust_remote_code, progress=progress,
+                                               max_memory=max_memory)
                 self._model_locks[key] = threading.Lock()
             return self._models[key]
 
@@ -257,11 +196,23 @@ class Workbench:
                     lock.release()
         return lm, self._dense[key]
 
+    def info(self, tab: str, key: tuple, settings: EvalSettings | None, on_event: EventSink = no_event) -> dict:
+        """A model's architecture and, with `settings`, its held-out perplexity."""
+        lm = self.model(key)
+        out = lm.summary()
+        if settings is not None:
+            with self.job(tab, key, "evaluation", on_event) as cancel:
+                out["heldout_ppl"] = heldout_perplexity(lm.model, lm.tokenizer, settings, on_event, cancel)
+            out["heldout"] = {"corpus": settings.corpus, "windows": settings.heldout_windows,
+                              "seq_len": settings.seq_len}
+        return out
+
     # ---- jobs -----------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def job(self, tab: str, key: tuple, kind: str) -> Iterator[threading.Event]:
+    def job(self, tab: str, key: tuple, kind: str, on_event: EventSink = no_event) -> Iterator[threading.Event]:
         """One heavy job per tab and per model: another tab gets Busy; the tab's Stop reaches the job
-        by the tab's id alone (a handler's state is only written back when it returns)."""
+        by the tab's id alone (a handler's state is only written back when it returns). The job takes
+        its share of the machine's cores, saying so when it shares them."""
         job = _Job(kind)
         with self._guard:
             if tab in self._jobs:
@@ -273,7 +224,10 @@ class Workbench:
                 raise Busy(f"the model is busy with another job (another tab or user); the {kind} can start when "
                            "it ends")
             try:
-                yield job.cancel
+                with CoreShare(kind) as share:
+                    for note in share.take_notes():
+                        on_event(Progress("machine", 1, 1, note))
+                    yield job.cancel
             finally:
                 lock.release()
         finally:
@@ -290,75 +244,70 @@ class Workbench:
         job.cancel.set()
         return job.kind
 
-    # ---- runs -------------------------------------------------------------------------------------
-    def run_dir(self, name: str) -> Path:
-        """A run by name: the user's runs first, then the shipped ones. Names cannot escape their folder;
-        the CLI (allow_paths) may also give a run folder's path."""
-        if self.allow_paths and (Path(name) / "run.json").is_file():
-            return Path(name)
-        for root in (self.runs_root, self.shipped_runs):
-            if root is None:
-                continue
-            p = run_path(name, root)
-            if (p / "run.json").is_file():
-                return p
-        raise RunError(f"no saved run named {name}")
+    def running(self, tab: str) -> str | None:
+        with self._guard:
+            job = self._jobs.get(tab)
+        return None if job is None else job.kind
 
-    def new_run_dir(self, name: str) -> Path:
-        if self.allow_paths and ("/" in name or os.sep in name):
-            path = Path(name)
-        else:
-            self.runs_root.mkdir(parents=True, exist_ok=True)
-            path = run_path(name, self.runs_root)
-        if path.exists():
-            raise RunError(f"a run named {name} exists already; choose another name")
-        return path
-
-    def open(self, name: str) -> Run:
-        return open_run(self.run_dir(name))
-
-    def runs(self) -> list[str]:
-        """Saved runs: the user's newest first, then the shipped ones."""
-        names = []
-        for root in (self.runs_root, self.shipped_runs):
-            if root is not None and root.is_dir():
-                names += sorted((p.name for p in root.iterdir() if (p / "run.json").is_file()),
-                                key=lambda n: -(root / n / "run.json").stat().st_mtime)
-        return list(dict.fromkeys(names))
-
-    def default_run(self) -> str | None:
-        """What a new page shows: the shipped demo run (never someone's latest upload)."""
-        runs = self.runs()
-        return DEMO_RUN if DEMO_RUN in runs else (runs[0] if runs else None)
-
-    def model_for_run(self, run: str, prefer: tuple | None = None, progress=None) -> tuple[tuple, LoadedModel]:
-        """The base model a run was made on (loaded on demand); `prefer` = the tab's loaded key, when it
-        is the same model."""
+    # ---- runs ---------------------------------------------------------------------------------------
+    def model_for_run(self, run: str, prefer: tuple | None = None, progress=None, max_memory: str | None = None
+                      ) -> tuple[tuple, LoadedModel]:
+        """The base model a run was made on (loaded on demand); `prefer` = the caller's loaded key, when
+        it is the same model (its dtype and device then stay the caller's)."""
         st = self.open(run).settings
         key = model_key(st.get("model", "default"), st.get("dtype", "float32"), st.get("device", "cpu"))
         if prefer and prefer[0] == key[0]:
             key = prefer
-        return key, self.model(key, progress)
+        return key, self.model(key, progress, max_memory)
+
+    def front(self, run: str) -> dict:
+        """A run's Pareto fronts as rows (no model needed)."""
+        r = self.open(run)
+        cands = {c.id: c for c in r.candidates()}
+        return {"status": r.status, "candidates": len(cands),
+                "fronts": {name: [front_row(cands[i]) for i in ids] for name, ids in r.fronts().items()}}
+
+    def report(self, run: str, prompts: list[dict] = (), out: Path | None = None) -> Path:
+        """The run's self-contained HTML report (explorer.app.report), with the prompts a tab tried;
+        by default under the exports folder (so the app may offer it for download)."""
+        from .report import write_report
+
+        out = out or self.export_dir(f"{Path(run).name}-report.html")
+        return write_report(self.open(run), out, list(prompts))
 
     # ---- search --------------------------------------------------------------------------------------
-    def search_settings(self, preset: str, targets, **overrides) -> SearchSettings:
-        """The user's settings over the app's own (quick mode) under the preset's defaults."""
-        return SearchSettings.preset(preset, **{**dict(self.settings.search_overrides), **overrides},
-                                     targets=tuple(targets))
+    def search_settings(self, preset: str, targets, overrides: dict | None = None) -> SearchSettings:
+        """The user's settings over the app's own (quick mode) over the preset's (`inputs.search_settings`)."""
+        return inputs.search_settings(preset, targets, overrides or {}, dict(self.settings.search_overrides))
 
-    def search(self, tab: str, key: tuple, settings: SearchSettings, name: str) -> Iterator[Any]:
-        """Validate everything (a refused search changes nothing), then the search's events under the
+    def search(self, tab: str, key: tuple, settings: SearchSettings, name: str, group=None) -> Iterator[Any]:
+        """Validate everything (a refused search creates nothing), then the search's events under the
         tab's job. The first event is SearchStarted, only once the job is the tab's."""
-        from ..search.loop import resolve, run_search
+        from ..search.run import run_search
+        from ..search.validate import resolve
 
         lm = self.loaded(key)
-        run_dir = self.new_run_dir(name)
+        leader = group is None or group.leader
+        run_dir = self.new_run_dir(name) if leader else Path(name)  # the others mirror process 0's run
         resolve(lm, settings)  # bad targets and settings are refused here, before the job or the run exist
+        return self._searching(tab, key, lambda cancel: run_search(lm, settings, run_dir, cancel=cancel, group=group))
 
+    def resume(self, tab: str, run: str, key: tuple | None = None, group=None, max_memory: str | None = None
+               ) -> Iterator[Any]:
+        """Continue a stopped or crashed search with its stored settings, on its own model (or `key`'s
+        dtype and device for that model)."""
+        from ..search.run import run_search
+
+        path = self.run_dir(run)
+        key, lm = self.model_for_run(run, key, max_memory=max_memory)
+        return self._searching(tab, key, lambda cancel: run_search(lm, SearchSettings(), path, cancel=cancel,
+                                                                   resume=True, group=group))
+
+    def _searching(self, tab: str, key: tuple, start) -> Iterator[Any]:
         def events():
             end = None
             with self.job(tab, key, "search") as cancel:
-                for ev in run_search(lm, settings, run_dir, cancel=cancel):
+                for ev in start(cancel):
                     if isinstance(ev, SEARCH_END):  # told only once the model is free: whoever reads
                         end = ev                    # "stopped" may start the next job at once
                         continue
@@ -369,13 +318,59 @@ class Workbench:
         return events()
 
     # ---- picks and their models ---------------------------------------------------------------------
-    def pick(self, run: str, cid: str) -> "Pick":
+    def pick(self, run: str, cid: str) -> Pick:
         """A run's candidate, by id or "best@FRACTION", with what rebuilds its model exactly."""
         r = self.open(run)
         c = r.pick(cid)
-        return Pick(run, c, r.channel_means() if c.compensated else None)
+        return Pick(run, c, r.means_of(c))
 
-    def sliced(self, key: tuple, p: "Pick"):
+    def open_subnet_file(self, key: tuple, path: Path) -> tuple[Pick, Reformation | None]:
+        """A subnet file (an export's subnet.json, or a bare subnet) as a pick of the model's uploads run,
+        with its compensation and, when the file records one, its reformation: the very model that
+        was exported. The file is read as data and checked against the loaded model before anything
+        changes; a file opened twice maps to the same candidate."""
+        lm = self.loaded(key)
+        record = inputs.read_subnet_file(Path(path), lm.shape, weights_fingerprint(lm.model), key[1])
+        name = uploads_run_name(key[0])
+        self.runs_root.mkdir(parents=True, exist_ok=True)
+        run_dir = run_path(name, self.runs_root)
+        with self._uploads:
+            if not (run_dir / "run.json").is_file():
+                run = create_run(run_dir, {"model": key[0], "dtype": key[1], "device": key[2],
+                                           "preset": "subnet files", "targets": []}, lm.shape)
+                full = Subnet.full(lm.shape)
+                run.append(Candidate("dense", 1.0, 0, "dense", full, full.size_metrics(lm.shape)))
+                run.set_status("finished")
+            run = open_run(run_dir)
+            if run.shape != lm.shape:
+                raise ExplorerError(f"the run {name} was made for a model of another shape; rename or remove it")
+            digest = run.keep_means(record.means) if record.compensated else None
+            cid = f"upload-{record.subnet.key()[:8]}" + (f"-{digest[:6]}" if digest else "")
+            known = {c.id: c for c in run.candidates()}
+            if cid not in known:
+                s = record.subnet
+                known[cid] = Candidate(cid, round(s.fraction(lm.shape, record.compensated), 4), 0, "upload", s,
+                                       {**s.size_metrics(lm.shape, record.compensated), "file": Path(path).name},
+                                       record.compensated, digest)
+                run.append(known[cid])
+        p = Pick(name, known[cid], record.means)
+        r = None
+        if record.reformation:
+            rec = record.reformation
+            r = Reformation(name, cid, math.nan, math.nan, rec["digest"], rec["settings"], (),
+                            tuple(rec.get("sketch", ())))
+        return p, r
+
+    def pick_file(self, key: tuple, p: Pick, r: Reformation | None = None) -> PickFile:
+        """What a subnet file of this pick holds (every export writes it as subnet.json)."""
+        lm = self.loaded(key)
+        c = p.candidate
+        return PickFile(c.subnet, p.means if c.compensated else None, None if r is None else r.record(),
+                        {"model": lm.name, "shape": lm.shape.to_dict(), "dtype": key[1],
+                         "fingerprint": weights_fingerprint(lm.model)},
+                        {"run": p.run, "candidate": c.id, "origin": c.origin, "target": c.target})
+
+    def sliced(self, key: tuple, p: Pick):
         """A pick's model (`slicing.candidate_model`: compensation exactly as its fitness had it)."""
         lm = self.loaded(key)
         if p.candidate.origin == "dense":
@@ -387,31 +382,33 @@ class Workbench:
             self.subnets.put(k, model)
         return model
 
-    def reformed(self, key: tuple, p: "Pick", r: Reformation, cancel=None, on_event: EventSink = no_event):
-        """The reformed model `r` names: from the cache, or reformed again (deterministic) and checked to
-        reproduce the same weights; never something else under that label."""
+    def reformed(self, key: tuple, p: Pick, r: Reformation, cancel=None, on_event: EventSink = no_event):
+        """The reformed model `r` names: from the cache, or reformed again and checked to reproduce the
+        same weights (the same digest, or on another thread count the same sketch within fp32
+        rounding); never something else under that label."""
         k = (key, p.run, p.candidate.id, "reformed", r.digest)
         model = self.subnets.get(k)
         if model is not None:
             return model
-        on_event(Progress("reform", 0, 1, f"re-forming {p.candidate.id} (it left the cache)"))
+        on_event(Progress("reform", 0, 1, f"reforming {p.candidate.id} with its recorded settings"))
         result = reform(self.loaded(key), p.candidate.subnet, ReformSettings.from_dict(r.settings), on_event=on_event,
                         cancel=cancel, means=p.means)
-        if result.digest != r.digest:
-            raise ExplorerError(f"reforming {p.candidate.id} again did not reproduce the weights it had (digest "
-                                f"{result.digest} != {r.digest}); reform it again to use it")
+        if result.digest != r.digest and not same_sketch(result.sketch, r.sketch):
+            raise ExplorerError(f"reforming {p.candidate.id} again gave other weights than it had (digest "
+                                f"{result.digest}, recorded {r.digest}); to use the exported weights, load the export "
+                                "folder itself as the model")
         self.subnets.put(k, result.model)
         return result.model
 
-    def model_of(self, key: tuple, p: "Pick", r: Reformation | None, **kw):
+    def model_of(self, key: tuple, p: Pick, r: Reformation | None, **kw):
+        """The model a pick stands for: reformed when `r`, else sliced (with its compensation)."""
         return self.sliced(key, p) if r is None else self.reformed(key, p, r, **kw)
 
     # ---- actions on a pick -----------------------------------------------------------------------------
-    def reform(self, tab: str, key: tuple, p: "Pick", settings: ReformSettings | None = None,
+    def reform(self, tab: str, key: tuple, p: Pick, settings: ReformSettings | None = None,
                eval_settings: EvalSettings | None = None, on_event: EventSink = no_event) -> Reformation:
-        """Reform a pick, with held-out perplexity before and after (`eval_settings`, default the
-        app's; heldout_windows 0 skips them); stores nothing unless it finishes (a Stop keeps the run
-        as it was)."""
+        """Reform a pick, with held-out perplexity before and after (`eval_settings`, default the app's;
+        heldout_windows 0 skips them); stores nothing unless it finishes (a Stop keeps the run as it was)."""
         c = p.candidate
         if c.origin == "dense":
             raise ExplorerError("the dense model has nothing to reform")
@@ -419,56 +416,76 @@ class Workbench:
         settings = settings or self.settings.reform
         es = eval_settings or self.settings.eval
         measure = es.heldout_windows > 0
-        with self.job(tab, key, "reformation") as cancel:
+        with self.job(tab, key, "reformation", on_event) as cancel:
             before = heldout_perplexity(self.sliced(key, p), lm.tokenizer, es, on_event, cancel) if measure else math.nan
             result = reform(lm, c.subnet, settings, on_event=on_event, cancel=cancel, means=p.means)
             after = heldout_perplexity(result.model, lm.tokenizer, es, on_event, cancel) if measure else math.nan
             check_cancel(cancel)  # Stop pressed at the very end still means: keep nothing
-        r = Reformation(p.run or "", c.id, before, after, result.digest, result.settings.to_dict(),
-                        tuple(layer.to_dict() for layer in result.layers))
+        r = Reformation(p.run, c.id, before, after, result.digest, result.settings.to_dict(),
+                        tuple(layer.to_dict() for layer in result.layers), result.sketch)
         self.subnets.put((key, p.run, c.id, "reformed", r.digest), result.model)
         if measure:
             self.annotate(p, {"ppl_before": before, "ppl_after": after})
         return r
 
-    def evaluate(self, tab: str, key: tuple, p: "Pick", tasks, limit: int, r: Reformation | None = None,
-                 on_event: EventSink = no_event) -> dict:
-        """Held-out perplexity and zero-shot tasks of a pick (reformed when `r`): the metrics stored."""
+    def evaluate(self, tab: str, key: tuple, p: Pick | None, settings: EvalSettings | None = None,
+                 r: Reformation | None = None, on_event: EventSink = no_event) -> EvalResult:
+        """Held-out perplexity and zero-shot accuracy of a pick (reformed when `r`), or with no pick of
+        the model `key` names (a base model, or an exported subnet folder). A pick's figures are stored
+        with the run (`reformed_` ones for the reformed model)."""
+        settings = settings or self.settings.eval
+        if p is None:
+            model, tokenizer, name = self._evaluable(key)
+            with self.job(tab, key, "evaluation", on_event) as cancel:
+                return evaluate(model, tokenizer, settings=settings, on_event=on_event, cancel=cancel, name=name,
+                                info={"model_spec": key[0], "dtype": key[1], "device": key[2],
+                                      "params": sum(t.numel() for t in model.parameters())})
         lm = self.loaded(key)
-        if not tasks:
-            raise ExplorerError("choose at least one task")
-        with self.job(tab, key, "evaluation") as cancel:
+        with self.job(tab, key, "evaluation", on_event) as cancel:
             model = self.model_of(key, p, r, cancel=cancel, on_event=on_event)
-            res = evaluate(model, lm.tokenizer, list(tasks), limit=max(1, int(limit)), settings=self.settings.eval,
-                           on_event=on_event, cancel=cancel)
-        prefix = "reformed_" if r is not None else ""
-        extra = {prefix + ("heldout_ppl" if k == "ppl" else "zeroshot_acc" if k == "average" else f"acc:{k}"): v
-                 for k, v in res.metrics().items()}
-        self.annotate(p, extra)
-        return extra
+            res = evaluate(model, lm.tokenizer, settings=settings, on_event=on_event, cancel=cancel,
+                           name=p.candidate.id + (" (reformed)" if r else ""))
+        self.annotate(p, pick_metrics(res, r is not None))
+        return res
 
-    def measure_latency(self, tab: str, key: tuple, p: "Pick", r: Reformation | None = None,
-                        on_event: EventSink = no_event):
-        """Time a pick's decode for real, paired with the dense model (latency_model.measure)."""
+    def _evaluable(self, key: tuple):
+        """(model, tokenizer, name) of a model spec: an exported subnet folder is rebuilt with this
+        package's own class (no remote code runs), anything else is loaded as a base model."""
+        path = Path(key[0]).expanduser()
+        if key[0] not in ("", "default") and path.is_dir() and is_subnet_folder(path):
+            with self._load_lock:
+                if key not in self._models:
+                    model, tokenizer = load_subnet_folder(path, key[1], key[2])
+                    self._models[key] = LoadedModel(model, tokenizer, None, str(path), path.name, "", model.dtype,
+                                                    key[2])
+                    self._model_locks[key] = threading.Lock()
+            lm = self._models[key]
+            return lm.model, lm.tokenizer, path.name
+        lm = self.model(key)
+        return lm.model, lm.tokenizer, lm.name
+
+    def measure(self, tab: str, key: tuple, picks: list[tuple[Pick, Reformation | None]],
+                on_event: EventSink = no_event) -> dict:
+        """Time picks' decode for real, paired and interleaved with the dense model (reformed models
+        when a Reformation is given); stored with their runs."""
         from ..search.latency_model import measure
 
         lm = self.loaded(key)
-        if p.candidate.origin == "dense":
+        if any(p.candidate.origin == "dense" for p, _ in picks):
             raise ExplorerError("the dense model is the reference every latency is measured against")
-        with self.job(tab, key, "latency measurement") as cancel:
-            model = self.model_of(key, p, r, cancel=cancel, on_event=on_event)
-            m = measure(lm.model, {p.candidate.id: model}, lm.shape.vocab_size, cancel=cancel,
-                        on_event=on_event)[p.candidate.id]
-        self.annotate(p, m.metrics())
-        return m
+        if not picks:
+            raise ExplorerError("nothing to time: pick a subnet")
+        with self.job(tab, key, "latency measurement", on_event) as cancel:
+            models = {p.candidate.id: self.model_of(key, p, r, cancel=cancel, on_event=on_event) for p, r in picks}
+            got = measure(lm.model, models, lm.shape.vocab_size, cancel=cancel, on_event=on_event)
+        for p, _ in picks:
+            self.annotate(p, got[p.candidate.id].metrics())
+        return got
 
-    def annotate(self, p: "Pick", metrics: dict) -> None:
+    def annotate(self, p: Pick, metrics: dict) -> None:
         """Measurements are appended to the user's runs (the shipped ones stay as shipped)."""
-        if not p.run:
-            return
-        path = self.run_dir(p.run)
-        if path.parent.resolve() == self.runs_root.resolve() or self.allow_paths:
-            open_run(path).annotate(p.candidate.id, metrics)
+        if p.run and self.writable(p.run):
+            open_run(self.run_dir(p.run)).annotate(p.candidate.id, metrics)
 
     def generate(self, key: tuple, models: dict[str, Any], prompt: str, decode: DecodeSettings) -> Iterator[dict]:
         """Side-by-side streams of the named models on one prompt (see generation.side_by_side)."""
@@ -479,11 +496,12 @@ class Workbench:
         max_ctx = getattr(lm.model.config, "max_position_embeddings", 2048)
         return side_by_side(models, lm.tokenizer, prompt, decode, max_ctx)
 
-    def export(self, tab: str, key: tuple, p: "Pick", out_dir: Path, r: Reformation | None = None,
+    def export(self, tab: str, key: tuple, p: Pick, out_dir: Path, r: Reformation | None = None,
                on_event: EventSink = no_event, verify: bool = True, make_zip: bool = True, extra: dict | None = None,
                provenance: dict | None = None, files: dict | None = None, fmt: str = "hf", gguf_type: str = "f16"):
         """A verified export of a pick (reformed when `r`); a Stop leaves no folder behind. `fmt` "hf"
-        writes a transformers folder, "gguf" one GGUF file checked in llama.cpp (explorer.pick.export_gguf)."""
+        writes a transformers folder, "gguf" one GGUF file checked in llama.cpp. Either holds the
+        pick's subnet file (subnet.json), which reopens as exactly this model."""
         from ..pick.export import export_subnet
         from ..pick.export_gguf import export_gguf, precheck
 
@@ -493,7 +511,8 @@ class Workbench:
         lm = self.loaded(key)
         if fmt == "gguf" and (why := precheck(lm, c.subnet)):
             raise ExplorerError(f"cannot export GGUF: {why}")
-        with self.job(tab, key, "export") as cancel:
+        record_file = self.pick_file(key, p, r)
+        with self.job(tab, key, "export", on_event) as cancel:
             model = self.model_of(key, p, r, cancel=cancel, on_event=on_event)
             metrics = {**c.metrics, **(extra or {})}
             if r is not None and math.isfinite(r.ppl_after):
@@ -502,73 +521,29 @@ class Workbench:
                       **({"run_settings": self.open(p.run).settings} if p.run else {}), **(provenance or {})}
             if fmt == "gguf":
                 record.update(compensated=r is None and p.means is not None, reformed=r is not None)
-                return export_gguf(lm, model, c.subnet, out_dir, metrics, record, out_type=gguf_type, verify=verify,
+                return export_gguf(lm, model, record_file, out_dir, metrics, record, out_type=gguf_type, verify=verify,
                                    make_zip=make_zip, on_event=on_event, cancel=cancel)
-            return export_subnet(lm, model, c.subnet, out_dir, metrics, record, verify=verify, make_zip=make_zip,
+            return export_subnet(lm, model, record_file, out_dir, metrics, record, verify=verify, make_zip=make_zip,
                                  on_event=on_event, cancel=cancel, extra_files=files,
                                  means=p.means if r is None else None,
                                  reformed=None if r is None else {"digest": r.digest, "settings": r.settings})
 
-    # ---- subnet files -------------------------------------------------------------------------------------
-    def open_subnet_file(self, key: tuple, path: Path) -> tuple[str, Candidate]:
-        """A subnet JSON as a candidate of the model's "uploads" run (created with the dense model as its
-        reference); a file opened twice maps to the same candidate, measured once. Nothing changes when
-        the file is refused."""
-        lm, dense = self.load(key)
-        subnet = read_subnet_file(Path(path), lm.shape)
-        if dense is None:
-            raise Busy("the model is busy with another job; open the file when it ends")
-        name = uploads_run_name(key[0])
-        self.runs_root.mkdir(parents=True, exist_ok=True)
-        run_dir = run_path(name, self.runs_root)
-        cid = f"upload-{subnet.key()[:8]}"
-        with self._uploads:
-            if not (run_dir / "run.json").is_file():
-                run = create_run(run_dir, {"model": key[0], "dtype": key[1], "device": key[2],
-                                           "preset": "uploaded subnets", "targets": []}, lm.shape)
-                full = Subnet.full(lm.shape)
-                run.append(Candidate("dense", 1.0, 0, "dense", full,
-                                     {**full.size_metrics(lm.shape), "heldout_ppl": dense["heldout_ppl"]}))
-                run.set_status("finished")
-            run = open_run(run_dir)
-            if run.shape != lm.shape:
-                raise ExplorerError(f"the run {name} was made for a model of another shape; rename or remove it")
-            known = {c.id: c for c in run.candidates()}
-        if cid in known:
-            return name, known[cid]
-        c = Candidate(cid, round(subnet.fraction(lm.shape), 4), 0, "upload", subnet, subnet.size_metrics(lm.shape))
-        model = self.sliced(key, Pick(name, c))
-        c = replace(c, metrics={**c.metrics, "heldout_ppl": heldout_perplexity(model, lm.tokenizer, self.settings.eval)})
-        with self._uploads:
-            if cid not in {k.id for k in run.candidates()}:  # another tab may have opened the same file
-                run.append(c)
-        return name, c
 
-    # ---- reports -----------------------------------------------------------------------------------------------
-    def report(self, run: str, prompts: list[dict] = (), tag: str = "report") -> Path:
-        """The run's HTML report (explorer.app.report), with the prompts a tab tried, under the exports
-        folder (so the app may offer it for download)."""
-        from .report import write_report
-
-        out = self.export_dir(tag, f"{Path(run).name}-report.html")
-        return write_report(self.open(run), out, list(prompts))
-
-    # ---- exports ----------------------------------------------------------------------------------------------
-    def export_dir(self, tag: str, name: str) -> Path:
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{tag}-{name}")[:120]
-        self.exports_root.mkdir(parents=True, exist_ok=True)
-        return self.exports_root / safe
-
-    def is_ours(self, path: str | os.PathLike | None) -> bool:
-        """Downloads serve only files the app created under its exports folder."""
-        if not path:
-            return False
-        try:
-            Path(path).resolve().relative_to(self.exports_root.resolve())
-            return True
-        except ValueError:
-            return False
+FRONT_COLUMNS = ["id", "target", "origin", "generation", "params", "fraction", "fitness_ppl",
+                 "predicted_latency_ms", "measured_ms", "measured_speedup", "measured_spread", "heldout_ppl"]
 
 
-__all__ = ["Workbench", "AppSettings", "Pick", "Reformation", "Busy", "ModelCache", "model_key", "parse_targets",
-           "read_subnet_file", "subnet_file_limit", "uploads_run_name", "slug", "DEMO_RUN"]
+def front_row(c: Candidate) -> dict:
+    return {"id": c.id, "target": c.target, "origin": c.origin, "generation": c.generation,
+            **{k: c.metrics.get(k, "") for k in FRONT_COLUMNS[4:]}}
+
+
+def pick_metrics(res: EvalResult, reformed: bool) -> dict:
+    """An evaluation's figures as a candidate stores them (`reformed_` ones for its reformed model)."""
+    prefix = "reformed_" if reformed else ""
+    return {prefix + ("heldout_ppl" if k == "ppl" else "zeroshot_acc" if k == "average" else f"acc:{k}"): v
+            for k, v in res.metrics().items()}
+
+
+__all__ = ["Workbench", "AppSettings", "Pick", "Reformation", "Busy", "ModelCache", "model_key", "slug",
+           "uploads_run_name", "DEMO_RUN", "FRONT_COLUMNS", "front_row", "pick_metrics"]

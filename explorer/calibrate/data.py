@@ -141,8 +141,10 @@ def windows(stream: torch.Tensor, seq_len: int, n: int | None, seed: int | None,
     """Cut a stream into non-overlapping windows; pick `n` of them at random (seed) or evenly spaced (seed=None)."""
     if seq_len < 2:
         raise CorpusError("the window length must be at least 2 tokens")
+    if n is not None and n < 1:
+        raise CorpusError(f"the number of {what} windows must be at least 1 (got {n})")
     total = stream.numel() // seq_len
-    if total == 0 or (n is not None and n < 1):
+    if total == 0:
         raise CorpusError(f"the {what} text is too short: {stream.numel()} tokens, one window needs {seq_len}")
     cut = stream[: total * seq_len].view(total, seq_len)
     if n is None or n >= total:

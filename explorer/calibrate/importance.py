@@ -17,7 +17,7 @@ import torch
 from ..events import EventSink, Progress, check_cancel, no_event
 from ..model.devices import execution_device, onloaded
 from ..model.slicing import ChannelMeans
-from ..model.subnet import LayerChoice, ModelShape, Subnet, SubnetError, round_width
+from ..model.subnet import LayerChoice, ModelShape, SubnetError
 from .capture import StatsCollector, block_linears, capture_block_inputs, run_block
 
 # The four distinct linear inputs of a block: q/k/v share one, gate/up share one.
@@ -207,61 +207,3 @@ def top_layer(importance: Importance, layer: int, pairs: int, width: int) -> Lay
     """Keep the `pairs` best rotary pairs of each KV group and the `width` best MLP channels."""
     groups = tuple(tuple(sorted(order[:pairs])) for order in importance.attn_order[layer])
     return LayerChoice(groups, tuple(sorted(importance.mlp_order[layer][:width])))
-
-
-def round_pairs(pairs: float, pair_multiple: int, limit: int) -> int:
-    """Kept rotary pairs rounded to a multiple (head_dim multiple / 2), within [multiple, limit]."""
-    return round_width(pairs, max(1, pair_multiple), limit)
-
-
-def uniform_params(shape: ModelShape, pairs: int, width: int, compensated: bool = False) -> int:
-    return shape.fixed_params + shape.num_layers * shape.block_params(2 * pairs, width, compensated)
-
-
-def initial_subnet(importance: Importance, shape: ModelShape, fraction: float, multiple: int = 8,
-                   head_multiple: int = 8, compensated: bool = False) -> Subnet:
-    """The same keep ratio in every block (attention and MLP alike), top scores kept, the largest
-    ratio whose rounded widths stay within `fraction` of the total parameters."""
-    budget = fraction * shape.dense_params
-    pm = max(1, head_multiple // 2)
-    lo, hi = 0.0, 1.0
-    best = None
-    for _ in range(40):  # bisection on the ratio; rounding makes params a step function of it
-        r = (lo + hi) / 2
-        pairs = round_pairs(r * shape.n_pairs, pm, shape.n_pairs)
-        width = round_width(r * shape.intermediate_size, multiple, shape.intermediate_size)
-        if uniform_params(shape, pairs, width, compensated) <= budget:
-            best, lo = (pairs, width), r
-        else:
-            hi = r
-    if uniform_params(shape, shape.n_pairs, shape.intermediate_size, compensated) <= budget:
-        best = (shape.n_pairs, shape.intermediate_size)
-    if best is None:
-        raise SubnetError(f"{fraction:.0%} of the parameters is below the smallest uniform subnet")
-    pairs, width = best
-    return Subnet(tuple(top_layer(importance, i, pairs, width) for i in range(shape.num_layers)))
-
-
-def split_subnet(importance: Importance, shape: ModelShape, fraction: float, pairs: int, multiple: int = 8,
-                 compensated: bool = False) -> Subnet | None:
-    """Uniform subnet with a given attention width; the MLP gets the largest uniform width that
-    fits the budget, and leftover budget widens the MLP of the most important blocks.
-    None when the attention alone exceeds the budget."""
-    budget = fraction * shape.dense_params - shape.fixed_params
-    L, P = shape.num_layers, shape.intermediate_size
-    per_channel = shape.mlp_params(2) - shape.mlp_params(1)
-    base = shape.block_params(2 * pairs, 1, compensated) - per_channel  # the block without its MLP channels
-    width = int((budget / L - base) // per_channel) // multiple * multiple
-    if width < multiple:
-        return None
-    width = min(width, P)
-    widths = [width] * L
-    spare = budget - L * shape.block_params(2 * pairs, width, compensated)
-    step = multiple * per_channel
-    rank = sorted(range(L), key=lambda i: -float(importance.mlp[i][list(importance.mlp_order[i][width:width + multiple])].sum()))
-    for i in rank:
-        if spare < step or widths[i] + multiple > P:
-            continue
-        widths[i] += multiple
-        spare -= step
-    return Subnet(tuple(top_layer(importance, i, pairs, widths[i]) for i in range(L)))

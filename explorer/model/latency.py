@@ -11,9 +11,12 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
+from ..errors import ExplorerError
+from ..events import check_cancel
 from .generation import forward_step
 
 
@@ -118,30 +121,60 @@ def measure_speed(model, vocab_size: int, settings: SpeedSettings = SpeedSetting
     return measure_speeds({"model": model}, vocab_size, settings)["model"]
 
 
-def measure_speeds(models: dict, vocab_size: int, settings: SpeedSettings = SpeedSettings()) -> dict[str, SpeedReport]:
+class OutOfTime(ExplorerError):
+    """A timing reached its deadline before it had enough rounds to say anything."""
+
+
+MIN_ROUNDS = 3  # a deadline ends the timed rounds only after this many: fewer say nothing about drift
+
+
+def measure_speeds(models: dict, vocab_size: int, settings: SpeedSettings = SpeedSettings(),
+                   cancel: threading.Event | None = None, deadline: float | None = None,
+                   on_round: Callable[[int, int], None] | None = None, memory: bool = True) -> dict[str, SpeedReport]:
     """Time several models *interleaved*: each repeat runs every model once, in turn.
 
     A speed-up is a ratio of two timings; measured minutes apart, a shared machine's drift lands in
     one of them only (we saw a 70 % subnet time 1.07x the dense model that way, and 1.28x when the
     two alternate). Interleaved, drift hits both alike. Memory is measured afterwards, one model
-    at a time, in untimed runs."""
+    at a time, in untimed runs (`memory`). `cancel` is read between runs; at `deadline`
+    (perf_counter) the rounds end once MIN_ROUNDS are done, and before that OutOfTime is raised.
+    `on_round(done, total)` follows the rounds."""
     g = torch.Generator().manual_seed(settings.seed)
     cpu_prompt = torch.randint(0, vocab_size, (settings.batch_size, settings.prompt_len), generator=g)
     prompts = {name: cpu_prompt.to(next(m.parameters()).device) for name, m in models.items()}
+
+    def check(rounds_done: int) -> bool:
+        """Whether to go on; raises when stopped, or out of time too early."""
+        check_cancel(cancel)
+        if deadline is not None and time.perf_counter() >= deadline:
+            if rounds_done < min(MIN_ROUNDS, settings.repeats):
+                raise OutOfTime(f"the time allowed ran out after {rounds_done} of {settings.repeats} timing rounds")
+            return False
+        return True
+
     for name, m in models.items():
         for _ in range(settings.warmup):
+            check(0)
             _one_run(m, prompts[name], min(4, settings.new_tokens))
     prefill: dict[str, list] = {n: [] for n in models}
     decode: dict[str, list] = {n: [] for n in models}
-    for _ in range(settings.repeats):  # timed runs: nothing else running in this process
+    for r in range(settings.repeats):  # timed runs: nothing else running in this process
+        if not check(r):
+            break
         for name, m in models.items():
+            check_cancel(cancel)
             p, d = _one_run(m, prompts[name], settings.new_tokens)
             prefill[name].append(p)
             decode[name].append(d)
+        if on_round is not None:
+            on_round(r + 1, settings.repeats)
     out = {}
     for name, m in models.items():
         device = prompts[name].device
-        if device.type == "cuda":
+        peak = 0
+        if not memory:
+            pass
+        elif device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
@@ -160,7 +193,7 @@ def measure_speeds(models: dict, vocab_size: int, settings: SpeedSettings = Spee
             peak_memory_bytes=int(peak + param_bytes(m)),
             device=str(device),
             threads=torch.get_num_threads(),
-            settings=asdict(settings),
+            settings={**asdict(settings), "repeats": len(decode[name])},
             prefill_ms_rounds=tuple(1000 * p for p in prefill[name]),
             decode_ms_rounds=tuple(1000 * d / settings.new_tokens for d in decode[name]),
         )

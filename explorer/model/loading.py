@@ -387,3 +387,16 @@ def _license(folder: Path) -> str:
             if line.lower().startswith("license:"):
                 return line.split(":", 1)[1].strip()
     return "unknown (see the base model's card)"
+
+
+def weights_fingerprint(model) -> str:
+    """A short hash of a few of the model's weights: the same model on any machine has the same one
+    (a file path or a download time would not), a different model does not."""
+    from .devices import onloaded
+
+    h = hashlib.sha1()
+    for module in (model.model.embed_tokens, model.model.layers[0], model.model.layers[-1], model.lm_head):
+        with onloaded(module):
+            for t in list(module.state_dict().values())[:4]:
+                h.update(t.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -49,6 +49,41 @@ class ChannelMeans:
         n = len([k for k in t if k.startswith("o_proj.")])
         return cls(tuple(t[f"o_proj.{i}"] for i in range(n)), tuple(t[f"down_proj.{i}"] for i in range(n)))
 
+    def digest(self) -> str:
+        """sha256 of the float32 values, layer by layer: the identity of the statistics a compensated
+        subnet's biases are built from."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name in ("o_proj", "down_proj"):
+            for v in getattr(self, name):
+                h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        """JSON: each vector as base64 float32 (little-endian), with the digest that checks them."""
+        import base64
+
+        enc = lambda v: base64.b64encode(v.detach().float().cpu().contiguous().numpy().astype("<f4").tobytes()  # noqa: E731
+                                         ).decode("ascii")
+        return {"encoding": "base64-float32", "digest": self.digest(),
+                "o_proj": [enc(v) for v in self.o_proj], "down_proj": [enc(v) for v in self.down_proj]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ChannelMeans":
+        """The inverse of `to_dict`; ValueError when the vectors do not match their digest."""
+        import base64
+
+        import numpy as np
+
+        if not isinstance(d, dict) or d.get("encoding") != "base64-float32":
+            raise ValueError("channel means must be base64-float32 vectors")
+        dec = lambda s: torch.from_numpy(np.frombuffer(base64.b64decode(s, validate=True), dtype="<f4").copy())  # noqa: E731
+        means = cls(tuple(dec(s) for s in d["o_proj"]), tuple(dec(s) for s in d["down_proj"]))
+        if len(means.o_proj) != len(means.down_proj) or means.digest() != d.get("digest"):
+            raise ValueError("the channel means do not match their digest (the file was changed)")
+        return means
+
 
 # projection -> (which index set, sliced dim: 0 = output rows, 1 = input columns)
 SLICE_TABLE: dict[str, tuple[str, int]] = {

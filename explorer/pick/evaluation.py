@@ -210,8 +210,8 @@ def load_subnet_folder(path: str | Path, dtype: str = "float32", device: str = "
     import torch
     from transformers import AutoTokenizer
 
-    from ..model.loading import DTYPES
     from ..model import modeling_subnet
+    from ..model.loading import DTYPES
     from ..model.modeling_subnet import SubnetForCausalLM
 
     folder = Path(path)

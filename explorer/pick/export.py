@@ -38,6 +38,7 @@ from ..events import EventSink, Progress, check_cancel, no_event
 from ..model import configuration_subnet, modeling_subnet
 from ..model.loading import is_subnet_folder
 from ..model.subnet import Subnet
+from .pickfile import PickFile
 
 PROBE_TEXT = "The history of the city begins with a small settlement on the river, where"
 PROMPT_TEXT = "The best way to learn a new language is"
@@ -82,8 +83,9 @@ def check_target(out_dir: Path) -> None:
 
 
 # ---- writing ---------------------------------------------------------------------------------
-def write_folder(folder: Path, lm, model, subnet: Subnet) -> None:
-    """Weights, config, remote code, tokenizer, generation config and the subnet record."""
+def write_folder(folder: Path, lm, model, record: PickFile) -> None:
+    """Weights, config, remote code, tokenizer, generation config and the subnet file (which reopens as
+    this very model: `explorer.pick.pickfile`)."""
     model.save_pretrained(folder, safe_serialization=True)
     for name, src in source_files().items():
         shutil.copyfile(src, folder / name)
@@ -91,7 +93,7 @@ def write_folder(folder: Path, lm, model, subnet: Subnet) -> None:
     gen = getattr(lm.model, "generation_config", None)
     if gen is not None:
         gen.save_pretrained(folder)
-    (folder / "subnet.json").write_text(subnet.to_json())
+    record.write(folder / "subnet.json")
     bad = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if bad or not (folder / "model.safetensors").is_file():
         raise ExportError(f"the export must hold model.safetensors only, found {bad or 'no model.safetensors'}")
@@ -120,7 +122,8 @@ def model_card(lm, subnet: Subnet, metrics: dict, provenance: dict, verification
         + (" and `o_proj`/`down_proj` were reformed on calibration data." if provenance.get("reformed") else "."),
         "",
         "## Size", "",
-        f"- parameters: {s['params']:,} of {shape.dense_params:,} ({s['fraction']:.1%} of the total, "
+        f"- parameters: {metrics.get('params', s['params']):,} of {shape.dense_params:,} "
+        f"({metrics.get('params', s['params']) / shape.dense_params:.1%} of the total, "
         f"{s['prunable_fraction']:.1%} of the prunable block weights)",
         f"- blocks kept: {s['layers_kept']} of {shape.num_layers}",
         f"- ideal decode speed-up (weights read per token): {s['ideal_decode_speedup']:.3f}x",
@@ -283,7 +286,13 @@ def zip_folder(folder: Path) -> Path:
     return target
 
 
-def export_subnet(lm, subnet_model, subnet: Subnet, out_dir: str | Path, metrics: dict, provenance: dict, *,
+def model_params(model) -> int:
+    """The parameters a model holds (tied weights once): the one count an export states."""
+    seen: set[int] = set()
+    return sum(t.numel() for t in model.parameters() if not (t.data_ptr() in seen or seen.add(t.data_ptr())))
+
+
+def export_subnet(lm, subnet_model, record: PickFile, out_dir: str | Path, metrics: dict, provenance: dict, *,
                   verify: bool = True, make_zip: bool = True, on_event: EventSink = no_event,
                   cancel: threading.Event | None = None, extra_files: dict[str, str] | None = None,
                   means=None, reformed=None) -> ExportResult:
@@ -291,15 +300,18 @@ def export_subnet(lm, subnet_model, subnet: Subnet, out_dir: str | Path, metrics
 
     `means`: the channel means of a bias-compensated subnet; `reformed`: {"digest", "settings"} of
     the reformation whose model this is (ReformResult.digest and its settings). Both decide what
-    the model must match, and what the provenance says."""
+    the model must match, and what the provenance says. `record` is the pick's subnet file."""
     t0 = time.perf_counter()
+    subnet = record.subnet
+    metrics = {**metrics, "params": model_params(subnet_model),
+               "fraction": round(model_params(subnet_model) / lm.shape.dense_params, 6)}
     out = Path(out_dir).expanduser().resolve()
     check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name.replace('-', '_').replace('.', '_')}_partial_", dir=out.parent))
     try:
         on_event(Progress("export", 0, EXPORT_STEPS, "writing weights and code"))
-        write_folder(tmp, lm, subnet_model, subnet)
+        write_folder(tmp, lm, subnet_model, record)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         check_cancel(cancel)
@@ -317,9 +329,11 @@ def export_subnet(lm, subnet_model, subnet: Subnet, out_dir: str | Path, metrics
             verification = {"verified": True, **verification, "tolerance": TOLERANCE}
         check_cancel(cancel)
         on_event(Progress("export", 2, EXPORT_STEPS, "model card"))
-        record = {"metrics": metrics, "provenance": provenance, "verification": verification,
-                  "subnet": subnet.summary(lm.shape), "base_model": lm.source, "license": lm.license}
-        (tmp / "export.json").write_text(json.dumps(record, indent=2, default=str))
+        summary = {**subnet.summary(lm.shape), "params": metrics["params"], "fraction": metrics["fraction"]}
+        (tmp / "export.json").write_text(json.dumps({"metrics": metrics, "provenance": provenance,
+                                                     "verification": verification, "subnet": summary,
+                                                     "base_model": lm.source, "license": lm.license},
+                                                    indent=2, default=str))
         (tmp / "README.md").write_text(model_card(lm, subnet, metrics, provenance, verification, out.name))
         files = tuple(sorted(p.name for p in tmp.iterdir()))
         check_cancel(cancel)

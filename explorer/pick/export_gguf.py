@@ -306,7 +306,7 @@ def gguf_card(name: str, base: str, info: dict, metrics: dict, check: dict | Non
     return "\n".join(lines)
 
 
-def export_gguf(lm, model, subnet, out_dir: str | Path, metrics: dict, provenance: dict, *, out_type: str = "f16",
+def export_gguf(lm, model, record, out_dir: str | Path, metrics: dict, provenance: dict, *, out_type: str = "f16",
                 verify: bool = True, make_zip: bool = True, on_event=None, cancel=None):
     """Write `model.gguf`, a Modelfile, a card and `export.json` into `out_dir`, verified in llama.cpp.
 
@@ -323,6 +323,7 @@ def export_gguf(lm, model, subnet, out_dir: str | Path, metrics: dict, provenanc
 
     on_event = on_event or no_event
     t0 = time.perf_counter()
+    subnet = record.subnet  # the pick's subnet file (explorer.pick.pickfile), written beside the GGUF
     why = refusal(model)  # before anything is written or converted
     if why:
         raise GGUFExportError(why)
@@ -348,11 +349,11 @@ def export_gguf(lm, model, subnet, out_dir: str | Path, metrics: dict, provenanc
         on_event(Progress("export", 2, 3, "model card"))
         template = getattr(lm.tokenizer, "chat_template", None)
         (tmp / "Modelfile").write_text(modelfile(GGUF_FILE, template if isinstance(template, str) else None))
-        (tmp / "subnet.json").write_text(subnet.to_json())
-        record = {"format": "gguf", "gguf": info, "metrics": metrics, "provenance": provenance,
-                  "verification": {"verified": result is not None, "llama_cpp": result},
-                  "subnet": subnet.summary(lm.shape), "base_model": lm.source, "license": lm.license}
-        (tmp / "export.json").write_text(json.dumps(record, indent=2, default=str))
+        record.write(tmp / "subnet.json")
+        (tmp / "export.json").write_text(json.dumps(
+            {"format": "gguf", "gguf": info, "metrics": metrics, "provenance": provenance,
+             "verification": {"verified": result is not None, "llama_cpp": result},
+             "subnet": subnet.summary(lm.shape), "base_model": lm.source, "license": lm.license}, indent=2, default=str))
         (tmp / "README.md").write_text(gguf_card(out.name, base_model_id(lm), info, metrics, result))
         files = tuple(sorted(p.name for p in tmp.iterdir()))
         _install(tmp, out)

@@ -106,12 +106,13 @@ class ReformResult:
     tokens: int
     compensated: bool = False  # the reformation started from the bias-compensated subnet
     digest: str = ""  # of the reformed weights (`reformed_digest`): what a "reformed" label must match
+    sketch: tuple[float, ...] = ()  # `reformed_sketch`: the same reformation on another thread count matches it
 
     def to_dict(self) -> dict:
         """Everything but the model (JSON-friendly)."""
         return {"layers": [l.to_dict() for l in self.layers], "settings": self.settings.to_dict(),
                 "seconds": self.seconds, "tokens": self.tokens, "compensated": self.compensated,
-                "digest": self.digest}
+                "digest": self.digest, "sketch": list(self.sketch)}
 
 
 def reformed_digest(model) -> str:
@@ -124,6 +125,34 @@ def reformed_digest(model) -> str:
                 if t is not None:
                     h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def reformed_sketch(model) -> tuple[float, ...]:
+    """Per o_proj / down_proj weight and bias of every block: its size, its sum of squares and its dot
+    with fixed pseudo-random signs. The digest is exact, but the same reformation run with another
+    number of threads sums in another order; its sketch then agrees within fp32 rounding
+    (`same_sketch`), while another reformation's does not."""
+    out: list[float] = []
+    g = torch.Generator().manual_seed(0)
+    for block in model.model.layers:
+        for lin in (block.self_attn.o_proj, block.mlp.down_proj):
+            for t in (getattr(lin, "weight", None), getattr(lin, "bias", None)):
+                v = torch.zeros(0, dtype=torch.float64) if t is None else t.detach().double().cpu().flatten()
+                signs = torch.randint(0, 2, (v.numel(),), generator=g, dtype=torch.float64) * 2 - 1
+                out += [float(v.numel()), float(v @ v), float(v @ signs)]
+    return tuple(out)
+
+
+def same_sketch(a, b, rtol: float = 1e-4) -> bool:
+    """Whether two sketches are of one reformation: sizes equal, sums of squares within `rtol`, and
+    the signed sums within `rtol` of what rounding of a vector of that size and norm can move."""
+    if len(a) != len(b) or not a or len(a) % 3:
+        return False
+    for (n, sa, da), (m, sb, db) in zip(zip(*[iter(a)] * 3), zip(*[iter(b)] * 3)):
+        top = max(sa, sb)
+        if n != m or abs(sa - sb) > rtol * top or abs(da - db) > rtol * (n * top) ** 0.5:
+            return False
+    return True
 
 
 # ---- statistics ------------------------------------------------------------------------------
@@ -441,4 +470,4 @@ def reform(lm, subnet: Subnet, settings: ReformSettings = ReformSettings(), on_e
         on_event(Progress("reform", j + 1, len(kept_layers), f"block {i}"))
     model = model.eval()
     return ReformResult(model, tuple(reports), settings, time.perf_counter() - t0, int(calib_windows.numel()),
-                        means is not None, reformed_digest(model))
+                        means is not None, reformed_digest(model), reformed_sketch(model))

@@ -50,6 +50,7 @@ class Archive:
         self.evaluations = 0  # real ones in this session (not replayed, not copied)
         self.copies = 0
         self.eval_seconds = 0.0
+        self.windows_evaluated = 0  # fitness windows those evaluations scored (early stops score fewer)
         self.stored = len(self.memo)
 
     def known(self, job: Job) -> bool:
@@ -72,6 +73,7 @@ class Archive:
             raise RuntimeError(f"candidate {job.subnet.key()} at {job.target} was neither known nor evaluated")
         self.evaluations += 1
         self.eval_seconds += result.seconds
+        self.windows_evaluated += result.windows_done
         metrics = {**job.subnet.size_metrics(self.shape, job.compensated),
                    "fitness_ppl": result.ppl, "fitness_nll": result.nll, "fitness_tokens": result.tokens,
                    "fitness_windows": result.windows_done, "fitness_lower_bound": not result.complete,

@@ -16,7 +16,7 @@ import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -24,9 +24,12 @@ from ..calibrate.baselines import BaselineResult, baseline_subnet
 from ..calibrate.data import calibration_windows, load_corpus
 from ..calibrate.importance import Importance, iter_importance, scoring
 from ..events import StageProgress
+from ..model.loading import LoadedModel, cache_root, weights_fingerprint
 from ..model.slicing import ChannelMeans
 from ..model.subnet import Subnet
-from .ladders import Ladders, iter_ladders
+from ..pick.reform import ReformSettings
+from .ladders import LADDER_SCORING, Ladders, LadderSpec, iter_ladders, ladder_bytes
+from .runs import SHIPPED_RUNS, Run
 
 FILES = ("importance.pt", "channel_means.safetensors", "calibration.json")  # what a run holds of its calibration
 log = logging.getLogger(__name__)
@@ -52,11 +55,13 @@ class Calibration:
             self._scorings[name] = scoring(name, model, self.importance, shape)
         return self._scorings[name]
 
-    def baseline(self, name: str, model, shape, target: float, n_windows: int) -> tuple[BaselineResult, bool]:
-        """A baseline's subnet at `target` and whether it was read rather than computed. Wanda-sp runs
-        its own sequential pass over the calibration windows (the slow one); every baseline depends
-        only on the model, the calibration data and the target, so each is computed once and kept
-        beside the importance pass (`<key>.baselines.json` in the cache) and in the run."""
+    def baseline(self, name: str, model, shape, target: float) -> tuple[BaselineResult, bool]:
+        """A baseline's subnet at `target` and whether it was read rather than computed, from the same
+        calibration windows as the importance pass. Wanda-sp runs its own sequential pass over them
+        (the slow one); every baseline depends only on the model, the calibration data and the target,
+        so each is computed once and kept beside the importance pass (`<key>.baselines.json` in the
+        cache) and in the run."""
+        n_windows = int(self.calib.shape[0])
         entry = f"{name}@{target:.6g}@{n_windows}"
         stores = [p for p in (self._baselines_path(), self.run_dir and self.run_dir / BASELINES_FILE) if p]
         for path in stores:
@@ -120,19 +125,6 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data))
     tmp.replace(path)
-
-
-def weights_fingerprint(model) -> str:
-    """A short hash of a few of the model's weights: the same model on any machine has the same one
-    (a file path or a download time would not), a different model does not."""
-    from ..model.devices import onloaded
-
-    h = hashlib.sha1()
-    for module in (model.model.embed_tokens, model.model.layers[0], model.model.layers[-1], model.lm_head):
-        with onloaded(module):
-            for t in list(module.state_dict().values())[:4]:
-                h.update(t.detach().flatten()[:4096].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def cache_key(lm, settings) -> str:
@@ -213,4 +205,34 @@ def calibrate(lm, settings, run_dir: Path, cancel: threading.Event | None = None
                       run_dir, selection)
 
 
-__all__ = ["Calibration", "calibrate", "FILES", "cache_key"]
+# ---- a search's calibration steps (process 0; the others load the files they write) ------------------
+def search_calibration(lm: LoadedModel, s, run: Run, cancel: threading.Event | None, windows: tuple | None
+                       ) -> Iterator[Any]:
+    """A search's Calibration (its StageProgress yielded), with the on-disk cache and the shipped runs
+    as seeds of it."""
+    cal = None
+    seeds = tuple(p for p in SHIPPED_RUNS.iterdir() if (p / "importance.pt").is_file()) if SHIPPED_RUNS.is_dir() else ()
+    for item in calibrate(lm, s, run.path, cancel, windows, cache_dir=cache_root() / "importance", seeds=seeds):
+        if isinstance(item, Calibration):
+            cal = item
+        else:
+            yield item
+    return cal
+
+
+def search_ladders(lm: LoadedModel, s, cal: Calibration, cancel: threading.Event | None) -> Iterator[Any]:
+    """The reformation-aware search's ladders, reformed with the project's reformation settings."""
+    spec = LadderSpec.of(lm.shape, s.head_multiple, s.multiple, s.ladder_mlp_levels)
+    yield StageProgress("ladders", 0, lm.shape.num_layers,
+                        f"{len(spec.pairs)} attention and {len(spec.widths)} MLP levels per block, "
+                        f"{ladder_bytes(lm.shape, spec) / 2**20:.0f} MB")
+    ladders = None
+    for item in cal.ladders(lm.model, lm.shape, spec, LADDER_SCORING, ReformSettings(), cancel):
+        if isinstance(item, Ladders):
+            ladders = item
+        else:
+            yield item
+    return ladders
+
+
+__all__ = ["Calibration", "calibrate", "FILES", "cache_key", "search_calibration", "search_ladders"]

@@ -1,8 +1,8 @@
 """Evaluate a batch of decided candidates and archive them in order, in one process or spread
 over several (`explorer.search.distributed`): the search loop cannot tell the difference.
 
-One process evaluates each job just before archiving it, so a cancel lands between two
-candidates with everything before it stored. Several processes first evaluate the batch's
+One process evaluates each job just before archiving it, so a cancel, or a time budget that
+says no more (`proceed`), lands between two candidates with everything before it stored. Several processes first evaluate the batch's
 unknown jobs (split round robin, gathered everywhere), then archive exactly like one process:
 the early-stop bound is fixed for the batch, and a job evaluated in vain (a twin of an equal
 subnet earlier in the same batch) is archived as the copy one process would have made.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .archive import Archive, Job
 from .distributed import Group
@@ -29,12 +29,20 @@ class BatchEvaluator:
         return self.fitness.evaluate(job.subnet, bound=bound, compensated=job.compensated, cancel=self.cancel,
                                      reformed=job.reformed)
 
-    def run(self, jobs: Sequence[Job], bound: float | None = None) -> Iterator[tuple[Candidate, bool]]:
-        """Archive `jobs` in order, yielding (candidate, replayed) for each."""
+    def run(self, jobs: Sequence[Job], bound: float | None = None, proceed: Callable[[], bool] | None = None
+            ) -> Iterator[tuple[Candidate, bool]]:
+        """Archive `jobs` in order, yielding (candidate, replayed) for each. `proceed` is asked before
+        each job that needs an evaluation (several processes: once, before the batch); when it says
+        no, the remaining jobs are dropped, not archived."""
         if not self.group.active:
             for job in jobs:
-                result = None if self.archive.known(job) else self._evaluate(job, bound)
+                known = self.archive.known(job)
+                if not known and proceed is not None and not proceed():
+                    return
+                result = None if known else self._evaluate(job, bound)
                 yield self._add(job, result, result.created if result else ())
+            return
+        if proceed is not None and not self.group.broadcast(proceed()):
             return
         todo = [i for i, job in enumerate(jobs) if not self.archive.known(job)]
         created: dict[int, tuple] = {}  # cache keys are this process's own: only it may drop them

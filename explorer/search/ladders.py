@@ -35,6 +35,8 @@ from ..events import EventSink, Progress, check_cancel, no_event
 from ..model.devices import execution_device, onloaded
 from ..model.subnet import LayerChoice, ModelShape, Subnet
 
+LADDER_SCORING = "obs"  # the importance order the ladders are nested along (METHOD section 2's)
+
 
 @dataclass(frozen=True)
 class LadderSpec:

@@ -23,12 +23,14 @@ import hashlib
 import json
 import statistics
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..events import EventSink, Progress, check_cancel, no_event
+from ..model.cores import FULL_THREADS
 from ..model.latency import SpeedSettings, measure_speeds
 from ..model.slicing import slice_model
 from ..model.subnet import ModelShape, Subnet, first_index_subnet
@@ -73,27 +75,35 @@ def _spread(values: list[float]) -> float:
 
 def measure(dense, models: dict[str, torch.nn.Module], vocab_size: int, speed: SpeedSettings = CALIBRATION_SPEED,
             max_spread: float = MAX_SPREAD, retries: int = 1, cancel: threading.Event | None = None,
-            on_event: EventSink = no_event) -> dict[str, Measurement]:
+            on_event: EventSink = no_event, deadline: float | None = None) -> dict[str, Measurement]:
     """Paired decode timings of `models` against `dense`; a model whose spread is too wide is timed
-    again (with twice the rounds, up to `retries` times) and, if still wide, marked unreliable."""
+    again (with twice the rounds, up to `retries` times, while `deadline` allows) and, if still wide,
+    marked unreliable. Stop (`cancel`) is read between runs; progress moves every round."""
     out: dict[str, Measurement] = {}
     todo = dict(models)
     rounds = speed.repeats
     for attempt in range(retries + 1):
         check_cancel(cancel)
-        on_event(Progress("latency", attempt, retries + 1, f"timing {len(todo)} models x {rounds} rounds"))
-        reports = measure_speeds({DENSE: dense, **todo}, vocab_size,
-                                 SpeedSettings(**{**asdict(speed), "repeats": rounds}))
+        if attempt and deadline is not None and time.perf_counter() >= deadline:
+            break  # no time to time the wide ones again: they stay as measured, unreliable
+        what = f"timing {len(todo)} model{'s' if len(todo) > 1 else ''} with the dense one" + (
+            f", again for a wider spread ({rounds} rounds)" if attempt else "")
+        on_event(Progress("latency", 0, rounds, what))
+        reports = measure_speeds({DENSE: dense, **todo}, vocab_size, SpeedSettings(**{**asdict(speed), "repeats": rounds}),
+                                 cancel=cancel, deadline=deadline, memory=False,
+                                 on_round=lambda done, total: on_event(Progress("latency", done, total, what)))
         d = reports[DENSE]
         for name in list(todo):
             r = reports[name]
             ratios = [a / b for a, b in zip(d.decode_ms_rounds, r.decode_ms_rounds)]
             spread = _spread(ratios)
             m = Measurement(statistics.median(r.decode_ms_rounds), statistics.median(d.decode_ms_rounds),
-                            statistics.median(ratios), spread, rounds, spread <= max_spread)
+                            statistics.median(ratios), spread, len(ratios), spread <= max_spread)
             if m.reliable or attempt == retries:
                 out[name] = m
                 del todo[name]
+            else:
+                out[name] = m  # kept (unreliable) in case there is no time to time it again
         if not todo:
             break
         rounds *= 2
@@ -162,12 +172,12 @@ def fit(rows: list[list[float]], times: list[float]) -> torch.Tensor:
 
 def calibrate(model, shape: ModelShape, head_dims: tuple[int, ...], widths: tuple[int, ...],
               speed: SpeedSettings = CALIBRATION_SPEED, on_event: EventSink = no_event,
-              cancel: threading.Event | None = None) -> LatencyModel:
+              cancel: threading.Event | None = None, deadline: float | None = None) -> LatencyModel:
     """Time the calibration subnets paired with the dense model and fit the latency model."""
     subs = calibration_subnets(shape, head_dims, widths)
     models = {f"c{i}": slice_model(model, s, shape) for i, s in enumerate(subs)}
     on_event(Progress("latency model", 0, len(subs), f"timing {len(subs)} sliced models with the dense one"))
-    got = measure(model, models, shape.vocab_size, speed, cancel=cancel, on_event=on_event)
+    got = measure(model, models, shape.vocab_size, speed, cancel=cancel, on_event=on_event, deadline=deadline)
     dense_ms = statistics.median(m.dense_ms for m in got.values())
     rows = [features(s, shape) for s in subs]
     times = [dense_ms / got[f"c{i}"].speedup for i in range(len(subs))]  # drift removed by the pairing
@@ -184,13 +194,14 @@ def calibrate(model, shape: ModelShape, head_dims: tuple[int, ...], widths: tupl
 def cache_key(lm, head_dims, widths, speed: SpeedSettings = CALIBRATION_SPEED) -> str:
     """What a latency model depends on: the model, its dtype and device, the threads, torch, the
     widths it was fitted over and the timing settings (not the data)."""
-    raw = json.dumps([lm.name, str(lm.dtype), lm.device, torch.get_num_threads(), torch.__version__,
+    raw = json.dumps([lm.name, str(lm.dtype), lm.device, FULL_THREADS, torch.__version__,
                       sorted(head_dims), sorted(widths), asdict(speed), lm.shape.to_dict()], default=str)
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
 def cached_latency_model(lm, head_dims, widths, cache_dir: Path | None, on_event: EventSink = no_event,
-                         cancel: threading.Event | None = None, fit: bool = True) -> tuple[LatencyModel | None, bool]:
+                         cancel: threading.Event | None = None, fit: bool = True, deadline: float | None = None
+                         ) -> tuple[LatencyModel | None, bool]:
     """The latency model for this model and machine, from the on-disk cache or (with `fit`) fitted
     now and cached; (None, False) when it is neither cached nor to be fitted. Returns (model,
     came_from_cache)."""
@@ -202,7 +213,8 @@ def cached_latency_model(lm, head_dims, widths, cache_dir: Path | None, on_event
             pass  # unreadable: fit again and overwrite
     if not fit:
         return None, False
-    model = calibrate(lm.model, lm.shape, tuple(head_dims), tuple(widths), on_event=on_event, cancel=cancel)
+    model = calibrate(lm.model, lm.shape, tuple(head_dims), tuple(widths), on_event=on_event, cancel=cancel,
+                      deadline=deadline)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -44,10 +44,14 @@ class Candidate:
     subnet: Subnet
     metrics: dict = field(default_factory=dict, compare=False)
     compensated: bool = False  # its model carries bias compensation (rebuilt from the run's channel means)
+    means: str | None = None  # digest of the channel means it is compensated with, when not the run's own
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "target": self.target, "generation": self.generation, "origin": self.origin,
-                "compensated": self.compensated, "subnet": self.subnet.to_dict(compact=True), "metrics": self.metrics}
+        d = {"id": self.id, "target": self.target, "generation": self.generation, "origin": self.origin,
+             "compensated": self.compensated, "subnet": self.subnet.to_dict(compact=True), "metrics": self.metrics}
+        if self.means:
+            d["means"] = self.means
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Candidate":
@@ -55,7 +59,7 @@ class Candidate:
         # FLAP candidates of runs written before the field was stored were evaluated with their biases
         compensated = bool(d.get("compensated", origin == "baseline:flap"))
         return cls(str(d["id"]), float(d["target"]), int(d["generation"]), origin, Subnet.from_dict(d["subnet"]),
-                   dict(d.get("metrics", {})), compensated)
+                   dict(d.get("metrics", {})), compensated, d.get("means"))
 
     @property
     def fitness(self) -> float:
@@ -132,11 +136,17 @@ class Run:
     def log_event(self, record: dict) -> None:
         _append_jsonl(self.path / "events.jsonl", record)
 
-    def channel_means(self):
-        """The channel means that compensated candidates' biases are built from (capture.ChannelMeans):
-        `channel_means.safetensors`, or for older runs the means inside `importance.pt`."""
+    def channel_means(self, digest: str | None = None):
+        """The channel means compensated candidates' biases are built from (slicing.ChannelMeans): the
+        run's own (`channel_means.safetensors`, or for older runs inside `importance.pt`), or with
+        `digest` those a candidate brought from a subnet file (`means/DIGEST.safetensors`)."""
         from ..model.slicing import ChannelMeans
 
+        if digest:
+            f = self.path / "means" / f"{digest}.safetensors"
+            if not f.is_file():
+                raise RunError(f"{self.path} lacks the channel means {digest} its candidate was compensated with")
+            return ChannelMeans.load(f)
         f = self.path / "channel_means.safetensors"
         if f.is_file():
             return ChannelMeans.load(f)
@@ -146,6 +156,21 @@ class Run:
             return Importance.load(self.path / "importance.pt").channel_means()
         raise RunError(f"{self.path} has no channel means (channel_means.safetensors), so its bias-compensated "
                        "candidates cannot be rebuilt")
+
+    def keep_means(self, means) -> str:
+        """Store channel means a candidate brings (a subnet file's); their digest, which names them."""
+        digest = means.digest()
+        f = self.path / "means" / f"{digest}.safetensors"
+        if not f.is_file():
+            f.parent.mkdir(exist_ok=True)
+            tmp = f.with_suffix(".tmp")
+            means.save(tmp)
+            os.replace(tmp, f)
+        return digest
+
+    def means_of(self, c: Candidate):
+        """What rebuilds a candidate's compensation: None for an uncompensated one."""
+        return self.channel_means(c.means) if c.compensated else None
 
     def latency_model(self):
         """The run's latency model (latency_model.LatencyModel), or None."""
@@ -206,12 +231,6 @@ def open_run(run_dir: str | Path) -> Run:
     run = Run(p)
     run.meta  # noqa: B018 - fail early on a malformed run.json
     return run
-
-
-def load_candidate(run_dir: str | Path, pick: str) -> tuple[Subnet, dict]:
-    """(subnet, run settings) for a candidate id or "best@TARGET"."""
-    run = open_run(run_dir)
-    return run.pick(pick).subnet, run.settings
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -10,12 +10,15 @@ import functools
 import inspect
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
 
 from ..app import plots
-from ..app.workbench import Workbench, model_key, parse_targets, slug
+from ..app.inputs import parse_limit
+from ..app.runfolders import model_key, slug
+from ..app.workbench import Workbench, pick_metrics
 from ..errors import Cancelled, ExplorerError
 from ..events import (
     CandidateEvaluated,
@@ -28,6 +31,7 @@ from ..events import (
     StageProgress,
 )
 from ..model.generation import DecodeSettings
+from ..pick.evaluation import parse_tasks
 from . import views
 from .layout import UI
 from .session import Session
@@ -78,6 +82,19 @@ def tab_id(request: gr.Request | None) -> str:
     """One id per browser tab (Gradio's session hash; one per gradio_client Client): the key of the tab's
     heavy job, which its Stop button cancels."""
     return (request.session_hash if request is not None else None) or "local"
+
+
+def number(text, kind, what: str):
+    """A number typed into a field: one clear line when it is not one."""
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise ExplorerError(f"{what} must be a number, not {text!r}") from None
+    if kind is int:
+        if not value.is_integer():
+            raise ExplorerError(f"{what} must be a whole number, not {text!r}")
+        return int(value)
+    return value
 
 
 def progress_sink(progress):
@@ -153,17 +170,19 @@ class Handlers:
     def search(self, targets, preset, population, generations, minutes, fitness_windows, fitness_mode, space, seed,
                run_name, baselines, x, y, session, request: gr.Request):
         s = session or Session()
-        overrides: dict = {k: int(v) for k, v in (("population", population), ("generations", generations),
-                                                  ("fitness_windows", fitness_windows)) if v not in (None, "")}
-        if minutes:  # blank and 0 both mean "no time budget" (an untouched number field may arrive as 0)
-            overrides["minutes"] = float(minutes)
+        overrides: dict = {}  # what the user set: a blank field leaves the preset's value
+        for name, text, kind in (("population", population, int), ("generations", generations, int),
+                                 ("fitness_windows", fitness_windows, int), ("minutes", minutes, float)):
+            if str(text or "").strip():
+                overrides[name] = number(text, kind, name.replace("_", " "))
         if fitness_mode:
             overrides["fitness_mode"] = fitness_mode
         if space:
             overrides["space"] = space
         if not baselines:
             overrides["baselines"] = ()
-        settings = self.wb.search_settings(preset, parse_targets(targets), seed=int(seed or 0), **overrides)
+        overrides["seed"] = number(seed if seed not in (None, "") else 0, int, "seed")
+        settings = self.wb.search_settings(preset, targets, overrides)
         key = s.model_key
         name = (run_name or "").strip() or f"{slug(key[0] if key else 'model')}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         events = self.wb.search(tab_id(request), key, settings, name)  # a refused search changes nothing
@@ -248,24 +267,39 @@ class Handlers:
                 self.ui.pick_box: c.id}
 
     @user_errors
-    def open_subnet(self, file, x, y, session, progress=gr.Progress()):
-        """Open an uploaded subnet JSON as this tab's pick, for the loaded model (the workbench reads
-        it as data and checks it against the model before anything changes)."""
+    def open_subnet(self, file, x, y, session, request: gr.Request, progress=gr.Progress()):
+        """Open a subnet file as this tab's pick, for the loaded model: the workbench reads it as data,
+        checks it against the model before anything changes, and rebuilds exactly the model it
+        describes (its compensation, and its reformation when it records one), whose held-out
+        perplexity is then measured."""
         s = session or Session()
         self.wb.loaded(s.model_key)
         if not file:
-            raise ExplorerError("choose a subnet JSON file (a subnet.json from an export, or Subnet.to_json)")
+            raise ExplorerError("choose a subnet file (an export's subnet.json, or Subnet.to_json)")
         path = Path(file if isinstance(file, str) else getattr(file, "path", None) or file["path"])
-        progress(0.1, desc="measuring the uploaded subnet (held-out perplexity)")
-        name, c = self.wb.open_subnet_file(s.model_key, path)
-        s.switch_run(name)  # the file was accepted and stored: now the tab may change
+        p, r = self.wb.open_subnet_file(s.model_key, path)
+        c = p.candidate
+        s.switch_run(p.run)  # the file was accepted and stored: now the tab may change
         s.picked = c.id
+        k = s.note_key(c.id)
+        note = ""
+        try:
+            res = self.wb.evaluate(tab_id(request), s.model_key, p, replace(self.wb.settings.eval, tasks=("ppl",)), r,
+                                   on_event=progress_sink(progress))
+            s.evaluated[k] = {**s.evaluated.get(k, {}), **pick_metrics(res, r is not None)}
+            if r is not None:
+                r = replace(r, ppl_after=res.ppl)
+        except Cancelled:
+            note = " (its held-out perplexity was not measured: stopped)"
+        if r is not None:
+            s.reformed[k] = r.to_dict()
         shape = self.wb.loaded(s.model_key).shape
+        kind = "bias-compensated" if c.compensated else "without bias compensation"
         return {**self._card(s, c, shape), self.ui.plot: self._figure(s, x, y), self.ui.pick_box: c.id,
-                self.ui.session: s, self.ui.runs: gr.update(choices=self.wb.runs(), value=name),
+                self.ui.session: s, self.ui.runs: gr.update(choices=self.wb.runs(), value=p.run),
                 self.ui.compare: self._compare_table(s),
-                self.ui.status: f"**Opened `{path.name}`** as `{c.id}` in run {name} (subnets opened from files "
-                                f"for {s.model_key[0]})"}
+                self.ui.status: f"**Opened `{path.name}`** as `{c.id}` ({kind}{', reformed' if r else ''}) in run "
+                                f"{p.run} (subnets opened from files for {s.model_key[0]}){note}"}
 
     # ---- reform, evaluate, compare, export ------------------------------------------------------
     @user_errors
@@ -293,8 +327,8 @@ class Handlers:
         c, run_name = p.candidate, s.run
         key = self._key_for_run(s, progress=lambda m: progress(0.05, desc=m))
         try:
-            m = self.wb.measure_latency(tab_id(request), key, p, s.reformation(c.id, run_name),
-                                        on_event=progress_sink(progress))
+            m = self.wb.measure(tab_id(request), key, [(p, s.reformation(c.id, run_name))],
+                                on_event=progress_sink(progress))[c.id]
         except Cancelled:
             return self._cancelled("Latency measurement", c.id, "its card and the run are as they were")
         k = s.note_key(c.id, run_name)
@@ -307,21 +341,28 @@ class Handlers:
 
     @user_errors
     def evaluate(self, tasks, limit, session, request: gr.Request, progress=gr.Progress()):
+        """Held-out perplexity and zero-shot tasks of the pick as the tab has it: reformed when the tab
+        reformed it (the same model its export would hold)."""
         s = session or Session()
         p = self._picked(s)
         c, run_name = p.candidate, s.run
+        if not tasks:
+            raise ExplorerError("choose at least one task")
+        settings = replace(self.wb.settings.eval, tasks=parse_tasks(list(tasks)), limit=parse_limit(limit))
+        r = s.reformation(c.id, run_name)
         key = self._key_for_run(s, progress=lambda m: progress(0.05, desc=m))
         try:
-            extra = self.wb.evaluate(tab_id(request), key, p, tasks, int(limit or 100),
-                                     on_event=progress_sink(progress))
+            res = self.wb.evaluate(tab_id(request), key, p, settings, r, on_event=progress_sink(progress))
         except Cancelled:
             return self._cancelled("Evaluation", c.id, "its card and the run are as they were")
+        extra = pick_metrics(res, r is not None)
         k = s.note_key(c.id, run_name)
         s.evaluated[k] = {**s.evaluated.get(k, {}), **extra}
         shape = self.wb.loaded(key).shape
+        what = f"`{c.id}`" + (" (reformed)" if r else "")
         return {**self._card_if_shown(s, run_name, c, shape), self.ui.session: s,
-                self.ui.action_status: f"Evaluated `{c.id}`: " + ", ".join(
-                    f"{k.replace('acc:', '')} {v:.3g}" for k, v in extra.items())}
+                self.ui.action_status: f"Evaluated {what}: " + ", ".join(
+                    f"{k.replace('reformed_', '').replace('acc:', '')} {v:.3g}" for k, v in extra.items())}
 
     @user_errors
     def add_compare(self, x, y, session):
@@ -340,7 +381,7 @@ class Handlers:
         r = s.reformation(c.id, run_name)  # as picked, whatever comes next
         key = self._key_for_run(s, progress=lambda m: progress(0.05, desc=m))
         gguf = export_format == "gguf"
-        out = self.wb.export_dir(tab_id(request)[:8], f"{run_name}-{c.id}{'-reformed' if r else ''}{'-gguf' if gguf else ''}")
+        out = self.wb.export_dir(f"{run_name}-{c.id}{'-reformed' if r else ''}{'-gguf' if gguf else ''}")
         try:
             result = self.wb.export(tab_id(request), key, p, out, r, on_event=progress_sink(progress),
                                     extra=s.extra(c.id), fmt="gguf" if gguf else "hf")
@@ -390,8 +431,7 @@ class Handlers:
     def report(self, session, request: gr.Request):
         """The run's report as one self-contained HTML file (fronts, the picks worked on, the prompts tried)."""
         s = session or Session()
-        path = self.wb.report(self._run_name(s), [p for p in s.prompts if p.get("run") == s.run],
-                              tab_id(request)[:8])
+        path = self.wb.report(self._run_name(s), [p for p in s.prompts if p.get("run") == s.run])
         return {self.ui.report_file: str(path),
                 self.ui.action_status: f"Report of run {s.run} written: open it offline, or put it in your slides."}
 

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 import gradio as gr
 
 from ..app.plots import X_AXES, Y_AXES
+from ..app.workbench import AppSettings
 from ..model.generation import DecodeSettings
 from ..pick.evaluation import DEFAULT_TASKS
 from ..settings import PRESETS, ModelSettings, SearchSettings
 from .session import Session
 from .views import NO_PICK, compare_frame
 
-APP_EVAL_LIMIT = 100  # questions per task when evaluating from the page: a quick look, not a benchmark
+APP_EVAL_LIMIT = AppSettings.eval_limit  # questions per task when evaluating from the page
 
 INTRO = """# Subnet Explorer
 Make a language model smaller and faster **without training**: search for subnets that inherit its weights
@@ -91,12 +92,12 @@ class UI:
     # search
     targets: gr.Textbox
     preset: gr.Radio
-    population: gr.Number
-    minutes: gr.Number
+    population: gr.Textbox
+    minutes: gr.Textbox
     fitness_mode: gr.Radio
     space: gr.Radio
-    generations: gr.Number
-    fitness_windows: gr.Number
+    generations: gr.Textbox
+    fitness_windows: gr.Textbox
     seed: gr.Number
     run_name: gr.Textbox
     baselines: gr.Checkbox
@@ -177,12 +178,13 @@ def build(default_model: str = ModelSettings().model) -> UI:
                                  info="whole heads keep one head size, so a pick exports as GGUF for llama.cpp "
                                       "and Ollama; head dimensions reach lower perplexity")
                 with gr.Accordion("Budget details", open=False):
-                    population = gr.Number(None, label="Population (blank = preset)", precision=0)
-                    generations = gr.Number(None, label="Generations (blank = preset)", precision=0)
-                    minutes = gr.Number(0, label="Time budget, minutes (0 = the preset's)",
-                                        info="the targets share it; each stops with the best it has "
-                                             f"(demo: {PRESETS['demo'].minutes:g} min; paper: none)")
-                    fitness_windows = gr.Number(None, label="Fitness windows (blank = preset)", precision=0)
+                    # text fields: blank is sent as blank, and means the preset's value
+                    population = gr.Textbox("", label="Population (blank = preset)", placeholder="preset")
+                    generations = gr.Textbox("", label="Generations (blank = preset)", placeholder="preset")
+                    minutes = gr.Textbox("", label="Time budget, minutes (blank = the preset's)", placeholder="preset",
+                                         info="the targets share it; each stops with the best it has "
+                                              f"(demo: {PRESETS['demo'].minutes:g} min; paper: none)")
+                    fitness_windows = gr.Textbox("", label="Fitness windows (blank = preset)", placeholder="preset")
                     baselines = gr.Checkbox(True, label="Also run the baselines (magnitude, Wanda-sp, FLAP)",
                                             info="FLAP and uniform FLAP with their bias compensation, as in FLAP's code")
                 seed = gr.Number(0, label="Seed", precision=0)
@@ -221,7 +223,8 @@ def build(default_model: str = ModelSettings().model) -> UI:
                     compare_btn = gr.Button("Add to compare")
                 with gr.Accordion("Evaluate", open=False):
                     eval_tasks = gr.CheckboxGroup(list(DEFAULT_TASKS), value=list(DEFAULT_TASKS[:2]), label="Tasks")
-                    eval_limit = gr.Number(APP_EVAL_LIMIT, label="Items per task", precision=0)
+                    eval_limit = gr.Number(APP_EVAL_LIMIT, label="Questions per task (0 = every question: slow)",
+                                           precision=0)
                     eval_btn = gr.Button("Evaluate")
                 export_format = gr.Radio([("transformers folder", "hf"), ("GGUF for llama.cpp / Ollama", "gguf")],
                                          value="hf", label="Export as", elem_id="export-format",
