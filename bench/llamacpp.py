@@ -36,7 +36,7 @@ from explorer.pick.llamacpp import check, open_gguf
 from explorer.pick.reform import ReformSettings, reform
 from explorer.search.runs import open_run
 
-DEFAULT_PICK = "c00147"  # the shipped demo run's uniform-FLAP baseline at 70 %
+DEFAULT_PICK = "baseline:flap-uniform@0.7"  # the shipped demo run's uniform FLAP at 70 %
 
 
 def llamacpp_perplexity(path: Path, windows, threads: int) -> float:

@@ -31,7 +31,7 @@ def client(app_server):
     return Client(app_server["url"], verbose=False)
 
 
-def test_api_flow(client, tmp_path):
+def test_api_flow(client, app_server, tmp_path):
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/load_model", "/search", "/stop_search", "/open_run", "/pick", "/reform", "/evaluate",
             "/measure_latency", "/add_compare", "/export", "/report", "/generate"} <= endpoints
@@ -69,6 +69,14 @@ def test_api_flow(client, tmp_path):
 
     r = client.predict(api_name="/reform")
     assert "Reformed" in str(out(r, "reform", "action_status"))
+    # Evaluate after Reform scores the reformed model: the very figure reformation measured after
+    r = client.predict(["ppl"], 8, api_name="/evaluate")
+    assert "(reformed)" in str(out(r, "evaluate", "action_status")), message(r, "evaluate")
+    from explorer.search.runs import open_run
+
+    runs = app_server["base"] / "runs"
+    picked = open_run(runs / "api-run").pick(ids[0]).metrics
+    assert picked["reformed_heldout_ppl"] == picked["ppl_after"] != picked["ppl_before"]
     r = client.predict("parameters (% of dense)", "perplexity (held-out, else search fitness)", api_name="/add_compare")
     job = client.submit("Name a colour.", False, 0.7, 0.9, 0, 8, api_name="/generate")
     outs = list(job)
@@ -102,6 +110,17 @@ def test_api_flow(client, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert proc.returncode == 0 and "SubnetForCausalLM" in proc.stdout, proc.stderr[-2000:]
+
+    # the export's subnet.json opened in the app is the exported model: compensated and reformed again,
+    # it scores the held-out perplexity of the pick it came from
+    from gradio_client import handle_file
+
+    r = client.predict(handle_file(str(root / "subnet.json")), "parameters (% of dense)",
+                       "perplexity (held-out, else search fitness)", api_name="/open_subnet")
+    status = str(out(r, "open_subnet", "status"))
+    assert "bias-compensated, reformed" in status and not message(r, "open_subnet"), message(r, "open_subnet")
+    upload = [c for c in open_run(next(runs.glob("uploads-*"))).candidates() if c.origin == "upload"][-1]
+    assert upload.compensated and upload.metrics["reformed_heldout_ppl"] == picked["ppl_after"]
 
 
 def test_stop_keeps_what_was_found_and_evaluate_through_the_api(client):

@@ -49,7 +49,8 @@ def test_pick_by_id_and_best_at_target(run):
     assert open_run(run.path).pick("best@0.7").id == "c00003"  # c4 only has a lower bound; baselines excluded
     assert open_run(run.path).pick("best@0.9").id == "c00002"
     assert isinstance(open_run(run.path).pick("c00001").subnet, Subnet) and open_run(run.path).settings["seed"] == 0
-    for bad in ("best@0.5", "best@x", "nope"):
+    assert open_run(run.path).pick("baseline:flap@0.7").id == "c00005"
+    for bad in ("best@0.5", "best@x", "nope", "baseline:flap@0.9", "baseline:flap@x"):
         with pytest.raises(RunError):
             open_run(run.path).pick(bad)
 

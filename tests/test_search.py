@@ -274,6 +274,7 @@ def test_demo_search_on_embedded_model_yields_front(embedded, tmp_path):
         [c.id for c in run.candidates() if c.origin == "baseline:magnitude"][0]).fitness
 
 
+@pytest.mark.slow
 def test_reformation_aware_search_on_embedded_model(embedded, tmp_path):
     """End to end on the real model: a search ranked by pre-reformed levels finishes, every searched
     candidate is made of levels, and its fitness is the perplexity of the sliced model with the
@@ -312,6 +313,7 @@ def test_reformation_aware_search_on_embedded_model(embedded, tmp_path):
     assert perplexity(model, cal.fitness) == pytest.approx(best.fitness, rel=2e-3)
 
 
+@pytest.mark.slow
 def test_prepare_builds_what_a_search_reads_so_its_budget_is_spent_searching(embedded, tmp_path, monkeypatch):
     """bench/quality.py gives every search mode the same minutes: `prepare` puts the calibration pass,
     the baselines and the ladders into the cache first, and the timed search then reads all three
@@ -343,6 +345,7 @@ def test_prepare_builds_what_a_search_reads_so_its_budget_is_spent_searching(emb
         assert read and res.subnet == [c for c in run.candidates() if c.origin == f"baseline:{name}"][0].subnet
 
 
+@pytest.mark.slow
 def test_a_fresh_install_reads_the_shipped_runs_baselines(embedded, tmp_path):
     """The demo's first seconds: on an empty cache the shipped run's importance pass and its baseline
     subnets (Wanda-sp's sequential pass is the slow one) are read, not computed, and they are the

@@ -2,6 +2,8 @@
 every architecture and rope type we accept (tiny random models, random biases and norm gains)."""
 from __future__ import annotations
 
+import zlib
+
 import random
 
 import pytest
@@ -231,7 +233,7 @@ def test_every_architecture_full_width_equals_the_original(arch):
 def test_every_architecture_narrowed_equals_the_zeroed_original(arch, compensated):
     base = tiny_model(arch)
     shape = ModelShape.from_config(base.config)
-    sub = mixed_subnet(shape, hash(arch) % 1000)
+    sub = mixed_subnet(shape, zlib.crc32(arch.encode()) % 1000)  # the same seed in every process
     means = random_means(shape) if compensated else None
     sliced = slice_model(base, sub, shape, means)
     ref = reference(base, sub, shape, means)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_llama
 
 from explorer.app.workbench import AppSettings, Busy, Reformation, Workbench, model_key
 from explorer.calibrate.data import calibration_windows, load_corpus
 from explorer.errors import ExplorerError
 from explorer.events import SearchFinished, SearchStarted
+from explorer.model.cores import FULL_THREADS
 from explorer.model.generation import DecodeSettings
 from explorer.model.perplexity import perplexity
 from explorer.model.subnet import uniform_subnet
@@ -43,7 +46,7 @@ def bench(tmp_path_factory, embedded):
     lm, dense = wb.load(key)
     assert dense["heldout_ppl"] > 1 and dense["decode_tok_s"] > 0
     events = []
-    for ev in wb.search("tab", key, wb.search_settings("demo", (0.9,), **SETTINGS), "r1"):
+    for ev in wb.search("tab", key, wb.search_settings("demo", (0.9,), SETTINGS), "r1"):
         events.append(ev)
         if isinstance(ev, SearchFinished):  # whoever is told "finished" may start the next job at once
             with wb.job("another tab", key, "reformation"):
@@ -56,11 +59,11 @@ def test_a_refused_search_creates_nothing(bench):
     wb, key, _ = bench
     before = wb.runs()
     with pytest.raises(ExplorerError, match="outside"):
-        wb.search("tab", key, wb.search_settings("demo", (1.5,), **SETTINGS), "never")
+        wb.search("tab", key, wb.search_settings("demo", (1.5,), SETTINGS), "never")
     with pytest.raises(ExplorerError, match="not a valid run name"):
-        wb.search("tab", key, wb.search_settings("demo", (0.9,), **SETTINGS), "../x")
+        wb.search("tab", key, wb.search_settings("demo", (0.9,), SETTINGS), "../x")
     with pytest.raises(RunError, match="exists already"):
-        wb.search("tab", key, wb.search_settings("demo", (0.9,), **SETTINGS), "r1")
+        wb.search("tab", key, wb.search_settings("demo", (0.9,), SETTINGS), "r1")
     assert wb.runs() == before and not (wb.runs_root / "never").exists()
 
 
@@ -89,15 +92,75 @@ def test_reformed_means_reformed_even_after_the_cache_let_it_go(bench, tmp_path)
     assert len(wb.subnets) == 2
     p = wb.pick("r1", ids[0])
     model = wb.model_of(key, p, r)  # recomputed, and it must reproduce the digest
-    from explorer.pick.reform import reformed_digest
+    from explorer.pick.reform import reformed_digest, reformed_sketch, same_sketch
 
     assert reformed_digest(model) == r.digest
     res = wb.export("tab", key, p, tmp_path / "e", r, make_zip=False)
     record = json.loads((Path(res.path) / "export.json").read_text())
     assert res.verified and record["provenance"]["reformed"] and record["provenance"]["reform_digest"] == r.digest
-    bad = Reformation(**{**r.to_dict(), "digest": "0" * 16})
-    with pytest.raises(ExplorerError, match="gave other weights"):
-        wb.model_of(key, p, bad)
+    other = Reformation(**{**r.to_dict(), "digest": "0" * 16, "sketch": tuple(1.01 * x for x in r.sketch)})
+    with pytest.raises(ExplorerError, match="gave other weights"):  # another reformation's weights: refused
+        wb.model_of(key, p, other)
+    torch.set_num_threads(1)  # the same reformation summed in another order: its sketch still matches
+    try:
+        again = Reformation(**{**r.to_dict(), "digest": "another-order"})
+        one_thread = wb.model_of(key, p, again)  # accepted: not refused as "other weights"
+        assert same_sketch(reformed_sketch(one_thread), r.sketch)
+    finally:
+        torch.set_num_threads(FULL_THREADS)
+
+
+def _logits(model, lm):
+    ids = lm.tokenizer("The history of the city begins", return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_a_pick_exported_reopens_from_its_subnet_file_as_the_same_model(bench, tmp_path, capsys):
+    """run pick -> export -> the export's subnet.json opened (the app's path and the CLI's) -> the same
+    logits, bit for bit: its compensation travels in the file. Reformed too: the file records the
+    reformation, which is reproduced and checked. The CLI's re-export from the file holds the same
+    weights as the first export, and verifies against the compensated reference."""
+    from safetensors.torch import load_file
+
+    from explorer.app.cli import main
+
+    wb, key, lm = bench
+    c = next(c for c in wb.open("r1").candidates() if c.origin == "search" and c.compensated)
+    p = wb.pick("r1", c.id)
+    first = wb.export("tab", key, p, tmp_path / "first", make_zip=False)
+    opened, r = wb.open_subnet_file(key, Path(first.path) / "subnet.json")
+    assert r is None and opened.candidate.compensated and opened.candidate.subnet == c.subnet
+    assert torch.equal(_logits(wb.model_of(key, opened, None), lm), _logits(wb.sliced(key, p), lm))
+    plain = tmp_path / "plain.json"  # the same subnet without its compensation is another model
+    plain.write_text(c.subnet.to_json())
+    assert not torch.allclose(_logits(wb.model_of(key, wb.open_subnet_file(key, plain)[0], None), lm),
+                              _logits(wb.sliced(key, p), lm))
+
+    code = main(["export", "--subnet", str(Path(first.path) / "subnet.json"), "--model", key[0], "--out",
+                 str(tmp_path / "again"), "--heldout-windows", "0", "--no-zip"])
+    assert code == 0, capsys.readouterr().err
+    a, b = load_file(Path(first.path) / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "again" / "export.json").read_text())["provenance"]["compensated"]
+
+    r = wb.reform("tab", key, p)
+    reformed = wb.export("tab", key, p, tmp_path / "reformed", r, make_zip=False)
+    opened, r2 = wb.open_subnet_file(key, Path(reformed.path) / "subnet.json")
+    assert r2 is not None and r2.digest == r.digest
+    assert torch.equal(_logits(wb.model_of(key, opened, r2), lm), _logits(wb.model_of(key, p, r), lm))
+
+
+def test_a_reformed_pick_is_evaluated_reformed(bench):
+    """reform -> evaluate -> the reformed figures: with the tab's reformation the held-out perplexity is
+    the one reformation measured after (the same windows), stored as the reformed model's."""
+    wb, key, _ = bench
+    cid = [c.id for c in wb.open("r1").candidates() if c.origin == "search"][-1]
+    p = wb.pick("r1", cid)
+    r = wb.reform("tab", key, p)
+    res = wb.evaluate("tab", key, p, replace(wb.settings.eval, tasks=("ppl",)), r)
+    assert res.ppl == r.ppl_after and res.ppl != r.ppl_before
+    assert wb.pick("r1", cid).candidate.metrics["reformed_heldout_ppl"] == r.ppl_after
 
 
 def test_evaluate_measure_generate_and_upload(bench, tmp_path):

@@ -22,8 +22,11 @@ COMMAND_MODULES: tuple[str, ...] = ("explorer.app.cli_evaluate", "explorer.app.c
 
 
 class Bars:
-    """An event sink for the CLI: one tqdm bar per stage on stderr (a new stage closes the previous
-    bar), with the stage's message beside it."""
+    """An event sink for the CLI: one tqdm bar per stage on stderr (a new stage, or a stage that starts
+    over, closes the previous bar), with the stage's message beside it; notes about the machine and
+    the time budget are lines of their own."""
+
+    NOTES = ("machine", "budget")
 
     def __init__(self):
         self.bar: tqdm | None = None
@@ -32,14 +35,20 @@ class Bars:
     def __call__(self, event) -> None:
         if not isinstance(event, Progress):
             return
-        if self.bar is None or event.stage != self.stage:
+        if event.stage in self.NOTES:
+            tqdm.write(f"{event.stage}: {event.message}", file=sys.stderr)
+            return
+        if self.bar is None or event.stage != self.stage or event.done < self.bar.n:
             self.close()
             self.stage = event.stage
-            self.bar = tqdm(total=event.total, desc=event.stage, file=sys.stderr)
+            self.bar = tqdm(total=event.total, desc=event.stage, file=sys.stderr, leave=False)
         self.bar.total = event.total
         self.bar.update(event.done - self.bar.n)
         if event.message:
-            self.bar.set_postfix_str(event.message, refresh=False)
+            self.bar.set_postfix_str(event.message[:70], refresh=False)
+        if event.total and event.done >= event.total and event.message:
+            tqdm.write(f"{event.stage}: {event.message}", file=sys.stderr)
+            self.close()
 
     def close(self) -> None:
         if self.bar is not None:

@@ -13,7 +13,7 @@ from ..settings import PRESETS, SearchSettings
 from .cli import Bars, add_model_args, key_of, load, workbench
 
 # what decides a new search's result: with --resume the run's stored settings decide instead
-SEARCH_FLAGS = ("targets", "preset", "seed", "corpus", "minutes", "fitness_mode", "space", "set")
+SEARCH_FLAGS = ("targets", "preset", "seed", "corpus", "minutes", "fitness_mode", "space", "set", "prepare")
 
 
 def register(sub) -> None:
@@ -43,6 +43,9 @@ def register(sub) -> None:
                         "generations are then a cap); default: the preset's; --set minutes=null for none")
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
                    help="override a search setting, e.g. --set generations=8 (repeatable)")
+    p.add_argument("--prepare", action="store_true",
+                   help="first build the calibration pass and every baseline into the cache, outside the time "
+                        "budget, so the budget is spent searching")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--out", metavar="RUN_DIR", help="a new run directory")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run with its own settings")
@@ -78,7 +81,7 @@ def cmd_search(args) -> int:
 
     wb = workbench()
     if args.resume:
-        given = [f"--{f.replace('_', '-')}" for f in SEARCH_FLAGS if getattr(args, f) is not None]
+        given = [f"--{f.replace('_', '-')}" for f in SEARCH_FLAGS if getattr(args, f) not in (None, False)]
         if given:
             raise ExplorerError(f"--resume continues the run with its own settings; {', '.join(given)} cannot "
                                 "change them (start a new run with --out instead)")
@@ -97,6 +100,15 @@ def cmd_search(args) -> int:
             events = wb.resume("cli", args.resume, key, group=group)
         else:
             group.leader_then_others(lambda: load(wb, args))  # one fills the model cache, then the rest
+            if args.prepare:
+                if group.active:
+                    raise ExplorerError("--prepare runs in one process: prepare first, then launch the processes")
+                bars = Bars()
+                try:
+                    for ev in wb.prepare("cli", key, settings):
+                        bars(ev)
+                finally:
+                    bars.close()
             events = wb.search("cli", key, settings, args.out, group=group)
         if not group.leader:  # process 0 reports; the others only evaluate their share
             return _quiet(events)
@@ -130,29 +142,14 @@ def _render(events, run_dir: str) -> int:
         StageProgress,
     )
 
-    bar, stage = None, None
+    stages, bar = Bars(), None
     code = 0
     try:
         for ev in events:
             if isinstance(ev, StageProgress):
-                if ev.stage in ("machine", "budget"):  # said once, not a bar
-                    tqdm.write(f"{ev.stage}: {ev.message}", file=sys.stderr)
-                    continue
-                if stage is None or stage.desc != ev.stage:
-                    if stage is not None:
-                        stage.close()
-                    stage = tqdm(total=ev.total, desc=ev.stage, file=sys.stderr, leave=False)
-                stage.total = ev.total
-                stage.update(ev.done - stage.n)
-                if ev.message:
-                    stage.set_postfix_str(ev.message[:60], refresh=False)
-                if ev.done >= ev.total and ev.message:
-                    tqdm.write(f"{ev.stage}: {ev.message}", file=sys.stderr)
+                stages(ev)
             elif isinstance(ev, CandidateEvaluated):
                 if bar is None:
-                    if stage is not None:
-                        stage.close()
-                        stage = None
                     bar = tqdm(desc="search", unit="cand", file=sys.stderr)
                 c = ev.candidate
                 bar.update(1)
@@ -178,9 +175,9 @@ def _render(events, run_dir: str) -> int:
                 print(f"error: {ev.message}", file=sys.stderr)
                 code = 2
     finally:
-        for b in (bar, stage):
-            if b is not None:
-                b.close()
+        stages.close()
+        if bar is not None:
+            bar.close()
     return code
 
 

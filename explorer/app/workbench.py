@@ -292,6 +292,23 @@ class Workbench(RunFolders):
         resolve(lm, settings)  # bad targets and settings are refused here, before the job or the run exist
         return self._searching(tab, key, lambda cancel: run_search(lm, settings, run_dir, cancel=cancel, group=group))
 
+    def prepare(self, tab: str, key: tuple, settings: SearchSettings) -> Iterator[Any]:
+        """Build what a search with these settings reads before its first candidate (the calibration
+        pass, the baselines at every target, the ladders) into the disk cache, outside any time
+        budget, so the search that follows spends its minutes searching (before a talk, say).
+        StageProgress events; nothing else is kept."""
+        import tempfile
+
+        from ..search.run import prepare
+
+        lm = self.loaded(key)
+
+        def events():
+            with self.job(tab, key, "preparation") as cancel, tempfile.TemporaryDirectory(prefix="prepare-") as tmp:
+                yield from prepare(lm, settings, Path(tmp) / "run", cancel)
+
+        return events()
+
     def resume(self, tab: str, run: str, key: tuple | None = None, group=None, max_memory: str | None = None
                ) -> Iterator[Any]:
         """Continue a stopped or crashed search with its stored settings, on its own model (or `key`'s

@@ -78,6 +78,12 @@ class Calibration:
                 _write_json(path, table)
         return result, found is not None
 
+    def has_baseline(self, name: str, target: float) -> bool:
+        """Whether a baseline's subnet at `target` is stored (reading it costs nothing)."""
+        entry = f"{name}@{target:.6g}@{int(self.calib.shape[0])}"
+        stores = [p for p in (self._baselines_path(), self.run_dir and self.run_dir / BASELINES_FILE) if p]
+        return any(entry in _read_json(path) for path in stores)
+
     def ladders(self, model, shape, spec, scoring: str, reform_settings, cancel: threading.Event | None = None
                 ) -> Iterator[StageProgress | Ladders]:
         """The reformation-aware search's pre-reformed ladders (`explorer.search.ladders`): built once per

@@ -98,14 +98,23 @@ def snap(subnet: Subnet, imp: Importance, shape: ModelShape, space: Space, rng: 
 # ---- a target's jobs -----------------------------------------------------------------------------
 # baselines whose subnet needs a pass of its own over the calibration windows: built after the others
 SEQUENTIAL_BASELINES = ("wanda-sp",)
+# such a pass, in fitness windows' worth of time per calibration token (a forward with hooks, block by block)
+SEQUENTIAL_COST = 1.5
 
 
-def baseline_jobs(lm: LoadedModel, s: SearchSettings, cal: Calibration, target: float) -> Iterator[Job]:
+def baseline_order(s: SearchSettings) -> list[str]:
+    """The baselines in the order they are computed: from the dense pass's statistics first (instant),
+    then the sequential ones."""
+    return sorted(s.baselines, key=lambda n: n in SEQUENTIAL_BASELINES)
+
+
+def baseline_jobs(lm: LoadedModel, s: SearchSettings, cal: Calibration, target: float,
+                  names: tuple[str, ...] | None = None) -> Iterator[Job]:
     """The baselines' subnets at this target (METHOD section 6), each with its own compensation,
     computed on the same calibration windows as everything else: those from the dense pass's
     statistics first (instant), then the sequential ones; each read from the calibration's cache
     when an earlier search built it. Lazily, so a spent time budget computes no more of them."""
-    for name in sorted(s.baselines, key=lambda n: n in SEQUENTIAL_BASELINES):
+    for name in baseline_order(s) if names is None else names:
         res, _ = cal.baseline(name, lm.model, lm.shape, target)
         yield Job(res.subnet, target, 0, f"baseline:{name}", res.compensated)
 

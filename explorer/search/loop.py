@@ -47,7 +47,15 @@ from .distributed import Group, current_group, leader_first
 from .evaluator import BatchEvaluator
 from .evolution import breed
 from .fitness import FitnessEvaluator
-from .initial import BASELINE_SCORING, baseline_jobs, initial_jobs, seeded_jobs
+from .initial import (
+    BASELINE_SCORING,
+    SEQUENTIAL_BASELINES,
+    SEQUENTIAL_COST,
+    baseline_jobs,
+    baseline_order,
+    initial_jobs,
+    seeded_jobs,
+)
 from .pareto import fronts_of
 from .runs import Candidate, Run
 from .space import target_space
@@ -82,11 +90,11 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
         """Seconds one fitness window takes on this machine now (the budget's unit)."""
         return archive.eval_seconds / archive.windows_evaluated if archive.windows_evaluated else 0.0
 
-    def more() -> bool:
-        """Whether a candidate may start: it ends within the target's share, keeping the selection's
-        time (process 0's clock decides for every process)."""
+    def more(extra: float = 0.0) -> bool:
+        """Whether a candidate (after `extra` seconds of other work) may start: it ends within the
+        target's share, keeping the selection's time (process 0's clock decides for every process)."""
         selection = 0.0 if selector is None else per_window() * s.select_top * selector.windows.shape[0]
-        return bool(group.broadcast(budget.another_candidate(per_window() * s.fitness_windows, selection)))
+        return bool(group.broadcast(budget.another_candidate(extra + per_window() * s.fitness_windows, selection)))
 
     def consider(pairs, elite: Elite) -> Iterator[CandidateEvaluated]:
         for c, replayed in pairs:
@@ -104,9 +112,18 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
             own = initial_jobs(lm, s, cal, target, seen, rng)
             yield from consider(evaluate.run(own[:1]), elite)  # every target evaluates the method's own start
             baselines = []
-            for job in _while(more, baseline_jobs(lm, s, cal, target)):  # each computed when its turn comes
+            for name in baseline_order(s):  # each computed when its turn comes, if it fits the budget
+                cost = 0.0 if cal.has_baseline(name, target) or name not in SEQUENTIAL_BASELINES else (
+                    SEQUENTIAL_COST * per_window() * s.calib_windows * s.calib_seq_len / s.fitness_seq_len)
+                if not more(cost):
+                    if cost:
+                        yield StageProgress("budget", 1, 1, f"{target:.0%}: {name} left out: its own pass over the "
+                                            "calibration windows does not fit the time budget's share (prepare the "
+                                            "search first, or search without a budget)")
+                    continue
+                job = next(baseline_jobs(lm, s, cal, target, (name,)))
                 baselines.append(job)
-                yield from consider(evaluate.run([job], proceed=more), None)
+                yield from consider(evaluate.run([job]), None)
             starts = seeded_jobs(lm, s, target, seen, baselines) + own[1:]
             yield from consider(evaluate.run(starts, proceed=more), elite)
             init_best = elite.best.subnet  # its scoring orders every later mask edit at this target
@@ -117,8 +134,10 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
             generations = 1 + s.generations
             for generation in range(1, generations + 1):
                 if not more():
-                    yield StageProgress("budget", 1, 1, f"{target:.0%}: the time budget ends its search after "
-                                        f"generation {generation - 1}")
+                    n = sum(c.target == target for c in archive.candidates)
+                    yield StageProgress("budget", 1, 1, f"{target:.0%}: the time budget ends its search with {n} "
+                                        f"candidates, {generation - 1} generation{'' if generation == 2 else 's'} "
+                                        "after the initial subnets")
                     break
                 t_gen, evals0, stopped, n = time.perf_counter(), archive.evaluations, 0, 0
                 kinds = (["m0"] * s.population if generation == 1 else
@@ -155,6 +174,8 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
             latency = yield from search_latency_model(lm, s, run, cancel, fit=True, deadline=deadline)
             if latency is not None:
                 predict_archive(run, archive, latency, lm.shape)
+                now = {c.id: c for c in archive.candidates}
+                best = {t: now.get(c.id, c) for t, c in best.items()}  # with their predicted latencies
                 fronts = fronts_of(archive.candidates)
                 yield FrontChanged(tuple(fronts["params"]), tuple(fronts["latency"]))
         if s.latency and group.leader and budget.limited:
@@ -166,12 +187,6 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
         yield SearchCancelled(summary(archive, best, fronts, fitness, latency, time.perf_counter() - t0), str(e))
         return
     yield SearchFinished(summary(archive, best, fronts, fitness, latency, time.perf_counter() - t0))
-
-
-def _while(proceed, items: Iterator) -> Iterator:
-    """The items of `items`, drawn only while `proceed()` says so (the next one may cost time to make)."""
-    for item in iter(lambda: next(items, None) if proceed() else None, None):
-        yield item
 
 
 class Elite:

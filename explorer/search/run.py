@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import Cancelled, ExplorerError
-from ..events import CandidateEvaluated, SearchCancelled, SearchFailed, SearchFinished, SearchStarted, StageProgress
+from ..events import (
+    CandidateEvaluated,
+    SearchCancelled,
+    SearchFailed,
+    SearchFinished,
+    SearchStarted,
+    StageProgress,
+    check_cancel,
+)
 from ..model.cores import CoreShare
 from ..model.loading import LoadedModel
 from ..settings import SearchSettings
@@ -52,8 +60,10 @@ def prepare(lm: LoadedModel, settings: SearchSettings, run_dir: str | Path,
     run = _new_run(lm, settings, Path(run_dir))
     cal = yield from search_calibration(lm, settings, run, cancel, None)
     for target in settings.targets:
-        for _ in baseline_jobs(lm, settings, cal, target):
-            pass
+        yield StageProgress("baselines", 0, len(settings.baselines), f"{target:.0%}")
+        for n, job in enumerate(baseline_jobs(lm, settings, cal, target)):
+            check_cancel(cancel)
+            yield StageProgress("baselines", n + 1, len(settings.baselines), f"{target:.0%}: {job.origin}")
     if settings.fitness_mode == "reformed":
         yield from search_ladders(lm, settings, cal, cancel)
 

@@ -189,9 +189,21 @@ class Run:
         return fronts_of(self.candidates())
 
     def pick(self, pick: str) -> Candidate:
-        """A candidate by id, or "best@0.7": the search's pick at that target (the best of its re-scored
-        top candidates, else the best fitness among its own candidates)."""
+        """A candidate by id; "best@0.7": the search's pick at that target (the best of its re-scored
+        top candidates, else the best fitness among its own candidates); "baseline:flap@0.7": that
+        baseline's subnet at that target."""
         cands = self.candidates()
+        if pick.startswith("baseline:") and "@" in pick:
+            origin, _, at = pick.rpartition("@")
+            try:
+                target = float(at)
+            except ValueError:
+                raise RunError(f"bad pick {pick!r}: use baseline:NAME@FRACTION, e.g. baseline:flap@0.7") from None
+            found = [c for c in cands if c.origin == origin and abs(c.target - target) < 1e-9]
+            if not found:
+                have = sorted({f"{c.origin}@{c.target:g}" for c in cands if c.origin.startswith("baseline:")})
+                raise RunError(f"no {origin} at target {target:g} in {self.path} (there are: {', '.join(have) or 'none'})")
+            return found[0]
         if pick.startswith("best@"):
             try:
                 target = float(pick[5:])
