@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED = False
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup llamacpp run test test-fast bench clean
+.PHONY: setup llamacpp run test test-fast bench docs clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ test-fast: setup llamacpp
 
 bench: setup
 	$(BIN)/python bench/dense.py
+
+# every figure of README.md and docs/ written from the benchmarks' JSON (a test checks they agree)
+docs: setup
+	$(BIN)/python bench/docs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -78,10 +78,10 @@ def run(args) -> dict:
     models = {"dense": (slice_model(lm.model, Subnet.full(lm.shape), lm.shape), Subnet.full(lm.shape))}
     picks = []
     for spec in args.pick or [DEFAULT_PICK]:
-        run_dir, cid = spec.rsplit(":", 1) if ":" in spec else (args.run, spec)
+        run_dir, cid = (args.run, spec) if ":" not in spec or spec.startswith("baseline:") else spec.split(":", 1)
         run = open_run(run_dir)
         c = run.pick(cid)
-        means = run.channel_means() if c.compensated else None
+        means = run.means_of(c)
         space = "whole heads" if run.settings.get("space") == "heads" else "dims"
         label = f"{c.origin.replace('baseline:', '')} {c.target:.0%}" + (f" ({space})" if c.origin == "search" else "")
         picks.append({"run": str(run_dir), "pick": cid, "id": c.id, "label": label, "compensated": c.compensated})

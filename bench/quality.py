@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench.common import add_common_arguments, format_table, machine, main, spearman, write_json
+from explorer.app.inputs import parse_override
 from explorer.calibrate.baselines import BASELINES, baseline_subnet
 from explorer.calibrate.data import calibration_windows, heldout_windows, load_corpus
 from explorer.calibrate.importance import Importance
@@ -41,7 +42,6 @@ from explorer.pick.zeroshot import TASKS, ZeroShotSettings, average, evaluate_ta
 from explorer.search.fitness import MaskedEvaluator
 from explorer.search.run import prepare, run_search
 from explorer.search.runs import Candidate, open_run
-from explorer.app.inputs import parse_override
 from explorer.settings import SearchSettings
 
 # the search modes compared: the paper's fitness (sliced subnet), with bias compensation, and ranked by

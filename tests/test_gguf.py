@@ -9,6 +9,7 @@ import json
 
 import llama_cpp  # noqa: F401  - the check needs llama.cpp: a missing build fails here, never skips
 import pytest
+import torch
 
 from explorer.model.loading import embedded_gguf
 from explorer.model.reference import zeroed_reference
@@ -173,3 +174,14 @@ def test_cli_exports_the_embedded_model_and_a_whole_head_subnet_that_llamacpp_ru
     assert main(["export", "--subnet", str(tmp_path / "dims.json"), "--format", "gguf", "--out",
                  str(tmp_path / "dims"), "--heldout-windows", "0"]) == 2
     assert not (tmp_path / "dims").exists()
+
+
+def test_greedy_tokens_may_part_only_at_a_near_tie():
+    """f16 rounding may decide a near-tie either way: the decodes may part where our model's top two
+    logits lie within the logit tolerance, and nowhere else."""
+    from explorer.pick.llamacpp import where_greedy_parts
+
+    logits = [torch.tensor([0.0, 5.0, 1.0]), torch.tensor([2.0, 0.0, 1.99])]
+    assert where_greedy_parts([1, 0], [1, 0], logits, 0.05) == (None, False)
+    assert where_greedy_parts([1, 0], [1, 2], logits, 0.05) == (1, True)  # 2.0 against 1.99
+    assert where_greedy_parts([1, 0], [2, 0], logits, 0.05) == (0, False)  # 5.0 against 1.0: a real difference

@@ -91,15 +91,15 @@ def test_open_subnet_json_matching_and_mismatched(app_server, embedded, tmp_path
     other.write_text(uniform_subnet(ModelShape.from_config(tiny_config()), 0.5, 0.5).to_json())
     msg = refused(client, handle_file(str(other)), X, Y, api_name="/open_subnet",
                   match="does not fit the loaded model.*4 layers but the model has 30")
-    assert msg.count("not a subnet description") <= 1 and "subscriptable" not in msg
+    assert msg.count("subnet file") <= 1 and "subscriptable" not in msg
     garbage = tmp_path / "garbage.json"
     garbage.write_bytes(os.urandom(2048))
     refused(client, handle_file(str(garbage)), X, Y, api_name="/open_subnet",
-            match="not UTF-8 text|not a subnet description")
+            match="not UTF-8 text|is not a subnet file")
     wrong = tmp_path / "wrong-shape.json"  # JSON, but not a subnet's shape
     wrong.write_text('{"layers": [1, 2, 3]}')
-    msg = refused(client, handle_file(str(wrong)), X, Y, api_name="/open_subnet", match="not a subnet description")
-    assert msg.count("not a subnet description") == 1 and "subscriptable" not in msg
+    msg = refused(client, handle_file(str(wrong)), X, Y, api_name="/open_subnet", match="is not a subnet file")
+    assert msg.count("subnet file") == 1 and "subscriptable" not in msg
     # the refused files left the pick alone: what gets compared is still the shipped run's c00001
     r = client.predict(X, Y, api_name="/add_compare")
     assert "`c00001` added" in value(out(r, "add_compare", "action_status"))

@@ -51,9 +51,9 @@ def cmd_evaluate(args) -> int:
         result = wb.evaluate("cli", key_of(args), None, settings, on_event=bars)
     finally:
         bars.close()
-    print(f"{result.name}: {result.seconds:.0f} s")
+    print(f"{result.model}: {result.seconds:.0f} s")
     print(format_result(result))
-    out = Path(args.out) if args.out else default_out(result.name)
+    out = Path(args.out) if args.out else default_out(result.model)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(result.to_json())
     print(f"wrote {out}")

@@ -380,12 +380,10 @@ class Workbench(RunFolders):
 
     def pick_file(self, key: tuple, p: Pick, r: Reformation | None = None) -> PickFile:
         """What a subnet file of this pick holds (every export writes it as subnet.json)."""
-        lm = self.loaded(key)
         c = p.candidate
-        return PickFile(c.subnet, p.means if c.compensated else None, None if r is None else r.record(),
-                        {"model": lm.name, "shape": lm.shape.to_dict(), "dtype": key[1],
-                         "fingerprint": weights_fingerprint(lm.model)},
-                        {"run": p.run, "candidate": c.id, "origin": c.origin, "target": c.target})
+        return PickFile.of(self.loaded(key), c.subnet, p.means if c.compensated else None,
+                           None if r is None else r.record(),
+                           {"run": p.run, "candidate": c.id, "origin": c.origin, "target": c.target})
 
     def sliced(self, key: tuple, p: Pick):
         """A pick's model (`slicing.candidate_model`: compensation exactly as its fitness had it)."""

@@ -5,10 +5,13 @@ speed each: their threads spin and wait on one another, and a search measured 20
 beside a busy app. So every heavy job (a search, a reformation, an evaluation, an export, a
 timing) registers itself in a folder of the cache (`jobs/`, one small file per job, removed when
 it ends; a file whose process is gone is ignored and cleaned up), and each job uses its share of
-the cores: the threads torch had when the process started, divided by the number of jobs running
-on the machine. The share is refreshed between candidates, so a search started alone gives cores
-back as soon as another job starts, and takes them again when it ends. Each change is said once
-(`CoreShare.note`), as is a machine already busy with other programs at the start of a job.
+the cores: the threads torch had when the process started, divided by the number of processes
+running such jobs. Other programs count too: when they keep cores busy (a compile, a browser, a
+matrix loop), a job uses only the cores left free, since a torch thread that waits for a busy core
+stalls the others at every step. The share is refreshed between candidates (the load of other
+programs measured over the time since the last look, with no waiting), so a search started alone
+gives cores back as soon as another job starts, and takes them again when it ends. Each change is
+said once (`CoreShare.take_notes`).
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import torch
 
 FULL_THREADS = torch.get_num_threads()  # what this process may use when it has the machine to itself
 REFRESH_S = 2.0  # between two looks at the other jobs
-BUSY_SHARE = 0.5  # of the cores in use by other programs, above which a job says the machine is busy
+BUSY_SHARE = 0.4  # of the machine's CPU time used by other programs, above which a job gives them cores
+MIN_LOOK_S = 0.15  # CPU-seconds of the machine a load measurement needs (shorter ones are noise)
 _lock = threading.Lock()
 _active: dict[int, "CoreShare"] = {}  # this process's registered jobs, by id
 
@@ -78,6 +82,8 @@ class CoreShare:
         self.others: list[dict] = []
         self.notes: list[str] = []  # what changed, for the job to say
         self._seen = 0.0
+        self._sample = _cpu_sample()
+        self.busy = 0.0  # share of the machine's CPU time other programs used since the last look
 
     def __enter__(self) -> "CoreShare":
         try:
@@ -87,11 +93,8 @@ class CoreShare:
             pass  # an unwritable cache only loses the coordination, never the job
         with _lock:
             _active[id(self)] = self
+        time.sleep(0.2)  # a first look at the machine's load
         self.refresh(force=True)
-        busy = busy_share()
-        if not self.others and busy > BUSY_SHARE:
-            self.notes.append(f"the machine is busy: other programs use {busy:.0%} of its {os.cpu_count()} cores, so "
-                              "this runs slower than on a quiet machine (a time budget still holds)")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -110,17 +113,30 @@ class CoreShare:
         mine = {os.getpid()}
         others = [r for r in running_jobs(self.folder) if r["pid"] not in mine]
         processes = 1 + len({r["pid"] for r in others})
-        threads = max(1, FULL_THREADS // processes)
+        sample = _cpu_sample()
+        if sample[0].idle + sum(sample[0][:3]) - self._sample[0].idle - sum(self._sample[0][:3]) >= MIN_LOOK_S:
+            busy, self._sample = _others_share(self._sample, sample), sample
+        else:  # too short a look to say anything: the last one stands
+            busy = self.busy
+        cores = os.cpu_count() or 1
+        free = cores if busy <= BUSY_SHARE else max(1, round(cores * (1 - busy)))
+        threads = max(1, min(FULL_THREADS // processes, free))
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
-        if threads != self.threads or {r["pid"] for r in others} != {r["pid"] for r in self.others}:
+        was_busy = self.busy > BUSY_SHARE
+        self.busy = busy
+        if threads != self.threads or {r["pid"] for r in others} != {r["pid"] for r in self.others} \
+                or (busy > BUSY_SHARE) != was_busy:
             if others:
                 who = ", ".join(sorted({f"pid {r['pid']} ({r['kind']})" for r in others}))
                 self.notes.append(f"another Subnet Explorer job shares this machine ({who}): this {self.kind} uses "
                                   f"{threads} of {FULL_THREADS} threads, and runs slower")
-            elif self.others:
-                self.notes.append(f"the other Subnet Explorer jobs ended: this {self.kind} uses all {threads} threads "
-                                  "again")
+            elif busy > BUSY_SHARE:
+                self.notes.append(f"the machine is busy: other programs use {busy:.0%} of its {cores} cores' time, so "
+                                  f"this {self.kind} uses {threads} of {FULL_THREADS} threads and runs slower (a time "
+                                  "budget still holds)")
+            elif self.others or was_busy:
+                self.notes.append(f"the machine is free again: this {self.kind} uses {threads} threads")
         self.threads, self.others = threads, others
 
     @property
@@ -132,18 +148,26 @@ class CoreShare:
         return notes
 
 
-def busy_share(seconds: float = 0.2) -> float:
-    """The share of the machine's CPU time that other programs used over a short look."""
+def _cpu_sample() -> tuple:
     import psutil
 
-    me = psutil.Process()
-    t0, mine0 = psutil.cpu_times(), me.cpu_times()
-    time.sleep(seconds)
-    t1, mine1 = psutil.cpu_times(), me.cpu_times()
+    return psutil.cpu_times(), psutil.Process().cpu_times()
+
+
+def _others_share(before: tuple, after: tuple) -> float:
+    """The share of the machine's CPU time that other programs used between two samples."""
+    (t0, m0), (t1, m1) = before, after
     busy = sum(getattr(t1, f) - getattr(t0, f) for f in ("user", "system", "nice"))
     total = busy + (t1.idle - t0.idle)
-    mine = (mine1.user - mine0.user) + (mine1.system - mine0.system)
-    return max(0.0, (busy - mine) / total) if total > 0 else 0.0
+    mine = (m1.user - m0.user) + (m1.system - m0.system)
+    return max(0.0, min(1.0, (busy - mine) / total)) if total > 0 else 0.0
+
+
+def busy_share(seconds: float = 0.2) -> float:
+    """The share of the machine's CPU time that other programs used over a short look."""
+    before = _cpu_sample()
+    time.sleep(seconds)
+    return _others_share(before, _cpu_sample())
 
 
 __all__ = ["CoreShare", "running_jobs", "others_running", "busy_share", "FULL_THREADS"]

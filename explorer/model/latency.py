@@ -143,19 +143,33 @@ def measure_speeds(models: dict, vocab_size: int, settings: SpeedSettings = Spee
     cpu_prompt = torch.randint(0, vocab_size, (settings.batch_size, settings.prompt_len), generator=g)
     prompts = {name: cpu_prompt.to(next(m.parameters()).device) for name, m in models.items()}
 
-    def check(rounds_done: int) -> bool:
-        """Whether to go on; raises when stopped, or out of time too early."""
-        check_cancel(cancel)
-        if deadline is not None and time.perf_counter() >= deadline:
-            if rounds_done < min(MIN_ROUNDS, settings.repeats):
-                raise OutOfTime(f"the time allowed ran out after {rounds_done} of {settings.repeats} timing rounds")
-            return False
-        return True
+    started = time.perf_counter()
 
+    def check(rounds_done: int) -> bool:
+        """Whether to go on; raises when stopped, or when the deadline comes (or will come, at the pace
+        so far) before MIN_ROUNDS are done."""
+        check_cancel(cancel)
+        if deadline is None:
+            return True
+        now, need = time.perf_counter(), min(MIN_ROUNDS, settings.repeats)
+        pace = (now - started) / rounds_done if rounds_done else 0.0
+        if rounds_done < need and (now >= deadline or now + pace * (need - rounds_done) > deadline):
+            raise OutOfTime(f"the time allowed ({deadline - started:.0f} s) holds fewer than {need} timing rounds "
+                            f"at this pace ({rounds_done} of {settings.repeats} done)")
+        return now + pace <= deadline
+
+    warm = min(4, settings.new_tokens)
     for name, m in models.items():
         for _ in range(settings.warmup):
             check(0)
-            _one_run(m, prompts[name], min(4, settings.new_tokens))
+            _one_run(m, prompts[name], warm)
+    if deadline is not None and settings.warmup:  # the warm-up's pace says whether the rounds can fit at all
+        per_round = (time.perf_counter() - started) / settings.warmup * (settings.prompt_len + settings.new_tokens) / (
+            settings.prompt_len + warm)
+        need = min(MIN_ROUNDS, settings.repeats)
+        if time.perf_counter() + need * per_round > deadline:
+            raise OutOfTime(f"the time allowed ({deadline - started:.0f} s) holds fewer than {need} timing rounds at "
+                            f"this pace (about {per_round:.0f} s a round)")
     prefill: dict[str, list] = {n: [] for n in models}
     decode: dict[str, list] = {n: [] for n in models}
     for r in range(settings.repeats):  # timed runs: nothing else running in this process

@@ -292,7 +292,7 @@ def model_params(model) -> int:
     return sum(t.numel() for t in model.parameters() if not (t.data_ptr() in seen or seen.add(t.data_ptr())))
 
 
-def export_subnet(lm, subnet_model, record: PickFile, out_dir: str | Path, metrics: dict, provenance: dict, *,
+def export_subnet(lm, subnet_model, record: PickFile | Subnet, out_dir: str | Path, metrics: dict, provenance: dict, *,
                   verify: bool = True, make_zip: bool = True, on_event: EventSink = no_event,
                   cancel: threading.Event | None = None, extra_files: dict[str, str] | None = None,
                   means=None, reformed=None) -> ExportResult:
@@ -300,8 +300,11 @@ def export_subnet(lm, subnet_model, record: PickFile, out_dir: str | Path, metri
 
     `means`: the channel means of a bias-compensated subnet; `reformed`: {"digest", "settings"} of
     the reformation whose model this is (ReformResult.digest and its settings). Both decide what
-    the model must match, and what the provenance says. `record` is the pick's subnet file."""
+    the model must match, and what the provenance says. `record` is the pick's subnet file (or a bare
+    subnet, whose file then records the compensation and reformation given here)."""
     t0 = time.perf_counter()
+    if isinstance(record, Subnet):
+        record = PickFile.of(lm, record, means, None if reformed is None else {**reformed, "sketch": []})
     subnet = record.subnet
     metrics = {**metrics, "params": model_params(subnet_model),
                "fraction": round(model_params(subnet_model) / lm.shape.dense_params, 6)}

@@ -299,11 +299,21 @@ def gguf_card(name: str, base: str, info: dict, metrics: dict, check: dict | Non
     if check:
         lines += ["", f"Verified in llama.cpp: max logit difference {check['max_logit_diff']:.3g} "
                   f"(allowed {check['allowed_diff']:.3g}), {len(check['greedy_ours'])} greedy tokens "
-                  f"{'the same' if check['same_tokens'] else 'DIFFERENT'}, llama.cpp decodes "
+                  f"{greedy_words(check)}, llama.cpp decodes "
                   f"{check['decode_tokens_per_s']:.1f} tokens/s on {check['threads']} threads."]
     lines += ["", "## Run it", "", "```", f"llama-cli -m {GGUF_FILE} -p \"The capital of France is\" -n 32",
               "ollama create subnet -f Modelfile && ollama run subnet", "```", ""]
     return "\n".join(lines)
+
+
+def greedy_words(check: dict) -> str:
+    """What the greedy comparison found, in words."""
+    if check["same_tokens"]:
+        return "the same"
+    if check.get("near_tie"):
+        return (f"the same up to step {check['first_difference']}, where our model's top two tokens are within the "
+                "logit tolerance (a near-tie the rounding decides)")
+    return "DIFFERENT"
 
 
 def export_gguf(lm, model, record, out_dir: str | Path, metrics: dict, provenance: dict, *, out_type: str = "f16",
@@ -323,6 +333,11 @@ def export_gguf(lm, model, record, out_dir: str | Path, metrics: dict, provenanc
 
     on_event = on_event or no_event
     t0 = time.perf_counter()
+    from ..model.subnet import Subnet
+    from .pickfile import PickFile
+
+    if isinstance(record, Subnet):  # a bare subnet: its file records no compensation or reformation
+        record = PickFile.of(lm, record)
     subnet = record.subnet  # the pick's subnet file (explorer.pick.pickfile), written beside the GGUF
     why = refusal(model)  # before anything is written or converted
     if why:

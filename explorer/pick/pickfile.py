@@ -38,6 +38,16 @@ class PickFile:
     base: dict = field(default_factory=dict)  # {"model", "shape", "dtype", "fingerprint"}
     source: dict = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, lm, subnet: Subnet, means: ChannelMeans | None = None, reformation: dict | None = None,
+           source: dict | None = None) -> "PickFile":
+        """The record of `subnet` of the loaded model `lm` (its shape, dtype and weights fingerprint)."""
+        from ..model.loading import weights_fingerprint
+
+        base = {"model": lm.name, "shape": lm.shape.to_dict(), "dtype": str(lm.dtype).removeprefix("torch."),
+                "fingerprint": weights_fingerprint(lm.model)}
+        return cls(subnet, means, reformation, base, dict(source or {}))
+
     @property
     def compensated(self) -> bool:
         return self.means is not None

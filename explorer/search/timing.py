@@ -19,7 +19,6 @@ from ..settings import SearchSettings
 from .archive import Archive
 from .latency_model import LatencyModel, cached_latency_model, measure
 from .runs import Run
-from .space import make_space
 
 
 def search_latency_model(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event | None, fit: bool,
@@ -33,9 +32,9 @@ def search_latency_model(lm: LoadedModel, s: SearchSettings, run: Run, cancel: t
     path = run.path / "latency_model.json"
     if path.is_file():
         return LatencyModel.from_dict(json.loads(path.read_text()))
-    spaces = [make_space(lm.shape, t, s.window, s.multiple, s.head_multiple, s.depth) for t in s.targets]
-    head_dims = sorted({2 * p for sp in spaces for p in sp.pair_options})
-    widths = sorted({w for sp in spaces for w in sp.width_options})
+    # fitted over every width a search of this model can choose, so one fit serves every target
+    head_dims = sorted({max(2, s.head_multiple), lm.shape.head_dim})
+    widths = sorted({min(s.multiple, lm.shape.intermediate_size), lm.shape.intermediate_size})
     cache = cache_root() / "latency"
     if not fit:
         model, cached = cached_latency_model(lm, head_dims, widths, cache, fit=False)

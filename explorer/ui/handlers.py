@@ -392,7 +392,7 @@ class Handlers:
         if gguf:
             return {self.ui.download: str(result.zip_path),
                     self.ui.action_status: f"Exported `{c.id}`{' (reformed)' if r else ''} as GGUF and ran it in llama.cpp: "
-                                           f"max logit difference {result.max_logit_diff:.1e}, the same greedy tokens. "
+                                           f"max logit difference {result.max_logit_diff:.1e}, greedy tokens as ours (up to near-ties). "
                                            "Run it with `llama-cli -m model.gguf` or `ollama create subnet -f Modelfile`."}
         return {self.ui.download: str(result.zip_path),
                 self.ui.action_status: f"Exported and verified `{c.id}`{' (reformed)' if r else ''} against the base "

@@ -1,0 +1,397 @@
+"""Every figure in README.md and docs/*.md, generated from the committed JSON under docs/results/:
+figures are never typed by hand, so they cannot drift from what a benchmark measured.
+
+A generated region in a markdown file is fenced by two comments, inline or around a table:
+
+    <!-- gen:quality.after --> ... <!-- /gen -->
+
+`python bench/docs.py` (or `make docs`) rewrites every region from the JSON; `--check` only lists
+the regions that differ (the tests run it, so a README that disagrees with its JSON fails).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+FILES = ("README.md", "docs/benchmarks.md")
+REGION = re.compile(r"<!-- gen:(?P<name>[\w.:@+-]+) -->(?P<body>.*?)<!-- /gen -->", re.S)
+GENERATORS: dict[str, Callable[..., str]] = {}
+
+
+def generator(name: str):
+    def register(fn):
+        GENERATORS[name] = fn
+        return fn
+    return register
+
+
+@lru_cache(maxsize=None)
+def result(name: str) -> dict:
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"{path.relative_to(ROOT)} is missing: run the benchmark that writes it")
+    return json.loads(path.read_text())
+
+
+# ---- formatting -----------------------------------------------------------------------------------
+def num(x, digits: int = 4) -> str:
+    """A figure as the tables print it: 4 significant digits, e.g. 69.36, 127.4, 8.7e4."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    x = float(x)
+    if abs(x) >= 10 ** (digits + 1):
+        mantissa, exp = f"{x:.1e}".split("e")
+        return f"{mantissa}e{int(exp)}"
+    return f"{x:.{digits}g}" if abs(x) >= 1 else f"{x:.{digits - 1}f}"
+
+
+def pct(x, digits: int = 0) -> str:
+    return f"{100 * x:.{digits}f} %"
+
+
+def signed_pct(x, digits: int = 1) -> str:
+    return f"{100 * x:+.{digits}f} %"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def target(t) -> str:
+    return f"{float(t):.0%}".replace("%", " %")
+
+
+# ---- quality: search against the faithful baselines -------------------------------------------------------
+BASELINE_NAMES = {"magnitude": "magnitude", "wanda-sp": "Wanda-sp", "flap": "FLAP", "flap-uniform": "uniform FLAP",
+                  "flap-nobias": "FLAP without bias"}
+SEARCH_NAMES = {"search": "search (paper fitness)", "search+comp": "search with compensation",
+                "search+reform": "reformation-aware search", "heads+comp": "whole-head search",
+                "heads+reform": "whole-head reformation-aware search"}
+BASELINES = ("magnitude", "wanda-sp", "flap", "flap-uniform")
+
+
+def searches(q: dict) -> list[str]:
+    return list(q["search_seconds"])
+
+
+def best_of(row: dict, names, suffix: str = "") -> tuple[str, float]:
+    return min(((n, row[n + suffix]) for n in names), key=lambda kv: kv[1])
+
+
+@generator("quality.summary")
+def quality_summary() -> str:
+    """README's one table: the best search, the best faithful baseline and dense, before and after reformation."""
+    q = result("quality")
+    rows = []
+    for r in q["rows"]:
+        s, sv = best_of(r, searches(q))
+        b, bv = best_of(r, BASELINES)
+        s2, sv2 = best_of(r, searches(q), "_reformed")
+        b2, bv2 = best_of(r, BASELINES, "_reformed")
+        rows.append([target(r["target"]), f"**{num(sv)}** ({SEARCH_NAMES[s]})", f"{num(bv)} ({BASELINE_NAMES[b]})",
+                     f"**{num(sv2)}** ({SEARCH_NAMES[s2]})", f"{num(bv2)} ({BASELINE_NAMES[b2]})"])
+    return table(["kept parameters", "best search", "best baseline", "best search, reformed",
+                  "best baseline, reformed"], rows)
+
+
+def _quality_table(suffix: str) -> str:
+    q = result("quality")
+    names = [*searches(q), *BASELINES, "flap-nobias"]
+    rows = []
+    for r in q["rows"]:
+        best = min(r[n + suffix] for n in names)
+        rows.append([target(r["target"]), *[f"**{num(r[n + suffix])}**" if r[n + suffix] == best else
+                                             num(r[n + suffix]) for n in names]])
+    return table(["kept", *[SEARCH_NAMES.get(n) or BASELINE_NAMES[n] for n in names]], rows)
+
+
+@generator("quality.before")
+def quality_before() -> str:
+    return _quality_table("")
+
+
+@generator("quality.after")
+def quality_after() -> str:
+    return _quality_table("_reformed")
+
+
+@generator("quality.dense")
+def quality_dense() -> str:
+    return num(result("quality")["rows"][0]["dense"])
+
+
+@generator("quality.minutes")
+def quality_minutes() -> str:
+    q = result("quality")
+    secs = q["search_seconds"]
+    return ", ".join(f"{SEARCH_NAMES[n]} {secs[n]:.0f} s" for n in secs)
+
+
+@generator("quality.seconds")
+def quality_seconds() -> str:
+    return f"{result('quality')['seconds']:.0f} s"
+
+
+@generator("quality.vs-dense")
+def quality_vs_dense() -> str:
+    q = result("quality")
+    return ", ".join(f"{num(r['best_reformed_vs_dense'], 3)}x at {target(r['target'])}" for r in q["rows"])
+
+
+@generator("quality.zeroshot")
+def quality_zeroshot() -> str:
+    z = result("quality")["zeroshot"]
+    tasks = z["tasks"]
+    names = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag": "HellaSwag",
+             "winogrande": "WinoGrande", "boolq": "BoolQ", "openbookqa": "OBQA"}
+    rows = []
+    for r in z["rows"]:
+        label = r["model"]
+        for key, nice in SEARCH_NAMES.items():
+            if label.startswith(key + " "):
+                label = nice + label[len(key):]
+        if "heldout_ppl" in r:
+            label += f" (held-out {num(r['heldout_ppl'])})"
+        without = statistics.mean(r[t] for t in tasks if t != "boolq")
+        rows.append([label, *[f"{r[t]:.2f}" for t in tasks], f"**{r['average']:.2f}**", f"{without:.2f}"])
+    return table(["model", *[names[t] for t in tasks], "average", "without BoolQ"], rows)
+
+
+@generator("quality.zeroshot-settings")
+def quality_zeroshot_settings() -> str:
+    z = result("quality")["zeroshot"]
+    return f"{z['limit']} seeded questions per task at {target(z['target'])}"
+
+
+@generator("quality.spaces")
+def quality_spaces() -> str:
+    q = result("quality")
+    if "heads+comp" not in searches(q):
+        return "\n(no whole-head search in this run)\n"
+    rows = [[target(r["target"]), num(r["search+comp"]), num(r["heads+comp"]), num(r["dims_vs_heads"], 3),
+             num(r["search+comp_reformed"]), num(r["heads+comp_reformed"]), num(r["dims_vs_heads_reformed"], 3)]
+            for r in q["rows"]]
+    return table(["kept", "per dimension", "whole heads", "ratio", "per dimension, reformed", "whole heads, reformed",
+                  "ratio, reformed"], rows)
+
+
+# ---- the time budget ----------------------------------------------------------------------------------------
+@generator("budget")
+def budget() -> str:
+    b = result("budget")
+    cases = {"quiet": "a quiet machine", "busy": "one core kept busy by another program",
+             "busy-cold": "one core busy, nothing cached (another seed)"}
+    rows = [[cases.get(r["case"], r["case"]), f"{r['command_s']:.0f} s", f"{r['budget_s']:.0f} s",
+             f"{r['over_budget_s']:+.0f} s", str(r["evaluated"]),
+             ", ".join(f"{target(t)}: {n}" for t, n in r["candidates_per_target"].items())] for r in b["rows"]]
+    return table(["machine", "whole command", "budget", "past the budget", "evaluated", "candidates per target"], rows)
+
+
+@generator("budget.command")
+def budget_command() -> str:
+    b = result("budget")
+    return f"`python -m explorer search --targets {b['targets']} --minutes {b['minutes']:g}`"
+
+
+@generator("budget.worst")
+def budget_worst() -> str:
+    b = result("budget")
+    return f"{max(r['command_s'] for r in b['rows']):.0f} s"
+
+
+# ---- latency: predicted, measured, independent ----------------------------------------------------------------
+@generator("latency")
+def latency() -> str:
+    d = result("latency")
+    rows = [[r["id"], pct(r["fraction"], 1), f"{r['predicted_speedup']:.2f}x",
+             f"{r['run_speedup']:.2f}x ({pct(r['run_spread'])})", f"{r['independent_speedup']:.2f}x",
+             signed_pct(r["run_vs_independent"]), signed_pct(r["predicted_vs_run"]),
+             signed_pct(r["predicted_vs_independent"])] for r in d["rows"]]
+    return table(["id", "params", "predicted speed-up", "run's measured speed-up (spread)",
+                  "independent speed-up (transformers `generate`)", "measured vs independent", "predicted vs measured",
+                  "predicted vs independent"], rows)
+
+
+@generator("latency.summary")
+def latency_summary() -> str:
+    d = result("latency")
+    rows = d["rows"]
+    med = lambda k: statistics.median(abs(r[k]) for r in rows)  # noqa: E731
+    c = d["checks"]
+    spear = "; ".join(f"{k.replace('_', ' ')} {num(v, 3)}" for k, v in c.items() if "spearman" in k)
+    return (f"median |predicted vs measured| {pct(med('predicted_vs_run'), 1)}, median |predicted vs independent| "
+            f"{pct(med('predicted_vs_independent'), 1)}, median |measured vs independent| "
+            f"{pct(med('run_vs_independent'), 1)}" + (f"; {spear}" if spear else ""))
+
+
+# ---- llama.cpp --------------------------------------------------------------------------------------------------
+@generator("llamacpp")
+def llamacpp() -> str:
+    d = result("llamacpp")
+    rows = [[r["model"], r["type"], f"{r['MB']:.1f}", num(r["ppl_transformers"]), num(r["ppl_llamacpp"]),
+             "passed" if r["check_passed"] else "FAILED", f"{r['decode_tok_s']:.1f}", f"{r['speedup_vs_dense']:.2f}"]
+            for r in d["rows"]]
+    return table(["model", "type", "MB", "ppl transformers", "ppl llama.cpp", "check", "decode tok/s", "speed-up"], rows)
+
+
+@generator("llamacpp.settings")
+def llamacpp_settings() -> str:
+    d = result("llamacpp")
+    return (f"{d['heldout_windows']} windows of {d['seq_len']} tokens; decode one token at a time after a "
+            f"{d['prompt_len']}-token prompt, {d['threads']} threads")
+
+
+# ---- the fitness objective ------------------------------------------------------------------------------------------
+@generator("objective")
+def objective() -> str:
+    d = result("objective")
+    rows = [[target(r["target"]), num(r["spearman_ppl"], 2), num(r["spearman_kl"], 2),
+             num(r["spearman_heldout_unreformed"], 2)] for r in d["rows"]]
+    m = d["mean"]
+    rows.append(["mean", num(m["spearman_ppl"], 2), num(m["spearman_kl"], 2), num(m["spearman_heldout_unreformed"], 2)])
+    return table(["kept", "perplexity", "KL to dense", "held-out perplexity, unreformed"], rows)
+
+
+# ---- FLAP against the official code's figures --------------------------------------------------------------------
+def _summary(d: dict, method: str, stat: str) -> dict:
+    return next(r for r in d["summary"] if r["method"] == method and r["seed"] == stat)
+
+
+def _median_range(d: dict, method: str, t: str) -> str:
+    med, lo, hi = (_summary(d, method, s)[t] for s in ("median", "min", "max"))
+    return f"{num(med)} ({num(lo)}-{num(hi)})"
+
+
+@generator("flap.draws")
+def flap_draws() -> str:
+    ref, split, big = result("flap-reference-32"), result("flap-split"), result("flap-split-512")
+    rows = []
+    for t, official in ref["reference"].items():
+        med = _summary(ref, "flap", "median")[t]
+        rows.append([target(t), _median_range(ref, "flap", t), _median_range(split, "flap", t),
+                     num(_summary(big, "flap", "median")[t]), num(official), signed_pct(med / official - 1)])
+    n_ref, n_split = len({r["seed"] for r in ref["rows"]}), len({r["seed"] for r in split["rows"]})
+    return table([f"kept", f"reference recipe, {n_ref} draws", f"our split, {n_split} draws", "our split, 512 windows",
+                  "official code", "reference recipe: median vs official"], rows)
+
+
+@generator("flap.close-draws")
+def flap_close_draws() -> str:
+    ref = result("flap-reference-32")
+    official = ref["reference"]
+    rows = [["official code", *[num(v) for v in official.values()]]]
+    for r in ref["rows"]:
+        if r["method"] != "flap":
+            continue
+        gaps = {t: r[t] / v - 1 for t, v in official.items()}
+        if all(abs(g) <= 0.10 for g in gaps.values()):
+            rows.append([f"seed {r['seed']}", *[f"{num(r[t])} ({signed_pct(gaps[t])})" for t in official]])
+    return table(["draw", *[target(t) for t in official]], rows)
+
+
+@generator("flap.literal")
+def flap_literal() -> str:
+    d = result("flap-literal")
+    ts = list(d["reference"])
+    by_seed: dict = {}
+    for r in d["rows"]:
+        by_seed.setdefault(r["seed"], {})[r["method"]] = r
+    rows = [[str(s), " / ".join(num(m["flap"][t]) for t in ts), " / ".join(num(m["flap-literal"][t]) for t in ts)]
+            for s, m in by_seed.items() if "flap" in m and "flap-literal" in m]
+    return table(["seed", "ours " + " / ".join(target(t) for t in ts), "literal " + " / ".join(target(t) for t in ts)],
+                 rows)
+
+
+@generator("flap.literal-gap")
+def flap_literal_gap() -> str:
+    gap = result("flap-literal")["literal_gap"]
+    return " / ".join(pct(v, 2) for v in gap.values())
+
+
+READINGS = {"flap-literal": "pooled variance, float32 (the official algorithm; ours)",
+            "flap-literal:running-variance": "running variance as `BiasGPT.add_batch` writes it",
+            "flap-literal:per-window-variance": "variance within each window, averaged",
+            "flap-literal:float16": "statistics pass in float16 (the official code's dtype)",
+            "flap-literal:bfloat16": "statistics pass in bfloat16",
+            "flap-literal:skip-first-token": "each window's first token left out of the statistics",
+            "flap-literal:unsquared-attention": "attention WIFV not squared",
+            "flap-literal:group-sum": "a KV group scored by the sum of its heads' means",
+            "flap-literal:group-max": "a KV group scored by the max of its heads' means"}
+
+
+@generator("flap.readings")
+def flap_readings() -> str:
+    d = result("flap-readings")
+    official = d["reference"]
+    rows = []
+    for method, label in READINGS.items():
+        med = _summary(d, method, "median")
+        rows.append([label, *[f"{num(med[t])} ({signed_pct(med[t] / v - 1)})" for t, v in official.items()]])
+    rows.append(["official code", *[num(v) for v in official.values()]])
+    return table(["reading of the literal FLAP", *[target(t) for t in official]], rows)
+
+
+@generator("flap.uniform")
+def flap_uniform() -> str:
+    ref, split, big = result("flap-reference-32"), result("flap-split"), result("flap-split-512")
+    ts = list(ref["reference"])
+    med = lambda d: " / ".join(num(_summary(d, "flap-uniform", "median")[t]) for t in ts)  # noqa: E731
+    return f"{med(ref)} on the reference recipe, {med(split)} on our split, {med(big)} with 512 windows"
+
+
+# ---- the app on stage -------------------------------------------------------------------------------------------------
+@generator("app")
+def app() -> str:
+    d = result("app")["result"]
+    steps = [("load_s", "Load (model, dense perplexity and speed)"), ("start_to_dense_s", "Start -> dense point"),
+             ("start_to_baselines_s", "Start -> all baselines on the plot"),
+             ("start_to_first_subnet_s", "Start -> first searched subnet on the plot"),
+             ("click_to_card_s", "click on a front marker -> its card"), ("reform_s", "Reform the pick"),
+             ("generate_s", "Generate, original and the reformed pick")]
+    return table(["step", "seconds"], [[label, f"{d[k]:.1f}"] for k, label in steps if k in d])
+
+
+# ---- rendering -----------------------------------------------------------------------------------------------------------
+def render(text: str) -> str:
+    def fill(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in GENERATORS:
+            raise SystemExit(f"unknown generated region {name!r}; known: {', '.join(sorted(GENERATORS))}")
+        return f"<!-- gen:{name} -->{GENERATORS[name]()}<!-- /gen -->"
+
+    return REGION.sub(fill, text)
+
+
+def stale(files=FILES) -> list[str]:
+    """The files whose generated regions differ from what their JSON says now."""
+    return [f for f in files if render((ROOT / f).read_text()) != (ROOT / f).read_text()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="only list the files whose figures differ from the JSON")
+    args = p.parse_args(argv)
+    out = stale()
+    if args.check:
+        for f in out:
+            print(f"{f}: its figures differ from docs/results (run python bench/docs.py)")
+        return 1 if out else 0
+    for f in out:
+        (ROOT / f).write_text(render((ROOT / f).read_text()))
+        print(f"wrote {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
