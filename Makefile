@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LLAMACPP := $(VENV)/.llamacpp
 LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+LLAMACPP_JOBS ?= $$(nproc)
 HOST ?= 127.0.0.1
 PORT ?= 7860
 export HF_HUB_OFFLINE ?= 1
@@ -26,12 +27,20 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 llamacpp: $(LLAMACPP)
 
 $(LLAMACPP): requirements-llamacpp.txt | $(STAMP)
-	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install -q --no-cache-dir -r requirements-llamacpp.txt
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$(LLAMACPP_JOBS) $(BIN)/python -m pip install -q --no-cache-dir -r requirements-llamacpp.txt
 	$(BIN)/python -c "import llama_cpp; print('llama.cpp', llama_cpp.__version__)"
 	touch $(LLAMACPP)
 
-run: setup llamacpp
-	$(BIN)/python app.py --host $(HOST) --port $(PORT)
+# The page first: the app is served at once, and llama.cpp (needed only to check GGUF exports) is built
+# beside it, on one core and at low priority, when it is missing; a GGUF export says so until it is ready.
+BUILDING := $(VENV)/.llamacpp-building
+run: setup
+	@if [ ! -f $(LLAMACPP) ] && [ -z "$$(find $(BUILDING) -mmin -60 2>/dev/null)" ]; then \
+	  echo "building llama.cpp beside the app (for GGUF exports; log: $(VENV)/llamacpp-build.log)"; \
+	  touch $(BUILDING); \
+	  ( nice -n 19 $(MAKE) llamacpp LLAMACPP_JOBS=1 > $(VENV)/llamacpp-build.log 2>&1; rm -f $(BUILDING) ) & \
+	fi
+	SUBNET_EXPLORER_LLAMACPP_BUILDING=$(BUILDING) $(BIN)/python app.py --host $(HOST) --port $(PORT)
 
 test: setup llamacpp
 	$(BIN)/python -m pytest -q tests

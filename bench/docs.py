@@ -282,7 +282,7 @@ def flap_draws() -> str:
         rows.append([target(t), _median_range(ref, "flap", t), _median_range(split, "flap", t),
                      num(_summary(big, "flap", "median")[t]), num(official), signed_pct(med / official - 1)])
     n_ref, n_split = len({r["seed"] for r in ref["rows"]}), len({r["seed"] for r in split["rows"]})
-    return table([f"kept", f"reference recipe, {n_ref} draws", f"our split, {n_split} draws", "our split, 512 windows",
+    return table(["kept", f"reference recipe, {n_ref} draws", f"our split, {n_split} draws", "our split, 512 windows",
                   "official code", "reference recipe: median vs official"], rows)
 
 
@@ -353,13 +353,24 @@ def flap_uniform() -> str:
 # ---- the app on stage -------------------------------------------------------------------------------------------------
 @generator("app")
 def app() -> str:
-    d = result("app")["result"]
-    steps = [("load_s", "Load (model, dense perplexity and speed)"), ("start_to_dense_s", "Start -> dense point"),
-             ("start_to_baselines_s", "Start -> all baselines on the plot"),
-             ("start_to_first_subnet_s", "Start -> first searched subnet on the plot"),
-             ("click_to_card_s", "click on a front marker -> its card"), ("reform_s", "Reform the pick"),
-             ("generate_s", "Generate, original and the reformed pick")]
-    return table(["step", "seconds"], [[label, f"{d[k]:.1f}"] for k, label in steps if k in d])
+    d = result("app")
+    steps = {"load_s": "Load (the model, its held-out perplexity and speed)", "start_to_dense_s": "Start -> dense point",
+             "start_to_first_subnet_s": "Start -> first searched subnet on the plot",
+             "budget_overrun_s": "a 1-minute budget: past it when the search ended",
+             "stop_to_stopped_s": "Stop -> \"stopped\" (a search)", "click_to_card_s": "click on a front marker -> its card",
+             "reform_s": "Reform the pick", "evaluate_s": "Evaluate it (held-out perplexity and PIQA)",
+             "generate_s": "Generate, original and the reformed pick", "export_s": "Export and verify it"}
+    passes = list(d["passes"])
+    names = {"quiet": "quiet machine", "busy": "one core kept busy"}
+    rows = [[label, *[f"{d['passes'][p][k]:.1f}" for p in passes]] for k, label in steps.items()
+            if all(k in d["passes"][p] for p in passes)]
+    return table(["step (seconds)", *[names.get(p, p) for p in passes]], rows)
+
+
+@generator("app.viewport")
+def app_viewport() -> str:
+    w, h = result("app")["viewport"]
+    return f"{w}x{h}"
 
 
 # ---- rendering -----------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ windows of 256 tokens; 16 evenly spaced held-out windows of 512 tokens.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import tempfile
@@ -29,7 +30,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.common import add_common_arguments, format_table, machine, main, spearman, write_json
+from bench.common import (
+    add_common_arguments,
+    format_table,
+    machine,
+    main,
+    spearman,
+    write_json,
+)
 from explorer.app.inputs import parse_override
 from explorer.calibrate.baselines import BASELINES, baseline_subnet
 from explorer.calibrate.data import calibration_windows, heldout_windows, load_corpus
@@ -146,6 +154,13 @@ def run(args) -> dict:
             log(f"{name}: calibration, baselines and ladders cached ({time.perf_counter() - ts:.0f} s)")
     for name in searches:
         settings = settings_of[name]
+        done = root / name / "run.json"
+        if args.reuse and done.is_file() and json.loads(done.read_text()).get("status") == "finished":
+            runs[name] = open_run(root / name)  # a finished search of an interrupted benchmark, read back
+            summaries[name] = json.loads(done.read_text())["summary"]
+            seconds[name] = summaries[name]["wall_seconds"]
+            log(f"{name}: finished search read back from {root / name}")
+            continue
         log(f"{name}: {args.preset} preset, targets {targets}" + (f", {settings.minutes:g} min" if settings.minutes
                                                                     else f", {settings.generations} generations"))
         ts = time.perf_counter()
@@ -251,6 +266,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zeroshot-target", type=float, default=0.7, help="the target whose picks take the tasks")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a search setting")
     p.add_argument("--run-dir", default=None, help="where the searches' runs go (default: a temporary folder)")
+    p.add_argument("--reuse", action="store_true",
+                   help="read back searches that finished in --run-dir (an interrupted benchmark) instead of rerunning")
     p.add_argument("--out", default="docs/results/quality.json")
 
 

@@ -32,3 +32,9 @@ def plot_title(page) -> str:
     """The Pareto plot's title (SVG text: no inner_text); '' while it is not drawn."""
     t = page.locator("#pareto-plot .gtitle")
     return (t.first.text_content() or "") if t.count() else ""
+
+
+def choose(page, label: str, option: str) -> None:
+    """Pick `option` in the dropdown labelled `label`, as a person does: open it, click the option."""
+    page.get_by_label(label, exact=True).click()
+    page.get_by_role("option", name=option).click()

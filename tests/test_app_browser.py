@@ -8,7 +8,7 @@ import time
 import zipfile
 
 import pytest
-from browser import wait_text
+from browser import choose, wait_text
 from conftest import ARTIFACTS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -44,8 +44,8 @@ def test_full_flow_in_chromium(app_server, chromium, tmp_path):
 
     # a tiny search: progress text changes and points appear while it runs
     page.get_by_label("Targets (fraction of total parameters)").fill("0.9,0.8")
-    page.get_by_label("whole heads (runs in llama.cpp)").check()  # so the pick also exports as GGUF below
-    page.get_by_text("Budget details").click()
+    choose(page, "Attention: keep", "whole heads (exports as GGUF)")  # so the pick also exports as GGUF below
+    page.get_by_text("More search settings").click()
     page.get_by_label("Population (blank = preset)").fill("6")
     page.get_by_label("Generations (blank = preset)").fill("2")
     page.get_by_label("Fitness windows (blank = preset)").fill("1")
@@ -116,7 +116,7 @@ def test_full_flow_in_chromium(app_server, chromium, tmp_path):
 
     # export, download the zip, load it with plain transformers in a fresh process
     page.get_by_role("button", name="Export & download").click()
-    wait_text(page, "#action-status", "verified", 600)
+    wait_text(page, "#export-status", "verified", 600)
     link = page.locator("#download a").first
     link.wait_for()
     with page.expect_download() as dl:
@@ -144,7 +144,7 @@ def test_full_flow_in_chromium(app_server, chromium, tmp_path):
     # the same pick as one GGUF file, run in llama.cpp by the export itself before it is offered
     page.get_by_label("GGUF for llama.cpp / Ollama").check()
     page.get_by_role("button", name="Export & download").click()
-    wait_text(page, "#action-status", "ran it in llama.cpp", 600)
+    wait_text(page, "#export-status", "ran it in llama.cpp", 600)
     link = page.locator("#download a").first
     with page.expect_download() as dl:
         link.click()

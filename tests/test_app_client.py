@@ -11,16 +11,18 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-from explorer.ui.app import client_outputs
+from explorer.ui.app import MESSAGE_OF, client_outputs
 
 
 def out(result, api_name: str, name: str):
     """One named output of an endpoint's result (each endpoint returns only what it changes)."""
-    return result[client_outputs(api_name).index(name)]
+    names = client_outputs(api_name)
+    return result if len(names) == 1 and name == names[0] else result[names.index(name)]  # one output: no tuple
 
 
 def message(result, api_name: str) -> str:
-    m = out(result, api_name, "message")
+    """What an endpoint said: its section's status line, where its answers and its failures go."""
+    m = out(result, api_name, MESSAGE_OF[api_name])
     return str(m.get("value", "") if isinstance(m, dict) else m or "")
 
 
@@ -41,16 +43,16 @@ def test_api_flow(client, app_server, tmp_path):
     assert re.search("load a model first|pick a subnet first|open a run", message(r, "reform"))
 
     r = client.predict("default", "float32", "cpu", api_name="/load_model")
-    assert "Dense held-out perplexity" in out(r, "load_model", "model_info") and not message(r, "load_model")
+    assert "Dense held-out perplexity" in out(r, "load_model", "model_info") and "⚠️" not in message(r, "load_model")
 
     job = client.submit("0.6", "demo", 4, 1, None, 1, "paper", "dims", 3, "api-run", False, "parameters (% of dense)",
-                        "perplexity (held-out, else search fitness)", api_name="/search")
+                        "held-out perplexity", api_name="/search")
     statuses = [out(o, "search", "status") for o in job]
     assert any("candidates evaluated" in str(s or "") for s in statuses)
     assert "finished" in str(out(job.outputs()[-1], "search", "status"))
 
     # the run is saved and reopens without searching again
-    r = client.predict("api-run", "parameters (% of dense)", "perplexity (held-out, else search fitness)",
+    r = client.predict("api-run", "parameters (% of dense)", "held-out perplexity",
                        api_name="/open_run")
     fig = out(r, "open_run", "plot")
     assert fig and "customdata" in str(fig)
@@ -59,25 +61,25 @@ def test_api_flow(client, app_server, tmp_path):
     data = json.loads(fig["plot"]) if isinstance(fig, dict) and isinstance(fig.get("plot"), str) else fig
     ids = [cd[0] for tr in data["data"] for cd in (tr.get("customdata") or []) if tr.get("name") != "dense model"]
     assert ids
-    r = client.predict(ids[0], "parameters (% of dense)", "perplexity (held-out, else search fitness)",
+    r = client.predict(ids[0], "parameters (% of dense)", "held-out perplexity",
                        api_name="/pick")
     assert ids[0] in out(r, "pick", "card")
 
-    r = client.predict("does-not-exist", "parameters (% of dense)", "perplexity (held-out, else search fitness)",
+    r = client.predict("does-not-exist", "parameters (% of dense)", "held-out perplexity",
                        api_name="/pick")
     assert "no candidate" in message(r, "pick")
 
     r = client.predict(api_name="/reform")
     assert "Reformed" in str(out(r, "reform", "action_status"))
     # Evaluate after Reform scores the reformed model: the very figure reformation measured after
-    r = client.predict(["ppl"], 8, api_name="/evaluate")
+    r = client.predict(["ppl"], 8, "parameters (% of dense)", "held-out perplexity", api_name="/evaluate")
     assert "(reformed)" in str(out(r, "evaluate", "action_status")), message(r, "evaluate")
     from explorer.search.runs import open_run
 
     runs = app_server["base"] / "runs"
     picked = open_run(runs / "api-run").pick(ids[0]).metrics
     assert picked["reformed_heldout_ppl"] == picked["ppl_after"] != picked["ppl_before"]
-    r = client.predict("parameters (% of dense)", "perplexity (held-out, else search fitness)", api_name="/add_compare")
+    r = client.predict("parameters (% of dense)", "held-out perplexity", api_name="/add_compare")
     job = client.submit("Name a colour.", False, 0.7, 0.9, 0, 8, api_name="/generate")
     outs = list(job)
     # the last update that carries text (the very last only stores the tab's prompt: no box changes)
@@ -116,9 +118,9 @@ def test_api_flow(client, app_server, tmp_path):
     from gradio_client import handle_file
 
     r = client.predict(handle_file(str(root / "subnet.json")), "parameters (% of dense)",
-                       "perplexity (held-out, else search fitness)", api_name="/open_subnet")
-    status = str(out(r, "open_subnet", "status"))
-    assert "bias-compensated, reformed" in status and not message(r, "open_subnet"), message(r, "open_subnet")
+                       "held-out perplexity", api_name="/open_subnet")
+    status = str(out(r, "open_subnet", "pick_status"))
+    assert "bias-compensated, reformed" in status and "⚠️" not in status, status
     upload = [c for c in open_run(next(runs.glob("uploads-*"))).candidates() if c.origin == "upload"][-1]
     assert upload.compensated and upload.metrics["reformed_heldout_ppl"] == picked["ppl_after"]
 
@@ -129,7 +131,7 @@ def test_stop_keeps_what_was_found_and_evaluate_through_the_api(client):
 
     client.predict("default", "float32", "cpu", api_name="/load_model")
     job = client.submit("0.8", "demo", 10, 50, None, 1, "paper", "dims", 5, "api-stop", False, "parameters (% of dense)",
-                        "perplexity (held-out, else search fitness)", api_name="/search")
+                        "held-out perplexity", api_name="/search")
     deadline = time.time() + 600
     while time.time() < deadline:
         outs = job.outputs()
@@ -142,15 +144,15 @@ def test_stop_keeps_what_was_found_and_evaluate_through_the_api(client):
     job.result(timeout=600)
     final = str(out(job.outputs()[-1], "search", "status"))
     assert "stopped" in final
-    r = client.predict("api-stop", "parameters (% of dense)", "perplexity (held-out, else search fitness)",
+    r = client.predict("api-stop", "parameters (% of dense)", "held-out perplexity",
                        api_name="/open_run")
     status = str(out(r, "open_run", "status"))
     assert "candidates" in status
     n = int(status.split("·")[1].split()[0])
     assert n >= 3  # what was found before Stop is kept
-    r = client.predict("c00000", "parameters (% of dense)", "perplexity (held-out, else search fitness)",
+    r = client.predict("c00000", "parameters (% of dense)", "held-out perplexity",
                        api_name="/pick")
-    r = client.predict(["ppl", "piqa"], 8, api_name="/evaluate")
+    r = client.predict(["ppl", "piqa"], 8, "parameters (% of dense)", "held-out perplexity", api_name="/evaluate")
     card = str(out(r, "evaluate", "card"))
     assert "piqa" in card and "held-out ppl" in card
 
@@ -167,18 +169,18 @@ def test_a_whole_head_search_exports_a_gguf_that_llamacpp_runs(client, app_serve
 
     client.predict("default", "float32", "cpu", api_name="/load_model")
     job = client.submit("0.7", "demo", 4, 1, None, 1, "paper", "heads", 3, "api-heads", False,
-                        "parameters (% of dense)", "perplexity (held-out, else search fitness)", api_name="/search")
+                        "parameters (% of dense)", "held-out perplexity", api_name="/search")
     job.result(timeout=1200)
     assert "finished" in str(out(job.outputs()[-1], "search", "status"))
     run = open_run(app_server["base"] / "runs" / "api-heads")
     assert run.settings["space"] == "heads"
     best = min((c for c in run.candidates() if c.subnet.fraction(embedded.shape) < 0.72), key=lambda c: c.fitness)
     assert best.subnet.head_granular(embedded.shape)
-    r = client.predict(best.id, "parameters (% of dense)", "perplexity (held-out, else search fitness)",
+    r = client.predict(best.id, "parameters (% of dense)", "held-out perplexity",
                        api_name="/pick")
     assert best.id in out(r, "pick", "card")
     r = client.predict("gguf", api_name="/export")
-    assert "ran it in llama.cpp" in str(out(r, "export", "action_status")), message(r, "export")
+    assert "ran it in llama.cpp" in str(out(r, "export", "export_status")), message(r, "export")
     with zipfile.ZipFile(out(r, "export", "download")) as z:
         z.extractall(tmp_path)
     gguf = next(tmp_path.rglob("*.gguf"))

@@ -60,7 +60,26 @@ def test_a_box_says_why_it_is_empty():
     from explorer.model.generation import Stream
     from explorer.ui.handlers import stream_label
 
-    assert stream_label("Pick A", Stream(done=True)).endswith("done: the model's first token was end-of-text")
-    running = stream_label("Pick A", Stream(text="w1", tokens=1, seconds=0.5))
-    assert running == "Pick A · 1 tokens · 2.0 tok/s" and "done" not in running
-    assert stream_label("Original", Stream(text="w1", tokens=1, seconds=0.5, done=True)).endswith(" · done")
+    empty = Stream(done=True)
+    assert stream_label("Pick A", empty, {"Pick A": empty}).endswith("done: the model's first token was end-of-text")
+    running = Stream(text="w1 w2", tokens=2, seconds=1.0, steps=[0.5, 0.5])
+    label = stream_label("Pick A", running, {"Pick A": running})
+    assert label == "Pick A · 2 tokens · 2.0 tok/s" and "done" not in label
+    done = Stream(text="w1", tokens=1, seconds=0.5, steps=[0.5], done=True)
+    assert stream_label("Original", done, {"Original": done}) == "Original · 1 tokens · done"  # no rate from one token
+
+
+def test_side_by_side_speeds_are_compared_over_the_same_tokens():
+    """A model that stops after 7 tokens beside one that writes 64: both rates are over the first 7 tokens
+    (the prompt's prefill in the first step left out), and a pick's label gives its ratio to the original."""
+    from explorer.model.generation import Stream, common_length
+    from explorer.ui.handlers import stream_label
+
+    original = Stream(tokens=7, steps=[1.0] + [0.1] * 6, done=True)  # a slow prefill, then 10 tok/s
+    pick = Stream(tokens=64, steps=[0.5] + [0.05] * 30 + [0.5] * 33)  # 20 tok/s early, slower later
+    streams = {"Original": original, "Pick A": pick}
+    assert common_length(streams) == 7
+    assert abs(original.decode_rate(7) - 10.0) < 1e-9 and abs(pick.decode_rate(7) - 20.0) < 1e-9
+    assert "20.0 tok/s (2.00× the original)" in stream_label("Pick A", pick, streams)
+    assert "10.0 tok/s" in stream_label("Original", original, streams)
+    assert Stream(tokens=1, steps=[1.0]).decode_rate(5) is None

@@ -16,9 +16,9 @@ from explorer.model.subnet import ModelShape, uniform_subnet
 
 pytestmark = pytest.mark.slow
 
-from explorer.ui.app import client_outputs
+from explorer.ui.app import MESSAGE_OF, client_outputs
 
-X, Y = "parameters (% of dense)", "perplexity (held-out, else search fitness)"
+X, Y = "parameters (% of dense)", "held-out perplexity"
 SHIPPED = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "assets" / "runs").iterdir()
                  if (p / "run.json").is_file())
 
@@ -32,7 +32,8 @@ def new_client(app_server):
 
 def out(result, api_name: str, name: str):
     """One named output of an endpoint's result (each endpoint returns only what it changes)."""
-    return result[client_outputs(api_name.strip("/")).index(name)]
+    names = client_outputs(api_name.strip("/"))
+    return result if len(names) == 1 and name == names[0] else result[names.index(name)]  # one output: no tuple
 
 
 def value(o) -> str:
@@ -50,10 +51,11 @@ def loaded_client(app_server):
 def refused(client, *args, api_name: str, match: str) -> str:
     """An action refused with one readable line in the page's one message place, and nothing else changed."""
     result = client.predict(*args, api_name=api_name)
-    msg = value(out(result, api_name, "message"))
+    where = MESSAGE_OF[api_name.strip("/")]
+    msg = value(out(result, api_name, where))
     assert re.search(match, msg), msg
     assert "Traceback" not in msg and "\n" not in msg.strip(), msg
-    others = [value(o) for o, name in zip(result, client_outputs(api_name.strip("/"))) if name != "message"]
+    others = [value(o) for o, name in zip(result, client_outputs(api_name.strip("/"))) if name != where]
     assert not any(others), f"a refused action changed {others}"
     return msg
 
@@ -69,7 +71,7 @@ def stop_when_running(client, job, timeout_s: float = 300) -> dict:
     deadline = time.time() + timeout_s
     while time.time() < deadline and not job.done():
         r = client.predict(api_name="/stop_search")
-        if "Stopping" in value(out(r, "stop_search", "action_status")):
+        if any("Stopping" in value(out(r, "stop_search", k)) for k in ("status", "action_status", "export_status")):
             return r
         time.sleep(0.1)
     raise AssertionError(f"the job never became stoppable (done: {job.done()})")
@@ -111,20 +113,21 @@ def test_open_subnet_json_matching_and_mismatched(app_server, embedded, tmp_path
     cid = value(out(r, "open_subnet", "pick_box"))
     assert cid.startswith("upload-") and f"`{cid}`" in value(out(r, "open_subnet", "card"))
     assert "held-out ppl" in value(out(r, "open_subnet", "card"))
-    assert "Opened `subnet.json`" in value(out(r, "open_subnet", "status"))
-    assert compare_ids(out(r, "open_subnet", "compare")) == []  # compared ids were of the other run
-    run_name = value(out(r, "open_subnet", "runs"))
-    run_dir = app_server["base"] / "runs" / run_name
+    assert "Opened `subnet.json`" in value(out(r, "open_subnet", "pick_status"))
+    assert compare_ids(out(r, "open_subnet", "compare")) == ["c00001"]  # the run stays on the plot, and its picks
+    from explorer.app.runfolders import uploads_run_name
+
+    run_dir = app_server["base"] / "runs" / uploads_run_name("default")
     stored = [json.loads(line) for line in (run_dir / "candidates.jsonl").read_text().splitlines()]
     assert [d["origin"] for d in stored if d["id"] == cid] == ["upload"]
     # it is a pick like any other
     r = client.predict(X, Y, api_name="/add_compare")
     assert f"`{cid}` added" in value(out(r, "add_compare", "action_status"))
-    assert compare_ids(out(r, "add_compare", "compare")) == [cid]
+    assert compare_ids(out(r, "add_compare", "compare")) == ["c00001", cid]
     # a refused file after that still leaves this pick in place
     refused(client, handle_file(str(other)), X, Y, api_name="/open_subnet", match="does not fit the loaded model")
     r = client.predict(X, Y, api_name="/add_compare")
-    assert compare_ids(out(r, "add_compare", "compare")) == [cid]
+    assert compare_ids(out(r, "add_compare", "compare")) == ["c00001", cid]
     assert not re.search(r"unexpected error in open_subnet", app_log(app_server))
 
 
@@ -137,13 +140,15 @@ def test_stop_cancels_reform_and_export_leaving_nothing_half_done(app_server, em
     good.write_text(uniform_subnet(embedded.shape, 0.5, 0.5).to_json())
     r = client.predict(handle_file(str(good)), X, Y, api_name="/open_subnet")
     cid = value(out(r, "open_subnet", "pick_box"))
-    run_dir = app_server["base"] / "runs" / value(out(r, "open_subnet", "runs"))
+    from explorer.app.runfolders import uploads_run_name
+
+    run_dir = app_server["base"] / "runs" / uploads_run_name("default")
     files = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
 
     job = client.submit(api_name="/reform")
     stop_when_running(client, job)
     res = job.result(timeout=600)
-    assert f"Reformation of `{cid}` cancelled" in value(out(res, "reform", "action_status"))
+    assert f"Reformation of `{cid}` stopped" in value(out(res, "reform", "action_status"))
     # the run is exactly as before: no annotation, no changed candidate; the card shows no reformation
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == files
     card = value(out(client.predict(cid, X, Y, api_name="/pick"), "pick", "card"))
@@ -154,17 +159,17 @@ def test_stop_cancels_reform_and_export_leaving_nothing_half_done(app_server, em
     job = client.submit(api_name="/export")
     stop_when_running(client, job)
     res = job.result(timeout=600)
-    assert f"Export of `{cid}` cancelled" in value(out(res, "export", "action_status"))
+    assert f"Export of `{cid}` stopped" in value(out(res, "export", "export_status"))
     assert not value(out(res, "export", "download"))
     left = set(os.listdir(exports)) - before
     assert not left, f"a cancelled export left {left}"  # neither a finished-looking folder nor a partial one
 
     # the model is free again: another heavy job of this tab runs to the end
-    r = client.predict(["ppl"], 1, api_name="/evaluate")
+    r = client.predict(["ppl"], 1, X, Y, api_name="/evaluate")
     assert "held-out ppl" in value(out(r, "evaluate", "card"))
     # Stop with nothing running is a note, not an error
     r = client.predict(api_name="/stop_search")
-    assert "Nothing is running" in value(out(r, "stop_search", "action_status"))
+    assert "Nothing is running" in value(out(r, "stop_search", "status"))
 
 
 # ---- a prompt longer than the context -------------------------------------------------------------
@@ -208,6 +213,7 @@ def test_two_tabs_one_searches_the_other_is_told_busy(app_server):
             # tab B shows a shipped run and picks one of its candidates
             b_pick = b.locator("#pick-box input, #pick-box textarea").first
             b_pick.fill("typed before opening")
+            b.get_by_text("Saved runs").click()
             b.get_by_label("Run", exact=True).fill(SHIPPED[0])
             b.get_by_label("Run", exact=True).press("Enter")
             b.get_by_role("button", name="Open run").click()
@@ -223,7 +229,7 @@ def test_two_tabs_one_searches_the_other_is_told_busy(app_server):
             # tab A: a long search (single target, no baselines) that will be stopped; the model is A's as
             # soon as the search says it is starting
             a.get_by_label("Targets (fraction of total parameters)").fill("0.8")
-            a.get_by_text("Budget details").click()
+            a.get_by_text("More search settings").click()
             a.get_by_label("Population (blank = preset)").fill("6")
             a.get_by_label("Generations (blank = preset)").fill("50")
             a.get_by_label("Fitness windows (blank = preset)").fill("1")
@@ -236,12 +242,12 @@ def test_two_tabs_one_searches_the_other_is_told_busy(app_server):
             b.get_by_role("button", name="Reform").click()
             b.get_by_text("the model is busy with another job").first.wait_for(timeout=60_000)
             # B's Stop does not reach A's search: B runs nothing
-            b.get_by_role("button", name="Stop").click()
+            b.get_by_role("button", name="Stop").first.click()
             b.get_by_text("Nothing is running in this tab").first.wait_for(timeout=60_000)
             assert not re.search("Stopping|stopped|finished", a.locator("#status-box").inner_text())
 
             # A stops its own search cleanly
-            a.get_by_role("button", name="Stop").click()
+            a.get_by_role("button", name="Stop").first.click()
             wait_text(a, "#status-box", "stopped", 300)
 
             # each tab kept its own state: A shows its run and no pick; B its run and its pick
@@ -258,14 +264,14 @@ def test_two_tabs_one_searches_the_other_is_told_busy(app_server):
             # until it reaches the job (a press before the job starts finds nothing running); the answer of
             # a press may land after the cancellation's, so the cancellation is read from its toast too
             b.get_by_role("button", name="Reform").click()
-            cancelled = b.get_by_text(re.compile(r"Reformation of `?c00001`? cancelled")).first
+            cancelled = b.get_by_text(re.compile(r"Reformation of `?c00001`? stopped")).first
             deadline = time.time() + 300
             while not ("Stopping the reformation" in b.locator("#action-status").inner_text()
                        or cancelled.is_visible()):
                 assert time.time() < deadline, ("B's reformation was never stopped: "
                                                 + b.locator("#action-status").inner_text())
                 assert "Reformed" not in b.locator("#action-status").inner_text()
-                b.get_by_role("button", name="Stop").click()
+                b.get_by_role("button", name="Stop").nth(1).click()  # the Stop beside Reform
                 time.sleep(0.5)
             cancelled.wait_for(timeout=300_000)
             assert "Reformed" not in b.locator("#action-status").inner_text()

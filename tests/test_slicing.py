@@ -2,9 +2,8 @@
 every architecture and rope type we accept (tiny random models, random biases and norm gains)."""
 from __future__ import annotations
 
-import zlib
-
 import random
+import zlib
 
 import pytest
 import torch

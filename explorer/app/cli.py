@@ -157,7 +157,10 @@ def setup_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a bad argument already said in one line
+        return int(e.code or 0)
     setup_logging(args.verbose)
     from transformers.utils import logging as hf_logging
 

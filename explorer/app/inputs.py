@@ -67,7 +67,12 @@ def search_settings(preset: str, targets: Any, overrides: Mapping[str, object] =
                 given[name] = Probs(**given[name])
             except TypeError:
                 raise ExplorerError(f"{name} takes depth, ratio, mask and alpha, got {sorted(given[name])}") from None
-    return SearchSettings.preset(preset, **given, targets=parse_targets(targets))
+    from ..search.validate import check_types, check_values
+
+    settings = SearchSettings.preset(preset, **given, targets=parse_targets(targets))
+    check_types(settings)  # what needs no model is refused before one loads
+    check_values(settings)
+    return settings
 
 
 def parse_limit(value: Any) -> int | None:

@@ -53,7 +53,7 @@ def prompts(run: Run) -> list[dict]:
 
 def build_report(run: Run, title: str | None = None, extra_prompts: list[dict] = ()) -> str:
     """The report's HTML text (self-contained)."""
-    from .plots import pareto_figure
+    from .plots import DEFAULT_Y, pareto_figure
 
     cands = run.candidates()
     by_id = {c.id: c for c in cands}
@@ -65,7 +65,7 @@ def build_report(run: Run, title: str | None = None, extra_prompts: list[dict] =
              f"<p>model <b>{html.escape(str(st.get('model', '?')))}</b> · preset {html.escape(str(st.get('preset', '?')))}"
              f" · targets {', '.join(f'{t:.0%}' for t in st.get('targets', []))} · {len(cands)} candidates · "
              f"bias compensation {'on' if st.get('compensate') else 'off'} · status {html.escape(run.status)}</p>"]
-    y = "perplexity (held-out, else search fitness)"
+    y = DEFAULT_Y
     for i, (axis, name) in enumerate((("parameters (% of dense)", "params"), ("predicted latency (ms/token)", "latency"))):
         fig = pareto_figure(cands, axis, y, title=f"{title}: quality vs {axis.split(' (')[0]}", latency=latency)
         parts.append(fig.to_html(include_plotlyjs=i == 0, full_html=False, default_height="560px"))

@@ -27,10 +27,21 @@ from ..events import SEARCH_END, EventSink, Progress, check_cancel, no_event
 from ..model.cores import CoreShare
 from ..model.generation import DecodeSettings, side_by_side
 from ..model.latency import SpeedSettings, measure_speed
-from ..model.loading import LoadedModel, is_subnet_folder, load_model, weights_fingerprint
+from ..model.loading import (
+    LoadedModel,
+    is_subnet_folder,
+    load_model,
+    weights_fingerprint,
+)
 from ..model.slicing import candidate_model
 from ..model.subnet import Subnet
-from ..pick.evaluation import EvalResult, EvalSettings, evaluate, heldout_perplexity, load_subnet_folder
+from ..pick.evaluation import (
+    EvalResult,
+    EvalSettings,
+    evaluate,
+    heldout_perplexity,
+    load_subnet_folder,
+)
 from ..pick.pickfile import PickFile
 from ..pick.reform import ReformSettings, reform, same_sketch
 from ..search.runs import SHIPPED_RUNS, Candidate, create_run, open_run, run_path
@@ -196,6 +207,10 @@ class Workbench(RunFolders):
                     lock.release()
         return lm, self._dense[key]
 
+    def dense_figures(self, key: tuple | None) -> dict | None:
+        """What Load measured of the dense model (held-out perplexity, speed), if it has."""
+        return self._dense.get(key) if key is not None else None
+
     def info(self, tab: str, key: tuple, settings: EvalSettings | None, on_event: EventSink = no_event) -> dict:
         """A model's architecture and, with `settings`, its held-out perplexity."""
         lm = self.model(key)
@@ -290,7 +305,16 @@ class Workbench(RunFolders):
         leader = group is None or group.leader
         run_dir = self.new_run_dir(name) if leader else Path(name)  # the others mirror process 0's run
         resolve(lm, settings)  # bad targets and settings are refused here, before the job or the run exist
-        return self._searching(tab, key, lambda cancel: run_search(lm, settings, run_dir, cancel=cancel, group=group))
+        dense = self._dense.get(key)
+
+        def start(cancel):
+            for ev in run_search(lm, settings, run_dir, cancel=cancel, group=group):
+                c = getattr(ev, "candidate", None)
+                if dense and leader and c is not None and c.origin == "dense":  # the held-out reference of the plot
+                    open_run(run_dir).annotate(c.id, {"heldout_ppl": dense["heldout_ppl"]})
+                yield ev
+
+        return self._searching(tab, key, start)
 
     def prepare(self, tab: str, key: tuple, settings: SearchSettings) -> Iterator[Any]:
         """Build what a search with these settings reads before its first candidate (the calibration

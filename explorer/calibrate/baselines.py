@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ExplorerError
+from ..events import check_cancel
 from ..model.devices import execution_device, onloaded
 from ..model.subnet import LayerChoice, ModelShape, Subnet
 from .capture import StatsCollector, block_linears, capture_block_inputs, run_block
@@ -187,16 +188,19 @@ def flap_uniform(model, stats: Importance, shape: ModelShape, fraction: float) -
 
 
 @torch.no_grad()
-def wanda_sp(model, shape: ModelShape, fraction: float, windows: torch.Tensor, batch_size: int = 8) -> Subnet:
-    """Sequential: block i's statistics come from the inputs the pruned blocks before it produce."""
+def wanda_sp(model, shape: ModelShape, fraction: float, windows: torch.Tensor, batch_size: int = 8,
+             cancel=None) -> Subnet:
+    """Sequential: block i's statistics come from the inputs the pruned blocks before it produce.
+    Stop (`cancel`) is read between blocks."""
     from ..model.modeling_subnet import SubnetBlock, SubnetRotary, block_masks
     from ..model.slicing import block_state_dict, fill_buffers, subnet_config
 
     n_groups, n_channels = uniform_counts(shape, fraction)
-    inputs = capture_block_inputs(model, windows, batch_size)
+    inputs = capture_block_inputs(model, windows, batch_size, cancel)
     layers: list[LayerChoice] = []
     T = windows.shape[1]
     for i, block in enumerate(model.model.layers):
+        check_cancel(cancel)
         lin = block_linears(block)
         names = {"o_in": lin["self_attn.o_proj"], "down_in": lin["mlp.down_proj"]}
         with StatsCollector(names, execution_device(block)) as col:
@@ -225,7 +229,7 @@ def wanda_sp(model, shape: ModelShape, fraction: float, windows: torch.Tensor, b
 
 
 def baseline_subnet(name: str, model, stats: Importance, shape: ModelShape, fraction: float,
-                    windows: torch.Tensor | None = None) -> BaselineResult:
+                    windows: torch.Tensor | None = None, cancel=None) -> BaselineResult:
     """`name` in BASELINES; `stats` is the importance pass; `windows` the calibration tokens that
     Wanda-sp's sequential pass runs on."""
     if name == "magnitude":
@@ -233,7 +237,7 @@ def baseline_subnet(name: str, model, stats: Importance, shape: ModelShape, frac
     elif name == "wanda-sp":
         if windows is None:
             raise ExplorerError("Wanda-sp needs calibration windows")
-        sub = wanda_sp(model, shape, fraction, windows)
+        sub = wanda_sp(model, shape, fraction, windows, cancel=cancel)
     elif name == "flap":
         sub = flap(model, stats, shape, fraction)
     elif name == "flap-uniform":

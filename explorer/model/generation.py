@@ -7,7 +7,7 @@ every model; each model gets its own generator seeded identically.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -63,10 +63,24 @@ class Stream:
     tokens: int = 0
     seconds: float = 0.0
     done: bool = False
+    steps: list[float] = field(default_factory=list)  # seconds of each new token (the first includes the prompt)
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def decode_rate(self, n: int) -> float | None:
+        """Decode tokens/s over this model's tokens 2..n: the prompt's prefill (in the first step) left out,
+        so models compared over the same n are compared fairly. None when it has fewer than 2 tokens."""
+        n = min(n, len(self.steps))
+        spent = sum(self.steps[1:n])
+        return (n - 1) / spent if n >= 2 and spent > 0 else None
+
+
+def common_length(streams: dict[str, Stream]) -> int:
+    """The number of tokens every model that wrote at least two has written: the fair length to compare."""
+    counts = [len(s.steps) for s in streams.values() if len(s.steps) >= 2]
+    return min(counts) if counts else 0
 
 
 def forward_step(model, input_ids: torch.Tensor, cache):
@@ -99,11 +113,13 @@ def token_stream(model, tokenizer, prompt_ids: torch.Tensor, settings: DecodeSet
         logits, cache = forward_step(model, ids, cache)
         logits = logits[0, -1].float().cpu()
         token = _choose(logits, settings, gen)
-        state.seconds += time.perf_counter() - t0
+        step = time.perf_counter() - t0
+        state.seconds += step
         if token in eos:
             break
         new.append(token)
         state.tokens += 1
+        state.steps.append(step)
         # Special tokens other than EOS stay visible: a narrowed model that answers "<|im_start|>" should
         # show that, not an empty box beside a token count.
         state.text = tokenizer.decode(new, skip_special_tokens=False)

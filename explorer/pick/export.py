@@ -195,9 +195,10 @@ def probe_ids(tokenizer, config, min_tokens: int = 64) -> torch.Tensor:
     return torch.tensor([ids[:want]])
 
 
-def reload_in_fresh_process(folder: Path, ids: torch.Tensor, prompt: torch.Tensor, timeout: float = 600.0) -> dict:
+def reload_in_fresh_process(folder: Path, ids: torch.Tensor, prompt: torch.Tensor, timeout: float = 600.0,
+                            cancel: threading.Event | None = None) -> dict:
     """Logits on `ids` and greedy tokens after `prompt` of the folder, loaded by plain transformers in
-    a subprocess that cannot import `explorer`."""
+    a subprocess that cannot import `explorer`; Stop (`cancel`) ends the subprocess within a moment."""
     from safetensors.torch import load_file, save_file
 
     with tempfile.TemporaryDirectory(prefix="subnet_verify_") as work:
@@ -207,15 +208,25 @@ def reload_in_fresh_process(folder: Path, ids: torch.Tensor, prompt: torch.Tenso
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
         env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(w / "modules"), TOKENIZERS_PARALLELISM="false",
                    CUDA_VISIBLE_DEVICES="")
-        proc = subprocess.run([sys.executable, "-I", str(w / "verify.py"), str(folder.resolve()),
-                               str(w / "probe.safetensors"), str(w / "out.safetensors")],
-                              cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        with open(w / "stdout.txt", "w") as out, open(w / "stderr.txt", "w") as err:
+            proc = subprocess.Popen([sys.executable, "-I", str(w / "verify.py"), str(folder.resolve()),
+                                     str(w / "probe.safetensors"), str(w / "out.safetensors")],
+                                    cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True)
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None:
+                if (cancel is not None and cancel.is_set()) or time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait()
+                    check_cancel(cancel)
+                    raise ExportError(f"the verification did not finish in {timeout:.0f} s")
+                time.sleep(0.2)
+        stdout, stderr = (w / "stdout.txt").read_text(), (w / "stderr.txt").read_text()
         if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            tail = (stderr.strip().splitlines() or ["no output"])[-1]
             raise ExportError(f"the exported folder does not load with plain transformers: {tail}")
-        lines = [l for l in proc.stdout.splitlines() if "VERIFY_REPORT " in l]
+        lines = [l for l in stdout.splitlines() if "VERIFY_REPORT " in l]
         if not lines:
-            raise ExportError(f"the verification process printed no report: {proc.stdout[-300:]!r}")
+            raise ExportError(f"the verification process printed no report: {stdout[-300:]!r}")
         report = json.loads(lines[-1].split("VERIFY_REPORT ", 1)[1])
         got = load_file(w / "out.safetensors")
     if report["explorer_imported"]:
@@ -224,7 +235,7 @@ def reload_in_fresh_process(folder: Path, ids: torch.Tensor, prompt: torch.Tenso
 
 
 @torch.no_grad()
-def verify_folder(folder: Path, lm, model, subnet: Subnet, means=None, reformed=None) -> dict:
+def verify_folder(folder: Path, lm, model, subnet: Subnet, means=None, reformed=None, cancel=None) -> dict:
     """Compare the reloaded folder with the independent reference (see the module docstring)."""
     from ..model.reference import weights_match, zeroed_reference
 
@@ -245,7 +256,7 @@ def verify_folder(folder: Path, lm, model, subnet: Subnet, means=None, reformed=
     want_tokens = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
                                do_sample=False)
     del ref
-    got = reload_in_fresh_process(folder, ids, prompt)
+    got = reload_in_fresh_process(folder, ids, prompt, cancel=cancel)
     diff = float((got["logits"] - want).abs().max())
     same = got["tokens"].shape == want_tokens.shape and bool(torch.equal(got["tokens"], want_tokens))
     what = ("the base model's transformers class with the omitted weights zeroed"
@@ -324,7 +335,7 @@ def export_subnet(lm, subnet_model, record: PickFile | Subnet, out_dir: str | Pa
             provenance.update(reform_digest=reformed["digest"], reform_settings=reformed["settings"])
         verification: dict = {"verified": False}
         if verify:
-            verification = verify_folder(tmp, lm, subnet_model, subnet, means, reformed)
+            verification = verify_folder(tmp, lm, subnet_model, subnet, means, reformed, cancel)
             if not verification["max_logit_diff"] <= verification["allowed_diff"] or not verification["same_tokens"]:
                 raise ExportError(f"the reloaded export differs from the reference (max logit difference "
                                   f"{verification['max_logit_diff']:.3g}, allowed {verification['allowed_diff']:.3g}, "

@@ -55,7 +55,7 @@ class Calibration:
             self._scorings[name] = scoring(name, model, self.importance, shape)
         return self._scorings[name]
 
-    def baseline(self, name: str, model, shape, target: float) -> tuple[BaselineResult, bool]:
+    def baseline(self, name: str, model, shape, target: float, cancel=None) -> tuple[BaselineResult, bool]:
         """A baseline's subnet at `target` and whether it was read rather than computed, from the same
         calibration windows as the importance pass. Wanda-sp runs its own sequential pass over them
         (the slow one); every baseline depends only on the model, the calibration data and the target,
@@ -70,7 +70,7 @@ class Calibration:
                 result = BaselineResult(name, Subnet.from_dict(found["subnet"]), bool(found["compensated"]))
                 break
         else:
-            result = baseline_subnet(name, model, self.importance, shape, target, self.calib[:n_windows])
+            result = baseline_subnet(name, model, self.importance, shape, target, self.calib[:n_windows], cancel)
         for path in stores:
             table = _read_json(path)
             if entry not in table:

@@ -109,13 +109,13 @@ def baseline_order(s: SearchSettings) -> list[str]:
 
 
 def baseline_jobs(lm: LoadedModel, s: SearchSettings, cal: Calibration, target: float,
-                  names: tuple[str, ...] | None = None) -> Iterator[Job]:
+                  names: tuple[str, ...] | None = None, cancel=None) -> Iterator[Job]:
     """The baselines' subnets at this target (METHOD section 6), each with its own compensation,
     computed on the same calibration windows as everything else: those from the dense pass's
     statistics first (instant), then the sequential ones; each read from the calibration's cache
     when an earlier search built it. Lazily, so a spent time budget computes no more of them."""
     for name in baseline_order(s) if names is None else names:
-        res, _ = cal.baseline(name, lm.model, lm.shape, target)
+        res, _ = cal.baseline(name, lm.model, lm.shape, target, cancel)
         yield Job(res.subnet, target, 0, f"baseline:{name}", res.compensated)
 
 

@@ -121,7 +121,7 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
                                             "calibration windows does not fit the time budget's share (prepare the "
                                             "search first, or search without a budget)")
                     continue
-                job = next(baseline_jobs(lm, s, cal, target, (name,)))
+                job = next(baseline_jobs(lm, s, cal, target, (name,), cancel))
                 baselines.append(job)
                 yield from consider(evaluate.run([job]), None)
             starts = seeded_jobs(lm, s, target, seen, baselines) + own[1:]

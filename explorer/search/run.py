@@ -61,7 +61,7 @@ def prepare(lm: LoadedModel, settings: SearchSettings, run_dir: str | Path,
     cal = yield from search_calibration(lm, settings, run, cancel, None)
     for target in settings.targets:
         yield StageProgress("baselines", 0, len(settings.baselines), f"{target:.0%}")
-        for n, job in enumerate(baseline_jobs(lm, settings, cal, target)):
+        for n, job in enumerate(baseline_jobs(lm, settings, cal, target, cancel=cancel)):
             check_cancel(cancel)
             yield StageProgress("baselines", n + 1, len(settings.baselines), f"{target:.0%}: {job.origin}")
     if settings.fitness_mode == "reformed":

@@ -76,17 +76,20 @@ def _describe(hint) -> str:
             type(None): "null"}.get(hint, hint.__name__)
 
 
-def check_values(s: SearchSettings, shape: ModelShape) -> None:
+def check_values(s: SearchSettings, shape: ModelShape | None = None) -> None:
+    """Ranges and choices; with `shape`, also what depends on the model (widths within its sizes)."""
     for name, (low, what) in LOWER_BOUNDS.items():
         if getattr(s, name) < low:
             raise ExplorerError(f"{name} ({what}) must be at least {low:g}, not {getattr(s, name)}")
     if s.generations and s.mutations + s.crossovers + s.fresh == 0:
         raise ExplorerError("a generation needs children: mutations, crossovers and fresh are all 0")
-    if s.multiple > shape.intermediate_size:
+    if s.head_multiple % 2:
+        raise ExplorerError(f"head_multiple must be an even step (whole rotary pairs), not {s.head_multiple}")
+    if shape is not None and s.multiple > shape.intermediate_size:
         raise ExplorerError(f"multiple={s.multiple} is wider than the MLP ({shape.intermediate_size} channels)")
-    if s.head_multiple % 2 or s.head_multiple > shape.head_dim:
-        raise ExplorerError(f"head_multiple must be an even step (whole rotary pairs) of at most the head "
-                            f"dimension {shape.head_dim}, not {s.head_multiple}")
+    if shape is not None and s.head_multiple > shape.head_dim:
+        raise ExplorerError(f"head_multiple must be at most the head dimension {shape.head_dim}, not "
+                            f"{s.head_multiple}")
     if not 0 < s.window < 0.5:
         raise ExplorerError(f"window (the width of a target's size window) must be in (0, 0.5), not {s.window}")
     for name in ("first_probs", "probs"):

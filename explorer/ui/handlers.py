@@ -1,8 +1,10 @@
 """Event wiring: each handler maps widgets to one workbench call and returns a dict keyed by
 component. No engine work happens here.
 
-Errors the user can fix arrive as `gr.Error` with the engine's message; anything else is
-logged with its traceback and shown as one line.
+Every action answers where it was asked: its results and its failures go to the one status line
+of its own section (Load's under Load, a search's beside Start, Reform's under Reform, an export's
+under Export). Errors the user can fix show the engine's message; anything else is logged with
+its traceback and shown as one line.
 """
 from __future__ import annotations
 
@@ -30,52 +32,60 @@ from ..events import (
     SearchStarted,
     StageProgress,
 )
-from ..model.generation import DecodeSettings
+from ..model.generation import DecodeSettings, common_length
 from ..pick.evaluation import parse_tasks
 from . import views
 from .layout import UI
 from .session import Session
 
 log = logging.getLogger("explorer.ui")
+# where each kind of heavy job answers (Stop included)
+JOB_STATUS = {"search": "status", "preparation": "status", "reformation": "action_status",
+              "evaluation": "action_status", "latency measurement": "action_status", "export": "export_status"}
 
 
-def user_errors(fn):
-    """Report failure as one message in one place: a handler that fails changes nothing but the page's
-    message (no error badge on every output, no half-updated tab); a handler that succeeds clears it.
-    Errors the user can fix show the engine's message; anything else is logged with its traceback and
-    shown as one line."""
+def user_errors(where: str, reset: dict | None = None):
+    """Report failure as one message in the status line `where` (the section the user acted in): a
+    handler that fails changes nothing else (no error badge on every output, no half-updated tab),
+    apart from `reset` (e.g. Start enabled again). A handler that succeeds without writing that line
+    clears an old message from it."""
 
-    def message(self, e: Exception) -> dict:
-        if isinstance(e, ExplorerError):
-            log.info("user error in %s: %s", fn.__name__, e)
-            text = str(e)
-        else:
-            log.exception("unexpected error in %s", fn.__name__)
-            text = f"Something went wrong ({type(e).__name__}: {str(e)[:200]}). The log has the details."
-        return {self.ui.message: f"⚠️ {text}"}
+    def decorate(fn):
+        def message(self, e: Exception) -> dict:
+            if isinstance(e, ExplorerError):
+                log.info("user error in %s: %s", fn.__name__, e)
+                text = str(e)
+            else:
+                log.exception("unexpected error in %s", fn.__name__)
+                text = f"Something went wrong ({type(e).__name__}: {str(e)[:200]}). The log has the details."
+            out = {getattr(self.ui, where): f"⚠️ {text}"}
+            out.update({getattr(self.ui, k): v for k, v in (reset or {}).items()})
+            return out
 
-    def cleared(self, out):
-        return {self.ui.message: "", **out} if isinstance(out, dict) else out
+        def cleared(self, out):
+            target = getattr(self.ui, where)
+            return {target: "", **out} if isinstance(out, dict) and target not in out else out
 
-    if inspect.isgeneratorfunction(fn):
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def gen(self, *a, **k):
+                first = True
+                try:
+                    for out in fn(self, *a, **k):
+                        yield cleared(self, out) if first else out
+                        first = False
+                except Exception as e:  # noqa: BLE001
+                    yield message(self, e)
+            return gen
+
         @functools.wraps(fn)
-        def gen(self, *a, **k):
-            first = True
+        def plain(self, *a, **k):
             try:
-                for out in fn(self, *a, **k):
-                    yield cleared(self, out) if first else out
-                    first = False
+                return cleared(self, fn(self, *a, **k))
             except Exception as e:  # noqa: BLE001
-                yield message(self, e)
-        return gen
-
-    @functools.wraps(fn)
-    def plain(self, *a, **k):
-        try:
-            return cleared(self, fn(self, *a, **k))
-        except Exception as e:  # noqa: BLE001
-            return message(self, e)
-    return plain
+                return message(self, e)
+        return plain
+    return decorate
 
 
 def tab_id(request: gr.Request | None) -> str:
@@ -119,44 +129,71 @@ class Handlers:
 
     def _picked(self, s: Session):
         """The tab's pick (a workbench Pick: the candidate and what rebuilds its model)."""
-        if not s.picked:
+        run, cid = s.pick_at
+        if not cid or not run:
             raise ExplorerError("pick a subnet first (click a point on the plot)")
-        return self.wb.pick(self._run_name(s), s.picked)
+        return self.wb.pick(run, cid)
 
-    def _key_for_run(self, s: Session, progress=None) -> tuple:
-        key, _ = self.wb.model_for_run(self._run_name(s), s.model_key, progress)
+    def _key_for_run(self, s: Session, run: str | None = None, progress=None) -> tuple:
+        key, _ = self.wb.model_for_run(run or self._run_name(s), s.model_key, progress)
         s.model_key = key
         return key
 
+    def _dense_heldout(self, s: Session, run) -> dict:
+        """The tab's own measurement of the dense model's held-out perplexity, when the run is of the
+        loaded model: the picks it evaluates are measured on the same windows."""
+        key = s.model_key
+        if key is None or key[0] != run.settings.get("model", "default"):
+            return {}
+        dense = self.wb.dense_figures(key)
+        return {"heldout_ppl": dense["heldout_ppl"]} if dense else {}
+
+    def _candidates(self, s: Session, run=None) -> list:
+        """What the plot shows: the run's candidates and the subnet files opened onto it, with what this
+        tab measured merged in."""
+        run = run or self.wb.open(self._run_name(s))
+        dense = self._dense_heldout(s, run)
+        out = [views.with_metrics(c, {**(dense if c.origin == "dense" else {}), **s.extra(c.id)})
+               for c in run.candidates()]
+        for other, cid in s.opened:
+            try:
+                c = self.wb.open(other).pick(cid)
+            except ExplorerError:
+                continue
+            out.append(views.with_metrics(c, s.extra(cid, other)))
+        return out
+
     def _figure(self, s: Session, x: str, y: str, run=None):
         run = run or self.wb.open(self._run_name(s))
-        cands = [views.with_metrics(c, s.extra(c.id)) for c in run.candidates()]
-        return plots.pareto_figure(cands, x, y, picked=[s.picked] if s.picked else [], compared=s.compare,
-                                   title=s.run, latency=run.latency_model())
+        return plots.pareto_figure(self._candidates(s, run), x, y, picked=[s.picked] if s.picked else [],
+                                   compared=[cid for _, cid in s.compare], title=s.run, latency=run.latency_model())
 
     def _compare_table(self, s: Session):
-        """The compare table of the current run (compared ids are always of this run: see switch_run)."""
-        if not s.compare:
-            return views.compare_frame([])
-        by_id = {c.id: c for c in self.wb.open(self._run_name(s)).candidates()}
-        return views.compare_frame([views.compare_row(by_id[i], s.extra(i)) for i in s.compare if i in by_id])
+        rows = []
+        for run, cid in s.compare:
+            try:
+                c = self.wb.open(run).pick(cid)
+            except ExplorerError:
+                continue
+            rows.append(views.compare_row(c, s.extra(cid, run)))
+        return views.compare_frame(rows)
 
-    def _card(self, s: Session, c, shape) -> dict:
-        return {self.ui.card: views.card_markdown(c, shape, s.extra(c.id)),
+    def _card(self, s: Session, c, shape, run: str | None = None) -> dict:
+        return {self.ui.card: views.card_markdown(c, shape, s.extra(c.id, run)),
                 self.ui.layers: plots.layer_figure(c.subnet.summary(shape), shape)}
 
     def _card_if_shown(self, s: Session, run_name: str, c, shape) -> dict:
         """The refreshed card and compare table, when the tab still shows this pick."""
         if not s.shows(run_name, c.id):
             return {}
-        return {self.ui.card: views.card_markdown(c, shape, s.extra(c.id)), self.ui.compare: self._compare_table(s)}
+        return {self.ui.card: views.card_markdown(c, shape, s.extra(c.id, run_name)),
+                self.ui.compare: self._compare_table(s)}
 
-    def _cancelled(self, what: str, cid: str, kept: str) -> dict:
-        gr.Info(f"{what} of {cid} cancelled.")
-        return {self.ui.action_status: f"**{what} of `{cid}` cancelled** — nothing of it was kept; {kept}."}
+    def _cancelled(self, what: str, cid: str, kept: str, where: str = "action_status") -> dict:
+        return {getattr(self.ui, where): f"**{what} of `{cid}` stopped** — nothing of it was kept; {kept}."}
 
-    # ---- model -----------------------------------------------------------------------------
-    @user_errors
+    # ---- 1 · model -------------------------------------------------------------------------
+    @user_errors("model_info")
     def load(self, spec, dtype, device, session, progress=gr.Progress()):
         s = session or Session()
         key = model_key(spec, dtype, device)
@@ -165,15 +202,15 @@ class Handlers:
         s.model_key = key
         return {self.ui.model_info: views.model_markdown(lm.summary(), dense), self.ui.session: s}
 
-    # ---- search -------------------------------------------------------------------------------
-    @user_errors
+    # ---- 2 · search -------------------------------------------------------------------------------
+    @user_errors("status", reset={"start_btn": gr.update(interactive=True)})
     def search(self, targets, preset, population, generations, minutes, fitness_windows, fitness_mode, space, seed,
                run_name, baselines, x, y, session, request: gr.Request):
         s = session or Session()
         overrides: dict = {}  # what the user set: a blank field leaves the preset's value
         for name, text, kind in (("population", population, int), ("generations", generations, int),
                                  ("fitness_windows", fitness_windows, int), ("minutes", minutes, float)):
-            if str(text or "").strip():
+            if str(text if text is not None else "").strip():
                 overrides[name] = number(text, kind, name.replace("_", " "))
         if fitness_mode:
             overrides["fitness_mode"] = fitness_mode
@@ -188,15 +225,20 @@ class Handlers:
         events = self.wb.search(tab_id(request), key, settings, name)  # a refused search changes nothing
         status = views.SearchStatus()
         cands, last = {}, 0.0
+        dense = self.wb.dense_figures(key) or {}
         for ev in events:
             status.update(ev)
             if isinstance(ev, SearchStarted):  # the job is ours: now the tab may change
                 s.switch_run(name)
                 yield {self.ui.status: status.markdown(), self.ui.session: s, self.ui.compare: self._compare_table(s),
-                       self.ui.card: views.NO_PICK, self.ui.layers: None, self.ui.pick_box: ""}
+                       self.ui.card: views.NO_PICK, self.ui.layers: None, self.ui.pick_box: "",
+                       self.ui.start_btn: gr.update(interactive=False)}
                 continue
             if isinstance(ev, CandidateEvaluated):
-                cands[ev.candidate.id] = ev.candidate
+                c = ev.candidate
+                if c.origin == "dense" and dense.get("heldout_ppl"):
+                    c = views.with_metrics(c, {"heldout_ppl": dense["heldout_ppl"]})
+                cands[c.id] = c
             elif isinstance(ev, StageProgress):
                 yield {self.ui.status: status.markdown()}
                 continue
@@ -207,22 +249,24 @@ class Handlers:
                 fig = plots.pareto_figure(cands.values(), x, y, title=name, latency=latency)
                 yield {self.ui.status: status.markdown(), self.ui.plot: fig}
         yield {self.ui.status: status.markdown(), self.ui.plot: self._figure(s, x, y),
-               self.ui.runs: gr.update(choices=self.wb.runs(), value=name), self.ui.session: s}
+               self.ui.runs: gr.update(choices=self.wb.runs(), value=name), self.ui.session: s,
+               self.ui.start_btn: gr.update(interactive=True)}
 
-    @user_errors
+    @user_errors("status")
     def stop(self, session, request: gr.Request):
-        """Stop whichever heavy job this tab runs (search, reformation, export, evaluation)."""
+        """Stop whichever heavy job this tab runs (search, reformation, evaluation, timing, export), saying
+        so where that job answers."""
         kind = self.wb.stop(tab_id(request))
         if kind is None:
-            gr.Warning("Nothing is running in this tab.")
-            return {self.ui.action_status: "Nothing is running in this tab."}
+            return {self.ui.status: "Nothing is running in this tab."}
+        where = getattr(self.ui, JOB_STATUS.get(kind, "status"))
         if kind == "search":
-            return {self.ui.status: "**Stopping…** the current candidate finishes, everything found is kept."}
-        gr.Info(f"Stopping the {kind}…")
-        return {self.ui.action_status: f"**Stopping the {kind}…** nothing it has half done will be kept."}
+            return {where: "**Stopping…** the candidate being scored ends its current window; everything found "
+                           "is kept."}
+        return {where: f"**Stopping the {kind}…** nothing it has half done will be kept."}
 
-    # ---- runs and plot --------------------------------------------------------------------------
-    @user_errors
+    # ---- runs and the plot --------------------------------------------------------------------------
+    @user_errors("status")
     def start_page(self, x, y, session):
         """On page load: list the saved runs and open the shipped demo, so the plot is never empty."""
         s = session or Session()
@@ -233,7 +277,7 @@ class Handlers:
             out.update(self.open(first, x, y, s))
         return out
 
-    @user_errors
+    @user_errors("status")
     def open(self, name, x, y, session):
         if not name:
             raise ExplorerError("choose a saved run first")
@@ -241,37 +285,41 @@ class Handlers:
         s = (session or Session()).switch_run(name)  # the name is valid: now the tab may change
         n = len(run.candidates())
         st = run.settings
-        info = (f"**Run {name}** · {n} candidates · model {st.get('model', '?')} · preset {st.get('preset', '?')} · "
+        info = (f"**Run {name}** · {n} candidates · model {st.get('model', '?')} · budget {st.get('preset', '?')} · "
                 f"targets {', '.join(f'{t:.0%}' for t in st.get('targets', []))}")
         return {self.ui.plot: self._figure(s, x, y, run), self.ui.status: info, self.ui.session: s,
                 self.ui.compare: self._compare_table(s), self.ui.card: views.NO_PICK, self.ui.layers: None,
                 self.ui.pick_box: ""}
 
-    @user_errors
+    @user_errors("pick_status")
     def replot(self, x, y, session):
         s = session or Session()
         if not s.run:
             return {self.ui.plot: gr.update()}
         return {self.ui.plot: self._figure(s, x, y)}
 
-    @user_errors
+    @user_errors("pick_status")
     def pick(self, cid, x, y, session):
         s = session or Session()
         cid = (cid or "").strip()
         if not cid:
             raise ExplorerError("give a candidate id (or click a point)")
-        c = self.wb.pick(self._run_name(s), cid).candidate
-        s.picked = c.id
-        shape = self.wb.open(s.run).shape
-        return {**self._card(s, c, shape), self.ui.plot: self._figure(s, x, y), self.ui.session: s,
+        run = s.run
+        opened = {c: r for r, c in s.opened}
+        if cid in opened:  # a subnet file opened onto this plot
+            run = opened[cid]
+        c = self.wb.pick(self._run_name(s) if run is None else run, cid).candidate
+        s.choose(run, c.id)
+        shape = self.wb.open(run).shape
+        return {**self._card(s, c, shape, run), self.ui.plot: self._figure(s, x, y), self.ui.session: s,
                 self.ui.pick_box: c.id}
 
-    @user_errors
+    @user_errors("pick_status")
     def open_subnet(self, file, x, y, session, request: gr.Request, progress=gr.Progress()):
-        """Open a subnet file as this tab's pick, for the loaded model: the workbench reads it as data,
-        checks it against the model before anything changes, and rebuilds exactly the model it
-        describes (its compensation, and its reformation when it records one), whose held-out
-        perplexity is then measured."""
+        """Open a subnet file onto the current plot as this tab's pick, for the loaded model: the workbench
+        reads it as data, checks it against the model before anything changes, and rebuilds exactly the
+        model it describes (its compensation, and its reformation when it records one), whose held-out
+        perplexity is then measured. The plot's run stays."""
         s = session or Session()
         self.wb.loaded(s.model_key)
         if not file:
@@ -279,9 +327,10 @@ class Handlers:
         path = Path(file if isinstance(file, str) else getattr(file, "path", None) or file["path"])
         p, r = self.wb.open_subnet_file(s.model_key, path)
         c = p.candidate
-        s.switch_run(p.run)  # the file was accepted and stored: now the tab may change
-        s.picked = c.id
-        k = s.note_key(c.id)
+        if not s.run:
+            s.switch_run(p.run)
+        s.open_file(p.run, c.id)  # the file was accepted and stored: now the tab may change
+        k = s.note_key(c.id, p.run)
         note = ""
         try:
             res = self.wb.evaluate(tab_id(request), s.model_key, p, replace(self.wb.settings.eval, tasks=("ppl",)), r,
@@ -295,19 +344,18 @@ class Handlers:
             s.reformed[k] = r.to_dict()
         shape = self.wb.loaded(s.model_key).shape
         kind = "bias-compensated" if c.compensated else "without bias compensation"
-        return {**self._card(s, c, shape), self.ui.plot: self._figure(s, x, y), self.ui.pick_box: c.id,
-                self.ui.session: s, self.ui.runs: gr.update(choices=self.wb.runs(), value=p.run),
-                self.ui.compare: self._compare_table(s),
-                self.ui.status: f"**Opened `{path.name}`** as `{c.id}` ({kind}{', reformed' if r else ''}) in run "
-                                f"{p.run} (subnets opened from files for {s.model_key[0]}){note}"}
+        return {**self._card(s, c, shape, p.run), self.ui.plot: self._figure(s, x, y), self.ui.pick_box: c.id,
+                self.ui.session: s, self.ui.compare: self._compare_table(s),
+                self.ui.pick_status: f"**Opened `{path.name}`** as `{c.id}` ({kind}{', reformed' if r else ''}), "
+                                     f"drawn on this plot{note}"}
 
-    # ---- reform, evaluate, compare, export ------------------------------------------------------
-    @user_errors
+    # ---- 3 · reform, measure, evaluate, compare ------------------------------------------------------
+    @user_errors("action_status")
     def reform(self, session, request: gr.Request, progress=gr.Progress()):
         s = session or Session()
         p = self._picked(s)
-        c, run_name = p.candidate, s.run  # the tab may open another run while this one works
-        key = self._key_for_run(s, progress=lambda m: progress(0.05, desc=m))
+        c, run_name = p.candidate, p.run  # the tab may open another run while this one works
+        key = self._key_for_run(s, run_name, progress=lambda m: progress(0.05, desc=m))
         try:
             r = self.wb.reform(tab_id(request), key, p, on_event=progress_sink(progress))
         except Cancelled:
@@ -316,19 +364,20 @@ class Handlers:
         shape = self.wb.loaded(key).shape
         return {**self._card_if_shown(s, run_name, c, shape), self.ui.session: s,
                 self.ui.action_status: f"Reformed `{c.id}`: held-out perplexity {r.ppl_before:.2f} → "
-                                       f"**{r.ppl_after:.2f}**"}
+                                       f"**{r.ppl_after:.2f}**. Measure, Evaluate, Generate and Export now use the "
+                                       "reformed model."}
 
-    @user_errors
+    @user_errors("action_status")
     def measure(self, session, request: gr.Request, progress=gr.Progress()):
         """Time the pick's decode for real, paired with the dense model (the reformed model when the tab
         reformed it); the card then shows measured beside predicted, and the prediction error."""
         s = session or Session()
         p = self._picked(s)
-        c, run_name = p.candidate, s.run
-        key = self._key_for_run(s, progress=lambda m: progress(0.05, desc=m))
+        c, run_name = p.candidate, p.run
+        key = self._key_for_run(s, run_name, progress=lambda m: progress(0.05, desc=m))
+        r = s.reformation(c.id, run_name)
         try:
-            m = self.wb.measure(tab_id(request), key, [(p, s.reformation(c.id, run_name))],
-                                on_event=progress_sink(progress))[c.id]
+            m = self.wb.measure(tab_id(request), key, [(p, r)], on_event=progress_sink(progress))[c.id]
         except Cancelled:
             return self._cancelled("Latency measurement", c.id, "its card and the run are as they were")
         k = s.note_key(c.id, run_name)
@@ -336,21 +385,22 @@ class Handlers:
         shape = self.wb.loaded(key).shape
         note = "" if m.reliable else " — unreliable: the spread is wide (the machine is busy)"
         return {**self._card_if_shown(s, run_name, c, shape), self.ui.session: s,
-                self.ui.action_status: f"Measured `{c.id}`: {m.ms:.1f} ms/token, **{m.speedup:.2f}x** the dense model "
-                                       f"(spread {100 * m.spread:.0f}% over {m.rounds} paired rounds){note}"}
+                self.ui.action_status: f"Measured `{c.id}`{' (reformed)' if r else ''}: {m.ms:.1f} ms/token, "
+                                       f"**{m.speedup:.2f}x** the dense model (spread {100 * m.spread:.0f}% over "
+                                       f"{m.rounds} paired rounds){note}"}
 
-    @user_errors
-    def evaluate(self, tasks, limit, session, request: gr.Request, progress=gr.Progress()):
+    @user_errors("action_status")
+    def evaluate(self, tasks, limit, x, y, session, request: gr.Request, progress=gr.Progress()):
         """Held-out perplexity and zero-shot tasks of the pick as the tab has it: reformed when the tab
-        reformed it (the same model its export would hold)."""
+        reformed it (the same model its export would hold). The point moves to what was measured."""
         s = session or Session()
         p = self._picked(s)
-        c, run_name = p.candidate, s.run
+        c, run_name = p.candidate, p.run
         if not tasks:
             raise ExplorerError("choose at least one task")
         settings = replace(self.wb.settings.eval, tasks=parse_tasks(list(tasks)), limit=parse_limit(limit))
         r = s.reformation(c.id, run_name)
-        key = self._key_for_run(s, progress=lambda m: progress(0.05, desc=m))
+        key = self._key_for_run(s, run_name, progress=lambda m: progress(0.05, desc=m))
         try:
             res = self.wb.evaluate(tab_id(request), key, p, settings, r, on_event=progress_sink(progress))
         except Cancelled:
@@ -360,58 +410,33 @@ class Handlers:
         s.evaluated[k] = {**s.evaluated.get(k, {}), **extra}
         shape = self.wb.loaded(key).shape
         what = f"`{c.id}`" + (" (reformed)" if r else "")
-        return {**self._card_if_shown(s, run_name, c, shape), self.ui.session: s,
+        return {**self._card_if_shown(s, run_name, c, shape), self.ui.session: s, self.ui.plot: self._figure(s, x, y),
                 self.ui.action_status: f"Evaluated {what}: " + ", ".join(
                     f"{k.replace('reformed_', '').replace('acc:', '')} {v:.3g}" for k, v in extra.items())}
 
-    @user_errors
+    @user_errors("action_status")
     def add_compare(self, x, y, session):
         s = session or Session()
-        c = self._picked(s).candidate
-        if c.id not in s.compare:
-            s.compare = (s.compare + [c.id])[-4:]
-        return {self.ui.compare: self._compare_table(s), self.ui.session: s, self.ui.plot: self._figure(s, x, y),
-                self.ui.action_status: f"`{c.id}` added to compare; the first two picks answer prompts."}
-
-    @user_errors
-    def export(self, export_format, session, request: gr.Request, progress=gr.Progress()):
-        s = session or Session()
         p = self._picked(s)
-        c, run_name = p.candidate, s.run
-        r = s.reformation(c.id, run_name)  # as picked, whatever comes next
-        key = self._key_for_run(s, progress=lambda m: progress(0.05, desc=m))
-        gguf = export_format == "gguf"
-        out = self.wb.export_dir(f"{run_name}-{c.id}{'-reformed' if r else ''}{'-gguf' if gguf else ''}")
-        try:
-            result = self.wb.export(tab_id(request), key, p, out, r, on_event=progress_sink(progress),
-                                    extra=s.extra(c.id), fmt="gguf" if gguf else "hf")
-        except Cancelled:
-            return self._cancelled("Export", c.id, "no new model folder or zip was written")
-        if not result.verified or not self.wb.is_ours(result.zip_path):
-            raise ExplorerError("the export could not be verified, so it is not offered for download")
-        if gguf:
-            return {self.ui.download: str(result.zip_path),
-                    self.ui.action_status: f"Exported `{c.id}`{' (reformed)' if r else ''} as GGUF and ran it in llama.cpp: "
-                                           f"max logit difference {result.max_logit_diff:.1e}, greedy tokens as ours (up to near-ties). "
-                                           "Run it with `llama-cli -m model.gguf` or `ollama create subnet -f Modelfile`."}
-        return {self.ui.download: str(result.zip_path),
-                self.ui.action_status: f"Exported and verified `{c.id}`{' (reformed)' if r else ''} against the base "
-                                       f"model (max logit difference after reload {result.max_logit_diff:.1e}). Load it "
-                                       "with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`."}
+        c = p.candidate
+        if [p.run, c.id] not in s.compare:
+            s.compare = (s.compare + [[p.run, c.id]])[-4:]
+        return {self.ui.compare: self._compare_table(s), self.ui.session: s, self.ui.plot: self._figure(s, x, y),
+                self.ui.action_status: f"`{c.id}` added to compare; the first two compared picks answer prompts."}
 
-    # ---- prompt ----------------------------------------------------------------------------------
-    @user_errors
+    # ---- 4 · prompt ----------------------------------------------------------------------------------
+    @user_errors("gen_status")
     def generate(self, prompt, sample, temperature, top_p, seed, max_tokens, session):
         s = session or Session()
-        key = self._key_for_run(s) if s.run and (s.compare or s.picked) else s.model_key
+        chosen = s.compare[:2] or ([list(s.pick_at)] if s.picked else [])
+        key = self._key_for_run(s, chosen[0][0]) if chosen else s.model_key
         lm = self.wb.loaded(key)
-        ids = (s.compare or ([s.picked] if s.picked else []))[:2]
         models = {"Original": lm.model}
         boxes = {"Original": self.ui.out_original}
-        for slot, cid in zip(("Pick A", "Pick B"), ids):
-            r = s.reformation(cid)
+        for slot, (run, cid) in zip(("Pick A", "Pick B"), chosen):
+            r = s.reformation(cid, run)
             label = f"{slot}: {cid}" + (" · reformed" if r else "")
-            models[label] = self.wb.model_of(key, self.wb.pick(s.run, cid), r)
+            models[label] = self.wb.model_of(key, self.wb.pick(run, cid), r)
             boxes[label] = self.ui.out_a if slot == "Pick A" else self.ui.out_b
         decode = DecodeSettings(max_new_tokens=int(max_tokens), do_sample=bool(sample), temperature=float(temperature),
                                 top_p=float(top_p), seed=int(seed or 0))
@@ -420,28 +445,86 @@ class Handlers:
             if time.perf_counter() - last < 0.2 and not all(st.done for st in streams.values()):
                 continue
             last = time.perf_counter()
-            yield {boxes[n]: gr.update(value=st.text, label=stream_label(n, st)) for n, st in streams.items()}
+            yield {boxes[n]: gr.update(value=st.text, label=stream_label(n, st, streams)) for n, st in streams.items()}
         # the tab keeps what it asked and what each model answered: the run report shows it
         s.prompts.append({"run": s.run, "prompt": prompt, "answers": {n: st.text for n, st in streams.items()},
                           "settings": {"max_new_tokens": decode.max_new_tokens, "sample": decode.do_sample,
                                        "seed": decode.seed}})
-        yield {self.ui.session: s}
+        n = common_length(streams)
+        yield {self.ui.session: s, self.ui.gen_status: (
+            f"Decode speed compared over the first {n} tokens every model wrote (the prompt's prefill left out), so "
+            "the ratios are like for like." if n >= 2 else "Too few tokens to compare speeds fairly.")}
 
-    @user_errors
+    # ---- 5 · export ------------------------------------------------------------------------------------
+    @user_errors("export_status")
+    def export(self, export_format, session, request: gr.Request, progress=gr.Progress()):
+        s = session or Session()
+        p = self._picked(s)
+        c, run_name = p.candidate, p.run
+        r = s.reformation(c.id, run_name)  # as picked, whatever comes next
+        key = self._key_for_run(s, run_name, progress=lambda m: progress(0.05, desc=m))
+        gguf = export_format == "gguf"
+        if gguf and (why := llamacpp_missing()):
+            raise ExplorerError(why)
+        out = self.wb.export_dir(f"{run_name}-{c.id}{'-reformed' if r else ''}{'-gguf' if gguf else ''}")
+        try:
+            result = self.wb.export(tab_id(request), key, p, out, r, on_event=progress_sink(progress),
+                                    extra=s.extra(c.id, run_name), fmt="gguf" if gguf else "hf")
+        except Cancelled:
+            return self._cancelled("Export", c.id, "no new model folder or zip was written", "export_status")
+        if not result.verified or not self.wb.is_ours(result.zip_path):
+            raise ExplorerError("the export could not be verified, so it is not offered for download")
+        what = f"`{c.id}`{' (reformed)' if r else ''}"
+        if gguf:
+            return {self.ui.download: str(result.zip_path),
+                    self.ui.export_status: f"Exported {what} as GGUF and ran it in llama.cpp: max logit difference "
+                                           f"{result.max_logit_diff:.1e}, greedy tokens as ours (up to near-ties). Run "
+                                           "it with `llama-cli -m model.gguf`, or `ollama create subnet -f Modelfile`."}
+        return {self.ui.download: str(result.zip_path),
+                self.ui.export_status: f"Exported and verified {what} against the base model (max logit difference "
+                                       f"after reload {result.max_logit_diff:.1e}). Load it with "
+                                       "`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`."}
+
+    @user_errors("export_status")
     def report(self, session, request: gr.Request):
         """The run's report as one self-contained HTML file (fronts, the picks worked on, the prompts tried)."""
         s = session or Session()
         path = self.wb.report(self._run_name(s), [p for p in s.prompts if p.get("run") == s.run])
         return {self.ui.report_file: str(path),
-                self.ui.action_status: f"Report of run {s.run} written: open it offline, or put it in your slides."}
+                self.ui.export_status: f"Report of run {s.run} written: open it offline, or put it in your slides."}
 
 
-def stream_label(name: str, st) -> str:
-    """A box's label while its model generates: tokens, speed, and why it ended."""
-    label = f"{name} · {st.tokens} tokens · {st.tokens_per_s:.1f} tok/s"
+def llamacpp_missing() -> str | None:
+    """Why a GGUF export cannot be checked yet (llama.cpp not built, or still building), or None."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("llama_cpp") is not None:
+        return None
+    marker = Path(os.environ.get("SUBNET_EXPLORER_LLAMACPP_BUILDING", Path(".venv") / ".llamacpp-building"))
+    if marker.is_file() and time.time() - marker.stat().st_mtime < 3600:
+        minutes = (time.time() - marker.stat().st_mtime) / 60
+        return (f"llama.cpp, which checks every GGUF export, is still being built beside the app (started "
+                f"{minutes:.0f} min ago; on one core of this kind of machine it takes about 15 minutes): try again "
+                "when it is done")
+    return "llama.cpp, which checks every GGUF export, is not installed: run `make llamacpp` (about 10 minutes)"
+
+
+def stream_label(name: str, st, streams: dict) -> str:
+    """A box's label while its model generates: tokens, decode speed over the length every model reached,
+    and for a pick its speed against the original's over those same tokens."""
+    label = f"{name} · {st.tokens} tokens"
+    n = common_length(streams)
+    rate = st.decode_rate(n)
+    if rate:
+        label += f" · {rate:.1f} tok/s"
+        base = streams.get("Original")
+        ref = base.decode_rate(n) if base is not None and base is not st else None
+        if ref:
+            label += f" ({rate / ref:.2f}× the original)"
     if st.done and st.tokens == 0:
         return label + " · done: the model's first token was end-of-text"
     return label + (" · done" if st.done else "")
 
 
-__all__ = ["Handlers", "user_errors", "tab_id", "stream_label"]
+__all__ = ["Handlers", "user_errors", "tab_id", "stream_label", "llamacpp_missing", "JOB_STATUS"]

@@ -53,8 +53,9 @@ def with_metrics(c, extra: dict):
 def card_markdown(c, shape, extra: dict | None = None) -> str:
     m = {**c.metrics, **(extra or {})}
     summ = c.subnet.summary(shape, getattr(c, "compensated", False))
-    rows = [("id", f"`{c.id}`"), ("origin", c.origin + (" · bias-compensated" if getattr(c, "compensated", False) else "")),
-            ("target", f"{c.target:.0%}"),
+    head = (f"`{c.id}`", c.origin + (" · bias-compensated" if getattr(c, "compensated", False) else "")
+            + ("" if c.origin == "dense" else f" · target {c.target:.0%}"))
+    rows = [
             ("parameters", f"{fmt_params(summ['params'])} = {summ['fraction']:.1%} of dense "
                            f"({summ['prunable_fraction']:.1%} of prunable)"),
             ("layers kept", f"{summ['layers_kept']} of {shape.num_layers}"),
@@ -82,7 +83,7 @@ def card_markdown(c, shape, extra: dict | None = None) -> str:
     cut = sorted(range(len(summ["head_dims"])), key=lambda i: summ["head_dims"][i] / shape.head_dim
                  + summ["mlp_widths"][i] / shape.intermediate_size)[:3]
     rows.append(("cut most", ", ".join(f"layer {i}" for i in cut)))
-    return "| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+    return f"| {head[0]} | {head[1]} |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
 
 
 def compare_frame(rows: list[dict]) -> pd.DataFrame:
@@ -152,25 +153,28 @@ class SearchStatus:
     def markdown(self) -> str:
         elapsed = time.perf_counter() - self.t0
         rate = self.computed / self.eval_time if self.eval_time > 0 else 0.0
-        head = [f"**Search {self.state}** · {self.evaluated} candidates evaluated · {rate:.2f} evals/s · "
-                f"{elapsed:.0f} s elapsed"]
-        if self.stage and self.state == "running":
-            head.append(f"*{self.stage}*")
+        line = [f"**Search {self.state}** · {self.evaluated} candidates evaluated · {rate:.2f} evals/s · {elapsed:.0f} s"]
         totals = [t for _, t in self.generation.values() if t]
         if self.minutes and self.state == "running":
-            head.append(f"time budget {self.minutes:g} min · about {max(60 * self.minutes - elapsed, 0):.0f} s left")
+            left = 60 * self.minutes - elapsed
+            line.append(f"budget {self.minutes:g} min · {left:.0f} s left" if left > 0 else
+                        f"budget {self.minutes:g} min spent · finishing ({self.stage or 'the last candidates'})")
         elif totals and self.state == "running":
             per = max(totals)
             done = sum(g for g, _ in self.generation.values())
             total = per * max(len(self.targets), len(self.generation))
             if done:
-                head.append(f"generations {done}/{total} · about {elapsed / done * max(total - done, 0):.0f} s left")
+                line.append(f"generations {done}/{total} · about {elapsed / done * max(total - done, 0):.0f} s left")
+        head = [" · ".join(line)]
+        if self.stage and self.state == "running":
+            head.append(f"*{self.stage}*")
         parts = ["  \n".join(head)]
-        if self.best:
-            gen = {t: self.generation.get(t, (0, self.generations)) for t in self.best}
-            rows = [f"| {t:.0%} | {gen[t][0]}/{gen[t][1] or '…'} | {self.best[t]:.3f} |"
-                    for t in sorted(self.best, reverse=True)]
-            parts.append("| target | generation | best fitness ppl |\n|---|---|---|\n" + "\n".join(rows))
+        if self.best:  # one column per target: a short table beside the plot
+            ts = sorted(self.best, reverse=True)
+            gen = {t: self.generation.get(t, (0, self.generations)) for t in ts}
+            parts.append("| target | " + " | ".join(f"{t:.0%}" for t in ts) + " |\n|---|" + "---|" * len(ts) + "\n"
+                         "| generation | " + " | ".join(f"{gen[t][0]}/{gen[t][1] or '…'}" for t in ts) + " |\n"
+                         "| best fitness ppl | " + " | ".join(f"{self.best[t]:.3f}" for t in ts) + " |")
         if self.message:
             parts.append(f"⚠️ {self.message}")
         return "\n\n".join(parts)
