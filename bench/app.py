@@ -87,6 +87,22 @@ def wait_for(page, test, timeout: float, poll: float = 0.25):
 LOAD = "import numpy as np\na = np.random.rand(400, 400)\nwhile True:\n    a = a @ a / 400\n"
 
 
+def fill(page, label: str, value: str) -> None:
+    """Type into a field and wait until the page holds the value (a section opened just before may
+    still be mounting its fields, which would drop what was typed)."""
+    box = page.get_by_label(label)
+    for _ in range(20):
+        box.fill(value)
+        try:
+            wait_for(page, lambda pg: box.input_value() == value, 1.0)
+            time.sleep(0.5)
+            if box.input_value() == value:
+                return
+        except TimeoutError:
+            pass
+    raise TimeoutError(f"{label!r} never kept {value!r}")
+
+
 def traces(page) -> list[dict]:
     return page.evaluate(TRACES)
 
@@ -115,8 +131,9 @@ def one_pass(page, args, shots: Path | None, tag: str) -> dict:
     # a search with a 1-minute budget: the first points, and how far past its budget it ends
     page.get_by_label("Targets (fraction of total parameters)").fill(args.targets)
     page.get_by_text("More search settings").click()
-    page.get_by_label("Minutes", exact=True).fill(f"{args.minutes:g}")
-    page.get_by_label("Run name (blank = automatic)").fill(f"{tag}-budget")
+    fill(page, "Minutes", f"{args.minutes:g}")
+    fill(page, "Run name (blank = automatic)", f"{tag}-budget")
+    page.evaluate("() => window.scrollTo(0, 0)")  # back to the first screen: Start, and the plot it grows
     start = time.perf_counter()
     page.get_by_role("button", name="Start search").click()
 
@@ -138,8 +155,9 @@ def one_pass(page, args, shots: Path | None, tag: str) -> dict:
     shot("04-finished")
 
     # another search, stopped: Stop to "stopped"
-    page.get_by_label("Minutes", exact=True).fill("")
-    page.get_by_label("Run name (blank = automatic)").fill(f"{tag}-stopped")
+    fill(page, "Minutes", "")
+    fill(page, "Run name (blank = automatic)", f"{tag}-stopped")
+    page.evaluate("() => window.scrollTo(0, 0)")
     page.get_by_role("button", name="Start search").click()
     wait_for(page, lambda pg: "candidates evaluated" in status(pg, "#status-box")
              and f"{tag}-stopped" == (pg.locator("#pareto-plot .gtitle").first.text_content() or ""), args.timeout)
@@ -158,11 +176,13 @@ def one_pass(page, args, shots: Path | None, tag: str) -> dict:
     front = next(t for t in traces(page) if t["name"].startswith("Pareto front"))
     members = [(y, i) for i, y in zip(front["ids"], front["y"]) if i != "c00000"] or list(zip(front["y"], front["ids"]))
     target_id = min(members)[1]
+    page.locator("#pareto-plot").scroll_into_view_if_needed()
     box = page.evaluate("""(id) => { const p = document.querySelector('#pareto-plot .js-plotly-plot');
         const i = p.data.findIndex(t => (t.name || '').startsWith('Pareto front'));
         const k = p.data[i].customdata.findIndex(c => c[0] === id);
         const pt = p.querySelectorAll('.scatterlayer .trace')[i].querySelectorAll('.point')[k];
         const r = pt.getBoundingClientRect(); return {x: r.x + r.width / 2, y: r.y + r.height / 2}; }""", target_id)
+    page.mouse.move(box["x"] - 30, box["y"] - 30)
     page.mouse.move(box["x"], box["y"], steps=5)
     seen: list[str] = []
 

@@ -209,7 +209,12 @@ def pareto_figure(candidates: Iterable, x_label: str, y_label: str, picked: list
         wide = bool(ys) and max(ys) / min(ys) >= 100
         fig.update_yaxes(type="log", automargin=True, **({"dtick": 1} if wide else {}))
         if ys:
-            fig.update_yaxes(range=[math.log10(min(ys) / 1.15), math.log10(max(ys) * 1.25)])
+            lo, hi = min(ys) / 1.15, max(ys) * 1.25
+            fig.update_yaxes(range=[math.log10(lo), math.log10(hi)])
+            if not wide:  # within two decades: 1-2-5 ticks written in full (Plotly's default writes "5" for 500)
+                ticks = [m * 10 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+                         for m in (1, 2, 5) if lo <= m * 10 ** e <= hi]
+                fig.update_yaxes(tickvals=ticks, ticktext=[f"{v:g}" for v in ticks])
     return fig
 
 

@@ -182,6 +182,9 @@ def build(default_model: str = ModelSettings().model) -> UI:
                 space = gr.Dropdown([("narrower heads (paper; lower perplexity)", "dims"),
                                      ("whole heads (exports as GGUF)", "heads")], value=s.space,
                                     label="Attention: keep")
+                with gr.Row():  # above the settings below, so that opening them never moves Start off the screen
+                    start_btn = gr.Button("Start search", variant="primary")
+                    stop_btn = gr.Button("Stop", variant="stop")
                 with gr.Accordion("More search settings (blank = the budget's own)", open=False):
                     fitness_mode = gr.Radio([("as cut (paper)", "paper"),
                                              ("as they will be after recalibration (reformation-aware)", "reformed")],
@@ -204,9 +207,6 @@ def build(default_model: str = ModelSettings().model) -> UI:
                         run_name = gr.Textbox("", label="Run name (blank = automatic)", max_lines=1)
                     baselines = gr.Checkbox(True, label="Also run the baselines (magnitude, Wanda-sp, FLAP)",
                                             info="as FLAP's official code defines them, bias compensation included")
-                with gr.Row():
-                    start_btn = gr.Button("Start search", variant="primary")
-                    stop_btn = gr.Button("Stop", variant="stop")
                 with gr.Accordion("Saved runs", open=False):
                     with gr.Row(equal_height=True):
                         # Custom values allowed: the choices are filled per tab on page load, which API clients

@@ -24,20 +24,24 @@ def fmt_params(n: int) -> str:
 
 
 def model_markdown(summary: dict, dense: dict | None) -> str:
+    """Two short lines (the model, and what Load measured), the architecture folded under them: the
+    search's Start stays on the first screen."""
     s = summary
-    lines = [f"**{s['model']}** — {s['source']}",
-             f"{s['architecture']} · {s['layers']} layers · hidden {s['hidden_size']} · {s['heads']} heads "
-             f"({s['kv_heads']} KV, head dim {s['head_dim']}) · MLP {s['intermediate_size']} · vocab {s['vocab_size']}",
-             f"{fmt_params(s['params'])} parameters ({fmt_params(s['prunable_params'])} prunable) · "
-             f"{s['param_bytes'] / 2**20:.0f} MiB of weights in {s['dtype']} on {s['device']}"]
+    lines = [f"**{s['model']}** · {fmt_params(s['params'])} parameters · {s['layers']} layers · {s['dtype']} on "
+             f"{s['device']}"]
     if dense is None:
         lines.append("*The dense model's perplexity and speed are measured when the model is free (another job "
                      "runs on it now); press Load again later.*")
+    more = [s["source"],
+            f"{s['architecture']} · hidden {s['hidden_size']} · {s['heads']} heads ({s['kv_heads']} KV, head dim "
+            f"{s['head_dim']}) · MLP {s['intermediate_size']} · vocab {s['vocab_size']}",
+            f"{fmt_params(s['prunable_params'])} prunable parameters · {s['param_bytes'] / 2**20:.0f} MiB of weights"]
     if dense:
-        lines.append(f"Dense held-out perplexity **{dense['heldout_ppl']:.2f}** ({dense['windows']}×{dense['seq_len']} "
-                     f"tokens of BBC News) · prefill {dense['prefill_ms']:.0f} ms / {dense['prompt_len']} tokens · "
-                     f"decode **{dense['decode_tok_s']:.1f} tokens/s**")
-    return "  \n".join(lines)
+        lines.append(f"Dense held-out perplexity **{dense['heldout_ppl']:.2f}** · decode "
+                     f"**{dense['decode_tok_s']:.1f} tokens/s**")
+        more.append(f"held-out: {dense['windows']}×{dense['seq_len']} tokens of BBC News · prefill "
+                    f"{dense['prefill_ms']:.0f} ms / {dense['prompt_len']} tokens")
+    return "  \n".join(lines) + "\n\n<details><summary>architecture</summary>\n\n" + "  \n".join(more) + "\n\n</details>"
 
 
 def with_metrics(c, extra: dict):
