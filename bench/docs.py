@@ -116,6 +116,16 @@ def _quality_table(suffix: str) -> str:
     return table(["kept", *[SEARCH_NAMES.get(n) or BASELINE_NAMES[n] for n in names]], rows)
 
 
+@generator("quality.scope")
+def quality_scope() -> str:
+    """Where the searches searched and where this run scored their picks (a run may score fewer)."""
+    q = result("quality")
+    searched = sorted({float(t) for sm in q["search_summaries"].values() for t in sm["best"]}, reverse=True)
+    scored = [r["target"] for r in q["rows"]]
+    return (f"searching {', '.join(target(t) for t in searched)} of its parameters together, scored here at "
+            f"{', '.join(target(t) for t in scored)}")
+
+
 @generator("quality.before")
 def quality_before() -> str:
     return _quality_table("")

@@ -141,6 +141,12 @@ def run(args) -> dict:
     unknown = sorted(set(searches) - set(SEARCHES))
     if unknown or "search+comp" not in searches:
         raise SystemExit(f"--searches takes {', '.join(SEARCHES)} (search+comp among them), not {args.searches}")
+
+    def reused(name: str) -> bool:
+        """With --reuse: a search that finished in --run-dir (an interrupted benchmark) is read back."""
+        done = root / name / "run.json"
+        return bool(args.reuse and done.is_file() and json.loads(done.read_text()).get("status") == "finished")
+
     budget = {} if args.minutes is None else {"minutes": args.minutes, "generations": 1000}
     settings_of = {name: SearchSettings.preset(args.preset, **{
         "targets": targets, "seed": args.seed, "corpus": args.corpus, "latency": False, **SEARCHES[name], **budget,
@@ -148,6 +154,8 @@ def run(args) -> dict:
     if any(st.minutes for st in settings_of.values()):  # equal minutes of searching (the demo preset has a
         # budget too): the set-up every mode reads comes from the cache, built first
         for name in searches:
+            if reused(name):
+                continue
             ts = time.perf_counter()
             for _ in prepare(lm, settings_of[name], root / "prepared" / name):
                 pass
@@ -155,9 +163,15 @@ def run(args) -> dict:
     for name in searches:
         settings = settings_of[name]
         done = root / name / "run.json"
-        if args.reuse and done.is_file() and json.loads(done.read_text()).get("status") == "finished":
+        if reused(name):
+            kept = json.loads(done.read_text())
+            want = settings.to_dict()
+            differ = [k for k in ("space", "fitness_mode", "compensate", "seed", "minutes", "corpus")
+                      if k in want and kept["settings"].get(k) != want[k]]
+            if differ or not set(str(t) for t in targets) <= set(kept["summary"]["best"]):
+                raise SystemExit(f"--reuse: {root / name} was searched with other settings ({', '.join(differ) or 'targets'})")
             runs[name] = open_run(root / name)  # a finished search of an interrupted benchmark, read back
-            summaries[name] = json.loads(done.read_text())["summary"]
+            summaries[name] = kept["summary"]
             seconds[name] = summaries[name]["wall_seconds"]
             log(f"{name}: finished search read back from {root / name}")
             continue

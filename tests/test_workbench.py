@@ -148,7 +148,10 @@ def test_a_pick_exported_reopens_from_its_subnet_file_as_the_same_model(bench, t
     reformed = wb.export("tab", key, p, tmp_path / "reformed", r, make_zip=False)
     opened, r2 = wb.open_subnet_file(key, Path(reformed.path) / "subnet.json")
     assert r2 is not None and r2.digest == r.digest
-    assert torch.equal(_logits(wb.model_of(key, opened, r2), lm), _logits(wb.model_of(key, p, r), lm))
+    # the reformation is recomputed from its record: on the same thread count bit for bit, and on another (the
+    # machine's share of cores changes when another program runs) within float rounding of the sums
+    got, want = _logits(wb.model_of(key, opened, r2), lm), _logits(wb.model_of(key, p, r), lm)
+    assert torch.allclose(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
 
 
 def test_a_reformed_pick_is_evaluated_reformed(bench):
