@@ -43,14 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench.common import add_model_arguments, format_table, machine, main, write_json
 from bench.quality import FLAP_REFERENCE
 from explorer.calibrate.baselines import baseline_subnet
-from explorer.calibrate.data import (
-    bbc_files,
-    calibration_windows,
-    heldout_windows,
-    load_corpus,
-    token_stream,
-    windows,
-)
+from explorer.calibrate.data import bbc_files, calibration_windows, heldout_windows, load_corpus, token_stream, windows
 from explorer.calibrate.importance import compute_importance
 from explorer.model.loading import load_model
 from explorer.model.perplexity import perplexity

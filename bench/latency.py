@@ -22,14 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.common import (
-    add_model_arguments,
-    format_table,
-    machine,
-    main,
-    spearman,
-    write_json,
-)
+from bench.common import add_model_arguments, format_table, machine, main, spearman, write_json
 from explorer.model.loading import load_model
 from explorer.model.slicing import candidate_model
 from explorer.pick.export import export_subnet

@@ -30,14 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.common import (
-    add_common_arguments,
-    format_table,
-    machine,
-    main,
-    spearman,
-    write_json,
-)
+from bench.common import add_common_arguments, format_table, machine, main, spearman, write_json
 from explorer.app.inputs import parse_override
 from explorer.calibrate.baselines import BASELINES, baseline_subnet
 from explorer.calibrate.data import calibration_windows, heldout_windows, load_corpus

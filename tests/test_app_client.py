@@ -197,3 +197,16 @@ def test_a_whole_head_search_exports_a_gguf_that_llamacpp_runs(client, app_serve
     res = check(gguf, ref, tokenizer, "The capital of France is", "f16")
     assert res.same_tokenization and res.same_tokens, res.to_dict()
     assert res.max_logit_diff <= TOLERANCE["f16"] * res.logit_std, res.to_dict()
+
+
+def test_a_typed_search_field_is_read_like_the_cli_set(client, app_server):
+    """An advanced field is the VALUE of the CLI's --set KEY=VALUE: the same parser, the same one-line
+    refusal, before any run folder exists."""
+    client.predict("default", "float32", "cpu", api_name="/load_model")
+    for population, words in (("abc", "population (first generation's children) must be a whole number"),
+                              ("2.5", "must be a whole number, not 2.5"), ("0", "must be at least")):
+        r = client.predict("0.7", "demo", population, "", "", "", "paper", "dims", 0, f"typed-{population}", False,
+                           "parameters (% of dense)", "held-out perplexity", api_name="/search")
+        said = message(r, "search")
+        assert words in said and "\n" not in said.strip(), said
+        assert not (app_server["base"] / "runs" / f"typed-{population}").exists()

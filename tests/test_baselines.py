@@ -7,12 +7,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from explorer.calibrate.baselines import (
-    BASELINES,
-    baseline_subnet,
-    standardize,
-    wifv_scores,
-)
+from explorer.calibrate.baselines import BASELINES, baseline_subnet, standardize, wifv_scores
 from explorer.calibrate.importance import compute_importance
 from explorer.errors import ExplorerError
 from explorer.model.perplexity import perplexity

@@ -3,12 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from explorer.calibrate.capture import (
-    StatsCollector,
-    block_linears,
-    capture_block_inputs,
-    run_block,
-)
+from explorer.calibrate.capture import StatsCollector, block_linears, capture_block_inputs, run_block
 from explorer.model.slicing import slice_model
 from explorer.model.subnet import ModelShape, Subnet
 

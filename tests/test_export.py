@@ -18,13 +18,7 @@ from explorer.events import Progress
 from explorer.model.configuration_subnet import SubnetConfig
 from explorer.model.subnet import LayerChoice, Subnet
 from explorer.pick.export import TOLERANCE as EXPORT_TOLERANCE
-from explorer.pick.export import (
-    ExportError,
-    _install,
-    check_target,
-    export_subnet,
-    source_files,
-)
+from explorer.pick.export import ExportError, _install, check_target, export_subnet, source_files
 from explorer.pick.reform import ReformSettings, reform
 
 FRESH = r'''

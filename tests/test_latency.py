@@ -7,13 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from explorer.model.latency import (
-    SpeedReport,
-    SpeedSettings,
-    measure_speeds,
-    paired_speedup,
-    param_bytes,
-)
+from explorer.model.latency import SpeedReport, SpeedSettings, measure_speeds, paired_speedup, param_bytes
 from explorer.model.slicing import slice_model
 from explorer.model.subnet import LayerChoice, ModelShape, Subnet
 

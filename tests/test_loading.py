@@ -12,13 +12,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from explorer.model.loading import (
-    ModelLoadError,
-    _source_key,
-    check_architecture,
-    embedded_cache_dir,
-    load_model,
-)
+from explorer.model.loading import ModelLoadError, _source_key, check_architecture, embedded_cache_dir, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,13 +12,7 @@ from conftest import tiny_llama
 
 from explorer.calibrate.importance import compute_importance
 from explorer.errors import ExplorerError
-from explorer.events import (
-    CandidateEvaluated,
-    FrontChanged,
-    GenerationFinished,
-    SearchCancelled,
-    SearchFinished,
-)
+from explorer.events import CandidateEvaluated, FrontChanged, GenerationFinished, SearchCancelled, SearchFinished
 from explorer.model.loading import LoadedModel
 from explorer.model.perplexity import perplexity
 from explorer.model.slicing import ChannelMeans, candidate_model, slice_model

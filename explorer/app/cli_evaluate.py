@@ -6,13 +6,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..pick.evaluation import (
-    DEFAULT_TASKS,
-    EvalError,
-    EvalSettings,
-    format_result,
-    parse_tasks,
-)
+from ..pick.evaluation import DEFAULT_TASKS, EvalError, EvalSettings, format_result, parse_tasks
 from .cli import Bars
 
 

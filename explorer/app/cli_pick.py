@@ -14,15 +14,7 @@ from pathlib import Path
 
 from ..errors import ExplorerError
 from ..pick.reform import ReformSettings
-from .cli import (
-    Bars,
-    add_data_args,
-    add_model_args,
-    eval_settings,
-    key_of,
-    load,
-    workbench,
-)
+from .cli import Bars, add_data_args, add_model_args, eval_settings, key_of, load, workbench
 
 
 def register(sub) -> None:

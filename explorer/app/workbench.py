@@ -27,21 +27,10 @@ from ..events import SEARCH_END, EventSink, Progress, check_cancel, no_event
 from ..model.cores import CoreShare
 from ..model.generation import DecodeSettings, side_by_side
 from ..model.latency import SpeedSettings, measure_speed
-from ..model.loading import (
-    LoadedModel,
-    is_subnet_folder,
-    load_model,
-    weights_fingerprint,
-)
+from ..model.loading import LoadedModel, is_subnet_folder, load_model, weights_fingerprint
 from ..model.slicing import candidate_model
 from ..model.subnet import Subnet
-from ..pick.evaluation import (
-    EvalResult,
-    EvalSettings,
-    evaluate,
-    heldout_perplexity,
-    load_subnet_folder,
-)
+from ..pick.evaluation import EvalResult, EvalSettings, evaluate, heldout_perplexity, load_subnet_folder
 from ..pick.pickfile import PickFile
 from ..pick.reform import ReformSettings, reform, same_sketch
 from ..search.runs import SHIPPED_RUNS, Candidate, create_run, open_run, run_path

@@ -22,14 +22,7 @@ from typing import Any, Sequence
 from ..errors import ExplorerError
 from ..events import EventSink, Finished, Progress, no_event
 from ..settings import DataSettings, ModelSettings
-from .zeroshot import (
-    TASKS,
-    TaskResult,
-    ZeroShotSettings,
-    average,
-    canonical_task,
-    evaluate_tasks,
-)
+from .zeroshot import TASKS, TaskResult, ZeroShotSettings, average, canonical_task, evaluate_tasks
 
 log = logging.getLogger(__name__)
 

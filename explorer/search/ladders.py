@@ -28,12 +28,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..calibrate.capture import (
-    BlockInputs,
-    block_linears,
-    capture_block_inputs,
-    run_block,
-)
+from ..calibrate.capture import BlockInputs, block_linears, capture_block_inputs, run_block
 from ..calibrate.importance import Importance, top_layer
 from ..errors import ExplorerError
 from ..events import EventSink, Progress, check_cancel, no_event
@@ -167,12 +162,7 @@ def iter_ladders(model, shape: ModelShape, order: Importance, scoring: str, wind
     whose compensation bias is a level's starting point, as for a compensated subnet). Yields
     Progress per block, then the Ladders (last item)."""
     from ..model.modeling_subnet import SubnetBlock, SubnetRotary, block_masks
-    from ..model.slicing import (
-        block_state_dict,
-        fill_buffers,
-        layer_indices,
-        subnet_config,
-    )
+    from ..model.slicing import block_state_dict, fill_buffers, layer_indices, subnet_config
     from ..pick.reform import Gram, attention_gram, mlp_gram
 
     L, T = shape.num_layers, windows.shape[1]

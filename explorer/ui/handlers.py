@@ -18,7 +18,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..app import plots
-from ..app.inputs import parse_limit
+from ..app.inputs import parse_limit, parse_override
 from ..app.runfolders import model_key, slug
 from ..app.workbench import Workbench, pick_metrics
 from ..errors import Cancelled, ExplorerError
@@ -94,19 +94,6 @@ def tab_id(request: gr.Request | None) -> str:
     return (request.session_hash if request is not None else None) or "local"
 
 
-def number(text, kind, what: str):
-    """A number typed into a field: one clear line when it is not one."""
-    try:
-        value = float(str(text).strip())
-    except ValueError:
-        raise ExplorerError(f"{what} must be a number, not {text!r}") from None
-    if kind is int:
-        if not value.is_integer():
-            raise ExplorerError(f"{what} must be a whole number, not {text!r}")
-        return int(value)
-    return value
-
-
 def progress_sink(progress):
     """An engine event sink that moves a Gradio progress bar."""
 
@@ -155,13 +142,15 @@ class Handlers:
         dense = self._dense_heldout(s, run)
         out = [views.with_metrics(c, {**(dense if c.origin == "dense" else {}), **s.extra(c.id)})
                for c in run.candidates()]
-        for other, cid in s.opened:
+        return out + [views.with_metrics(c, s.extra(c.id, other)) for other, c in self._still_there(s.opened)]
+
+    def _still_there(self, pairs):
+        """(run, candidate) for each (run, id) the tab holds whose run still has it (a deleted run is skipped)."""
+        for run, cid in pairs:
             try:
-                c = self.wb.open(other).pick(cid)
+                yield run, self.wb.open(run).pick(cid)
             except ExplorerError:
                 continue
-            out.append(views.with_metrics(c, s.extra(cid, other)))
-        return out
 
     def _figure(self, s: Session, x: str, y: str, run=None):
         run = run or self.wb.open(self._run_name(s))
@@ -169,13 +158,7 @@ class Handlers:
                                    compared=[cid for _, cid in s.compare], title=s.run, latency=run.latency_model())
 
     def _compare_table(self, s: Session):
-        rows = []
-        for run, cid in s.compare:
-            try:
-                c = self.wb.open(run).pick(cid)
-            except ExplorerError:
-                continue
-            rows.append(views.compare_row(c, s.extra(cid, run)))
+        rows = [views.compare_row(c, s.extra(c.id, run)) for run, c in self._still_there(s.compare)]
         return views.compare_frame(rows)
 
     def _card(self, s: Session, c, shape, run: str | None = None) -> dict:
@@ -208,17 +191,17 @@ class Handlers:
                run_name, baselines, x, y, session, request: gr.Request):
         s = session or Session()
         overrides: dict = {}  # what the user set: a blank field leaves the preset's value
-        for name, text, kind in (("population", population, int), ("generations", generations, int),
-                                 ("fitness_windows", fitness_windows, int), ("minutes", minutes, float)):
-            if str(text if text is not None else "").strip():
-                overrides[name] = number(text, kind, name.replace("_", " "))
+        for name, text in (("population", population), ("generations", generations),
+                           ("fitness_windows", fitness_windows), ("minutes", minutes)):
+            if str(text if text is not None else "").strip():  # a field is the VALUE of the CLI's --set KEY=VALUE
+                overrides.update([parse_override(f"{name}={str(text).strip()}")])
         if fitness_mode:
             overrides["fitness_mode"] = fitness_mode
         if space:
             overrides["space"] = space
         if not baselines:
             overrides["baselines"] = ()
-        overrides["seed"] = number(seed if seed not in (None, "") else 0, int, "seed")
+        overrides.update([parse_override(f"seed={seed if seed not in (None, '') else 0}")])
         settings = self.wb.search_settings(preset, targets, overrides)
         key = s.model_key
         name = (run_name or "").strip() or f"{slug(key[0] if key else 'model')}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
