@@ -13,7 +13,7 @@ from .errors import ExplorerError
 
 @dataclass(frozen=True)
 class ModelSettings:
-    model: str = "default"  # "default" (embedded SmolLM2-135M-Instruct), a local folder or a hub id
+    model: str = "default"  # an embedded model ("default": SmolLM2-135M-Instruct; "gemma3-270m"), a folder or a hub id
     dtype: str = "float32"
     device: str = "cpu"  # cpu, cuda, cuda:N, or auto (accelerate device_map)
     trust_remote_code: bool = False
@@ -58,9 +58,10 @@ class SearchSettings:
     # "paper": fitness of the sliced subnet (METHOD 3); "reformed": of the subnet assembled from per-block
     # ladders of pre-reformed widths (METHOD 8.1: what the user gets after reformation)
     fitness_mode: str = "paper"
-    # "dims": the paper's space (rotary pairs per head, every head kept); "heads": whole heads (KV groups and
+    # "auto": "dims" where it is exact, "heads" for families that normalise each query/key head (stored
+    # resolved); "dims": the paper's space (rotary pairs per head, every head kept); "heads": whole heads (KV groups and
     # query heads per group, full head dim), the form llama.cpp and other engines with one head size run
-    space: str = "dims"
+    space: str = "auto"
     ladder_mlp_levels: int = 8  # MLP widths per block's ladder (the attention's: every head_multiple step)
     ladder_mb: int = 2048  # refuse ladders larger than this in memory
     population: int = 10  # first generation: mutations of the best initial subnet

@@ -17,7 +17,7 @@ from explorer.model.slicing import slice_model
 from explorer.model.subnet import LayerChoice, ModelShape, Subnet
 from explorer.pick.export_gguf import GGUFExportError, refusal, write_gguf
 from explorer.pick.gguf_tokenizer import GGUFTokenizer, TokenizerError, bpe_keys
-from explorer.pick.llamacpp import TOLERANCE, check
+from explorer.pick.llamacpp import TOLERANCE, check, tolerance
 
 PROMPT = "The river runs through the old town, past"
 TOKENIZER = GGUFTokenizer.from_gguf(embedded_gguf())  # llama.cpp's converter wrote these keys
@@ -185,3 +185,59 @@ def test_greedy_tokens_may_part_only_at_a_near_tie():
     assert where_greedy_parts([1, 0], [1, 0], logits, 0.05) == (None, False)
     assert where_greedy_parts([1, 0], [1, 2], logits, 0.05) == (1, True)  # 2.0 against 1.99
     assert where_greedy_parts([1, 0], [2, 0], logits, 0.05) == (0, False)  # 5.0 against 1.0: a real difference
+
+
+FAMILIES = ["qwen3", "smollm3-nope4", "granite", "gemma3"]
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_each_family_full_width_in_its_own_llamacpp_architecture(arch, tokenizer, tmp_path):
+    """qwen3 (q/k norms), smollm3 (no rotation in block 3), granite (four multipliers, biases), gemma3
+    (sandwich norms, (1 + w) gains, sliding window 16 with its own rope base, a linear-scaled rope on
+    the full layers, query_pre_attn_scalar != head_dim, soft-capped logits, tied embeddings)."""
+    base, shape = tiny(arch)
+    sliced = slice_model(base, Subnet.full(shape), shape)
+    info = write_gguf(tmp_path / "m.gguf", sliced, TOKENIZER, arch, "f32")
+    assert info["architecture"] == {"smollm3-nope4": "smollm3"}.get(arch, arch) and not info["padded"]
+    res = check(tmp_path / "m.gguf", base, tokenizer, PROMPT * 2, "f32")  # past gemma3's 16-token window
+    assert res.prompt_tokens > 16 and res.same_tokenization
+    assert res.max_logit_diff <= tolerance(base, "f32") * res.logit_std, res.to_dict()
+    assert res.same_tokens, res.to_dict()
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_each_family_narrowed_subnet_is_padded_to_one_size_and_equals_the_zeroed_base(arch, tokenizer, tmp_path):
+    """Blocks of different widths (fewer KV groups, fewer heads per group, narrower MLPs, a block
+    without attention, the last dropped) written at the widest kept size with zero heads and
+    channels: llama.cpp computes the zeroed base model (granite with compensation biases too)."""
+    from test_slicing import random_means
+
+    base, shape = tiny(arch)
+    sub = whole_heads(shape, [((1,), (0, 2, 3), range(0, 96, 2)), ((0, 1), (1,), range(40)), ((), (), range(96)),
+                              None])
+    means = random_means(shape) if arch == "granite" else None
+    sliced = slice_model(base, sub, shape, means)
+    info = write_gguf(tmp_path / "m.gguf", sliced, TOKENIZER, "narrow", "f32")
+    assert info["padded"] and info["written_at"] == {"head_count": 6, "head_count_kv": 2, "feed_forward_length": 96}
+    assert info["head_count"] == [3, 2, 0] and info["feed_forward_length"] == [48, 40, 96]
+    ref = zeroed_reference(base, sub, shape, means)
+    res = check(tmp_path / "m.gguf", ref, tokenizer, PROMPT * 2, "f32")
+    assert res.max_logit_diff <= tolerance(base, "f32") * res.logit_std, res.to_dict()
+    assert res.same_tokens, res.to_dict()
+
+
+def test_what_a_familys_architecture_cannot_hold_is_refused_in_one_line():
+    from test_slicing import random_means
+
+    base, shape = tiny("gemma3")
+    narrow = whole_heads(shape, [((0, 1), range(4), range(0, 96, 2))] * 4)
+    why = refusal(slice_model(base, narrow, shape, random_means(shape)))  # compensation biases
+    assert "output-projection bias" in why and "gemma3" in why and "\n" not in why
+    base, shape = tiny("smollm3-nope4")
+    dropped = whole_heads(shape, [((0, 1), range(4), range(96)), None, ((0, 1), range(4), range(96)),
+                                  ((0, 1), range(4), range(96))])
+    assert "every fourth block" in refusal(slice_model(base, dropped, shape))
+    base, shape = tiny("qwen3-bias-window")
+    assert "sliding-window" in refusal(slice_model(base, Subnet.full(shape), shape))
+    base, shape = tiny("granite-llama3")
+    assert "rope type 'llama3'" in refusal(slice_model(base, Subnet.full(shape), shape))

@@ -191,19 +191,20 @@ def real_params(model) -> int:
 
 
 def mixed_subnet(shape: ModelShape, seed: int) -> Subnet:
-    """Every kind of block: narrowed heads in fewer groups with fewer query heads, one dropped, one
-    without attention, one without MLP."""
+    """Every kind of block: narrowed heads (whole ones where the family has q/k norms) in fewer groups
+    with fewer query heads, one dropped, one without attention, one without MLP."""
     rng = random.Random(seed)
     P, KV, g = shape.n_pairs, shape.num_kv_heads, shape.group_size
     groups = tuple(sorted(rng.sample(range(KV), rng.randint(1, KV))))
     r = rng.randint(1, g - 1)
     heads = tuple(tuple(sorted(rng.sample(range(g), r))) for _ in groups)
-    n = rng.randint(1, P)
+    n = P if shape.qk_norm else rng.randint(1, P)  # q/k norms: whole heads only
     pairs = tuple(tuple(sorted(rng.sample(range(P), n))) for _ in groups)
     channels = lambda: tuple(sorted(rng.sample(range(shape.intermediate_size), rng.randint(1, 90))))  # noqa: E731
     return Subnet((LayerChoice(pairs, channels(), groups, heads), None,
                    LayerChoice((), channels(), ()),
-                   LayerChoice(tuple(tuple(sorted(rng.sample(range(P), 3))) for _ in range(KV)), ())))
+                   LayerChoice(tuple(tuple(sorted(rng.sample(range(P), P if shape.qk_norm else 3)))
+                                     for _ in range(KV)), ())))
 
 
 def random_means(shape: ModelShape, seed: int = 0) -> ChannelMeans:

@@ -65,8 +65,9 @@ class Parser(argparse.ArgumentParser):
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     m = ModelSettings()
-    p.add_argument("--model", default=m.model, help="'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf "
-                                                    "file or a hub id")
+    p.add_argument("--model", default=m.model,
+                   help="an embedded model: 'default' (SmolLM2-135M-Instruct) or 'gemma3-270m' (Gemma 3 270M); "
+                        "or a folder, a .gguf file or a hub id")
     p.add_argument("--dtype", default=m.dtype, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=m.device, help="cpu, cuda, cuda:N or auto")
     p.add_argument("--trust-remote-code", action="store_true", default=m.trust_remote_code,

@@ -35,9 +35,10 @@ def register(sub) -> None:
     p.add_argument("--fitness-mode", choices=["paper", "reformed"], default=None,
                    help="paper: rank the sliced subnets (default); reformed: rank subnets assembled from "
                         "pre-reformed per-block width ladders, i.e. what reformation will give")
-    p.add_argument("--space", choices=["dims", "heads"], default=None,
-                   help="dims: narrow every head's dimensions (the paper's space, default); heads: keep whole "
-                        "heads (KV groups x query heads per group), exportable as GGUF for llama.cpp")
+    p.add_argument("--space", choices=["auto", "dims", "heads"], default=None,
+                   help="dims: narrow every head's dimensions (the paper's space); heads: keep whole heads (KV "
+                        "groups x query heads per group), exportable as GGUF for llama.cpp; auto (default): dims "
+                        "where exact, heads for models with q/k norms (Qwen3, Gemma 3)")
     p.add_argument("--minutes", type=float, default=None,
                    help="a time budget: the targets share it and each stops with the best it has (the "
                         "generations are then a cap); default: the preset's; --set minutes=null for none")

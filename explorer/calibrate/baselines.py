@@ -204,7 +204,7 @@ def wanda_sp(model, shape: ModelShape, fraction: float, windows: torch.Tensor, b
         lin = block_linears(block)
         names = {"o_in": lin["self_attn.o_proj"], "down_in": lin["mlp.down_proj"]}
         with StatsCollector(names, execution_device(block)) as col:
-            run_block(block, inputs)  # the dense block on the pruned prefix's outputs
+            run_block(block, inputs.at(i))  # the dense block on the pruned prefix's outputs
         with onloaded(block):
             wo = lin["self_attn.o_proj"].weight.detach().float().abs().cpu()
             wd = lin["mlp.down_proj"].weight.detach().float().abs().cpu()

@@ -3,8 +3,9 @@ time, and accumulate input statistics of chosen linear layers with hooks.
 
 Memory stays at one block's activations (as in SparseGPT/Wanda). Works for any model whose
 blocks live in `model.model.layers` and take the hidden state as their first positional
-argument: transformers' Llama/Mistral/Qwen2 and our SubnetForCausalLM alike. Every other
-argument is captured generically and replayed unchanged.
+argument: transformers' families and our SubnetForCausalLM alike. Every other argument is
+captured generically, per block (a sliding-window layer gets its own mask, a Gemma layer its own
+rotary table), and replayed unchanged.
 """
 from __future__ import annotations
 
@@ -24,37 +25,54 @@ class Stop(Exception):
 
 @dataclass
 class BlockInputs:
-    """Hidden states entering a block, per batch, and the other arguments the model passed."""
+    """Hidden states entering a block, per batch, and the other arguments the model passed (those of
+    the first block; `at(i)` gives block i's own)."""
 
     hidden: list[torch.Tensor]
     args: list[tuple]
     kwargs: list[dict]
+    per_block: list[tuple[list[tuple], list[dict]]] | None = None  # block -> (args, kwargs) per batch
 
     def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
-        return BlockInputs(hidden, self.args, self.kwargs)
+        return BlockInputs(hidden, self.args, self.kwargs, self.per_block)
+
+    def at(self, block: int) -> "BlockInputs":
+        """The same hidden states with block `block`'s own other arguments."""
+        if self.per_block is None:
+            return self
+        args, kwargs = self.per_block[block]
+        return BlockInputs(self.hidden, args, kwargs, self.per_block)
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 8,
                          cancel: threading.Event | None = None) -> BlockInputs:
-    """Run the embedding only, stopping at the first block, for each batch of windows."""
+    """Run the embedding only, for each batch of windows: every block's forward is replaced for the
+    pass by one that records its arguments and passes the hidden state on, and the last one stops it."""
     from ..model.memory import calibration_bytes, check_fits
     from ..model.subnet import ModelShape
 
-    first = model.model.layers[0]
     device = execution_device(model.model.embed_tokens)
     if getattr(model.config, "model_type", "") != "subnet_llm":  # base models; subnets are smaller still
         need = calibration_bytes(ModelShape.from_config(model.config), len(windows), windows.shape[1], batch_size)
         check_fits(need, f"calibration on {len(windows)} windows of {windows.shape[1]} tokens", device)
-    got = BlockInputs([], [], [])
+    blocks = list(model.model.layers)
+    got = BlockInputs([], [], [], [([], []) for _ in blocks])
 
-    def hook(_module, args, kwargs):
-        got.hidden.append(args[0])
-        got.args.append(tuple(args[1:]))
-        got.kwargs.append(dict(kwargs))
-        raise Stop
+    def recorder(i: int):
+        def forward(hidden, *args, **kwargs):
+            if i == 0:
+                got.hidden.append(hidden)
+            got.per_block[i][0].append(tuple(args))
+            got.per_block[i][1].append(dict(kwargs))
+            if i == len(blocks) - 1:
+                raise Stop
+            return hidden
+        return forward
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    saved = [b.__dict__.get("forward") for b in blocks]  # an accelerate hook's wrapper, if any
+    for i, b in enumerate(blocks):
+        b.forward = recorder(i)
     try:
         for start in range(0, len(windows), batch_size):
             check_cancel(cancel)
@@ -63,7 +81,12 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
             except Stop:
                 pass
     finally:
-        handle.remove()
+        for b, f in zip(blocks, saved):
+            if f is None:
+                del b.forward
+            else:
+                b.forward = f
+    got.args, got.kwargs = got.per_block[0]
     return got
 
 

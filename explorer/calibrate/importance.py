@@ -123,7 +123,7 @@ def iter_importance(model, windows: torch.Tensor, shape: ModelShape, batch_size:
         check_cancel(cancel)
         lin = block_linears(block)
         with StatsCollector({k: lin[v] for k, v in STAT_INPUTS.items()}, execution_device(block)) as col:
-            outputs = run_block(block, inputs)
+            outputs = run_block(block, inputs.at(i))
         hinv = {k: hinv_diag(s.xtx, s.n, damp) for k, s in col.stats.items()}
         with onloaded(block):
             a, m, h = block_scores(block, hinv, shape)

@@ -10,7 +10,13 @@ from transformers import PretrainedConfig
 
 class SubnetConfig(PretrainedConfig):
     """Hyper-parameters of the base model plus, per kept block: the kept rotary pairs of each kept
-    KV group, the query heads per kept group, the kept MLP width and the block's sliding window.
+    KV group, the query heads per kept group, the kept MLP width, the block's sliding window and
+    which of the base model's rotary settings it uses (`layer_rope`, an index into `rope_sets`;
+    None: no rotary embedding).
+
+    The family's block features (`base_model_type`): per-head q/k norms (`qk_norm`), norms after
+    each sublayer (`sandwich_norm`), RMSNorm gains of (offset + weight) (`norm_offset`), and the
+    constants that scale the embeddings, each residual branch, the softmax and the logits.
 
     `base_head_dim` is the *original* head dimension: it fixes the softmax scale and the rotary
     frequencies, which a subnet must inherit unchanged (METHOD section 1); the rotary settings are
@@ -49,6 +55,16 @@ class SubnetConfig(PretrainedConfig):
         base_num_hidden_layers: int | None = None,
         base_intermediate_size: int | None = None,
         base_model_type: str = "llama",
+        rope_sets: list[dict] | None = None,
+        layer_rope: list[int | None] | None = None,
+        qk_norm: bool = False,
+        sandwich_norm: bool = False,
+        norm_offset: float = 0.0,
+        embedding_multiplier: float = 1.0,
+        residual_multiplier: float = 1.0,
+        softmax_scale: float | None = None,
+        logits_scaling: float = 1.0,
+        final_logit_softcapping: float | None = None,
         use_cache: bool = True,
         **kwargs,
     ):
@@ -79,6 +95,16 @@ class SubnetConfig(PretrainedConfig):
         self.base_num_hidden_layers = base_num_hidden_layers or n
         self.base_intermediate_size = base_intermediate_size
         self.base_model_type = base_model_type
+        self.rope_sets = [dict(r) for r in rope_sets] if rope_sets else [dict(self.base_rope_parameters)]
+        self.layer_rope = list(layer_rope) if layer_rope is not None else [0] * n
+        self.qk_norm = qk_norm
+        self.sandwich_norm = sandwich_norm
+        self.norm_offset = norm_offset
+        self.embedding_multiplier = embedding_multiplier
+        self.residual_multiplier = residual_multiplier
+        self.softmax_scale = softmax_scale
+        self.logits_scaling = logits_scaling
+        self.final_logit_softcapping = final_logit_softcapping
         self.use_cache = use_cache
         for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size"):
             kwargs.pop(key, None)  # derived per layer; stale copies from a saved config are dropped
@@ -88,7 +114,8 @@ class SubnetConfig(PretrainedConfig):
             for j, (pairs, r, width) in enumerate(zip(self.attn_pairs, self.heads_per_group, self.intermediate_sizes))
         } or None
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
-        lists = (self.attn_pairs, self.heads_per_group, self.intermediate_sizes, self.sliding_windows)
+        lists = (self.attn_pairs, self.heads_per_group, self.intermediate_sizes, self.sliding_windows,
+                 self.layer_rope)
         if any(len(x) != n for x in lists):
-            raise ValueError("layer_ids, attn_pairs, heads_per_group, intermediate_sizes and sliding_windows must "
-                             "have one entry per kept layer")
+            raise ValueError("layer_ids, attn_pairs, heads_per_group, intermediate_sizes, sliding_windows and "
+                             "layer_rope must have one entry per kept layer")

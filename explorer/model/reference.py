@@ -2,9 +2,10 @@
 with every omitted weight zeroed.
 
 A sliced model, a reformed model or an export is checked against this, never against itself:
-nothing here uses `explorer.model.slicing` or `explorer.model.modeling_subnet`, so a model that matches it
-computes what the base architecture (transformers' Llama, Mistral or Qwen2 code: its rotary
-embedding, sliding windows, GQA) computes for those weights.
+nothing here uses `explorer.model.slicing` or the sliced model's maths (only the table of the
+families' norm names), so a model that matches it computes what the base architecture
+(transformers' own code of each family: its rotary embedding, sliding windows, GQA, norms and
+multipliers) computes for those weights.
 
 What zeroing means, per block:
 - a removed rotary pair of a kept head: its q rows and o_proj columns (both halves of the pair),
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from .devices import onloaded
+from .modeling_subnet import norm_names
 from .subnet import LayerChoice, ModelShape, Subnet
 
 
@@ -48,6 +50,10 @@ def cpu_float_copy(base: nn.Module) -> nn.Module:
         raise KeyError(f"reference copy misses {missing} / has unexpected {unexpected}")
     if config.tie_word_embeddings:
         ref.tie_weights()
+    for name, buf in base.named_buffers():  # computed, never stored (Gemma's embedding scale)
+        if buf.device.type != "meta":
+            owner, _, leaf = name.rpartition(".")
+            setattr(ref.get_submodule(owner), leaf, buf.detach().to("cpu").clone())
     rotary = base.model.rotary_emb
     ref.model.rotary_emb = type(rotary)(config)  # its buffers are computed, not stored
     return ref.eval().requires_grad_(False)
@@ -171,10 +177,14 @@ def weights_match(base: nn.Module, model: nn.Module, subnet: Subnet, shape: Mode
                 qkv = torch.cat([src.self_attn.q_proj.weight[q_rows], src.self_attn.k_proj.weight[kv_rows],
                                  src.self_attn.v_proj.weight[kv_rows]])
                 want["self_attn.qkv_proj.weight"] = qkv
-                want["input_layernorm.weight"] = src.input_layernorm.weight
+                if shape.qk_norm:
+                    want["self_attn.q_norm.weight"] = src.self_attn.q_norm.weight
+                    want["self_attn.k_norm.weight"] = src.self_attn.k_norm.weight
             if layer.width:
                 want["mlp.gate_up_proj.weight"] = torch.cat([src.mlp.gate_proj.weight[ch], src.mlp.up_proj.weight[ch]])
-                want["post_attention_layernorm.weight"] = src.post_attention_layernorm.weight
+            for role, name in norm_names(shape.sandwich_norm).items():
+                if role.endswith("_out") or (layer.n_kv if role.startswith("attn") else layer.width):
+                    want[name + ".weight"] = src.get_submodule(name).weight
             got = dict(dst.named_parameters())
             for name, w in want.items():
                 if name not in got or not torch.equal(got[name].detach().cpu().float(), w.detach().cpu().float()):

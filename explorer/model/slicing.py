@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from ..errors import ExplorerError
-from .architecture import layer_windows, rope_parameters
+from .architecture import features, layer_windows, rope_sets
 from .configuration_subnet import SubnetConfig
 from .devices import is_offloaded, onloaded
-from .modeling_subnet import SubnetAttention, SubnetForCausalLM, SubnetRotary
+from .modeling_subnet import SubnetAttention, SubnetForCausalLM, SubnetRotary, norm_names
 from .subnet import LayerChoice, ModelShape, Subnet
 
 
@@ -100,16 +100,21 @@ INPUT_SLICED = {name: which for name, (which, dim) in SLICE_TABLE.items() if dim
 def subnet_config(base_config, subnet: Subnet, shape: ModelShape, compensated: bool = False) -> SubnetConfig:
     kept = [(i, l) for i, l in enumerate(subnet.layers) if l is not None]
     windows = layer_windows(base_config)
+    sets, per_layer = rope_sets(base_config)
+    feats = features(base_config)
     return SubnetConfig(
         vocab_size=shape.vocab_size,
         hidden_size=shape.hidden_size,
         base_num_attention_heads=shape.num_heads,
         base_num_key_value_heads=shape.num_kv_heads,
         base_head_dim=shape.head_dim,
-        hidden_act=getattr(base_config, "hidden_act", "silu"),
+        hidden_act=feats.hidden_act,
         rms_norm_eps=base_config.rms_norm_eps,
         max_position_embeddings=getattr(base_config, "max_position_embeddings", 2048),
-        base_rope_parameters=rope_parameters(base_config),
+        base_rope_parameters=sets[0],
+        rope_sets=sets,
+        layer_rope=[per_layer[i] for i, _ in kept],
+        **feats.config_fields(),
         tie_word_embeddings=shape.tie_word_embeddings,
         layer_ids=[i for i, _ in kept],
         attn_pairs=[[list(g) for g in l.attn_pairs] for _, l in kept],
@@ -166,10 +171,12 @@ def block_state_dict(block: nn.Module, layer: LayerChoice, shape: ModelShape, me
         idx = layer_indices(shape, layer, block.self_attn.o_proj.weight.device)
         kept = {"self_attn": layer.n_kv > 0, "mlp": layer.width > 0}
         sd: dict[str, torch.Tensor] = {}
-        if kept["self_attn"]:
-            sd["input_layernorm.weight"] = own(block.input_layernorm.weight.data)
-        if kept["mlp"]:
-            sd["post_attention_layernorm.weight"] = own(block.post_attention_layernorm.weight.data)
+        for role, name in norm_names(shape.sandwich_norm).items():  # as SubnetBlock decides which exist
+            if role.endswith("_out") or kept["self_attn" if role.startswith("attn") else "mlp"]:
+                sd[name + ".weight"] = own(block.get_submodule(name).weight.data)
+        if kept["self_attn"] and shape.qk_norm:
+            for name in ("self_attn.q_norm", "self_attn.k_norm"):
+                sd[name + ".weight"] = own(block.get_submodule(name).weight.data)
         for name, (which, dim) in SLICE_TABLE.items():
             lin = block.get_submodule(name)
             sublayer_kept = kept[name.split(".")[0]]
@@ -210,7 +217,8 @@ def fill_buffers(module: nn.Module, config: SubnetConfig, device) -> None:
     """Set the computed (never stored) buffers of a model or block that was built on `meta`."""
     for m in module.modules():
         if isinstance(m, SubnetAttention):
-            m.rope_index = m.make_rope_index(config, m.layer).to(device)
+            index = m.make_rope_index(config, m.layer)
+            m.rope_index = None if index is None else index.to(device)
         elif isinstance(m, SubnetRotary):
             m.reset(device)
 

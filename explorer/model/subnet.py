@@ -29,7 +29,9 @@ class SubnetError(ExplorerError):
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes of a Llama-family base model that subnets are carved from."""
+    """The sizes of a base model that subnets are carved from, and the block features that change
+    its parameter count or its search space: per-head q/k norms (whole heads only) and Gemma's
+    norms after each sublayer."""
 
     num_layers: int
     hidden_size: int
@@ -42,9 +44,14 @@ class ModelShape:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False
+    sandwich_norm: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> "ModelShape":
+        from .architecture import features
+
+        feats = features(config)
         heads = config.num_attention_heads
         return cls(
             num_layers=config.num_hidden_layers,
@@ -58,6 +65,8 @@ class ModelShape:
             qkv_bias=bool(getattr(config, "attention_bias", False)) or getattr(config, "model_type", "") == "qwen2",
             o_bias=bool(getattr(config, "attention_bias", False)),
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            qk_norm=feats.qk_norm,
+            sandwich_norm=feats.sandwich_norm,
         )
 
     @property
@@ -79,10 +88,13 @@ class ModelShape:
         kv = self.num_kv_heads if kv is None else kv
         r = self.group_size if heads_per_group is None else heads_per_group
         o_bias = self.o_bias if o_bias is None else o_bias
+        post = D if self.sandwich_norm else 0  # the norm after the sublayer (kept when it is skipped too)
         if kv == 0 or head_dim == 0:
-            return D if o_bias else 0
+            return (D if o_bias else 0) + post
         H = kv * r
-        n = D * (H + 2 * kv) * head_dim + H * head_dim * D + D  # q, k, v, o and input_layernorm
+        n = D * (H + 2 * kv) * head_dim + H * head_dim * D + D + post  # q, k, v, o and the norm(s)
+        if self.qk_norm:
+            n += 2 * head_dim
         if self.qkv_bias:
             n += (H + 2 * kv) * head_dim
         if o_bias:
@@ -93,9 +105,10 @@ class ModelShape:
         """Weights, biases and the input norm of one block's MLP (only a down_proj bias when empty)."""
         D = self.hidden_size
         down_bias = self.mlp_bias if down_bias is None else down_bias
+        post = D if self.sandwich_norm else 0
         if width == 0:
-            return D if down_bias else 0
-        n = 3 * D * width + D  # gate, up, down and post_attention_layernorm
+            return (D if down_bias else 0) + post
+        n = 3 * D * width + D + post  # gate, up, down and the norm(s)
         if self.mlp_bias:
             n += 2 * width
         if down_bias:
@@ -345,6 +358,9 @@ class Subnet:
 
 def _validate_layer(i: int, layer: LayerChoice, shape: ModelShape) -> None:
     where = f"layer {i}"
+    if shape.qk_norm and layer.n_kv and layer.pairs != shape.n_pairs:
+        raise SubnetError(f"{where}: this model normalises each query and key head, so a kept head keeps all "
+                          f"{shape.head_dim} dimensions (whole heads only), not {layer.head_dim}")
     _check_indices(layer.kv_groups, shape.num_kv_heads, f"{where}: KV group")
     if len(layer.attn_pairs) != layer.n_kv:
         raise SubnetError(f"{where}: {len(layer.attn_pairs)} lists of rotary pairs for {layer.n_kv} kept KV groups")

@@ -101,9 +101,10 @@ def write_folder(folder: Path, lm, model, record: PickFile) -> None:
 
 def base_model_id(lm) -> str:
     """The hub id of the base model where known (the embedded model's is its origin), else its spec."""
-    from ..model.loading import EMBEDDED_NAME
+    from ..model.loading import EMBEDDED
 
-    return lm.source.split(" (")[0] if lm.source == EMBEDDED_NAME else lm.name
+    titles = {m.title: m.hub_id for m in EMBEDDED.values()}
+    return titles.get(lm.source, lm.name)
 
 
 def model_card(lm, subnet: Subnet, metrics: dict, provenance: dict, verification: dict, name: str) -> str:

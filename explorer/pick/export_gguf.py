@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from ..errors import ExplorerError
+from . import gguf_families as families
 from .gguf_tokenizer import GGUFTokenizer, TokenizerError, bpe_keys
 
-ARCH = "deci"
+ARCH = "deci"  # the plain block (Llama, Mistral, Qwen2), sized per block; other families: gguf_families
 OUT_TYPES = ("f16", "f32", "q8_0")
 
 
@@ -90,6 +91,11 @@ def refusal(model) -> str | None:
     """One line saying why this sliced model cannot become a GGUF llama.cpp runs, or None."""
     cfg = model.config
     full = cfg.base_head_dim // 2
+    if cfg.base_model_type in families.ARCHES:
+        for i, pairs in enumerate(cfg.attn_pairs):
+            if pairs and any(len(g) != full for g in pairs):
+                return f"block {cfg.layer_ids[i]}: {PER_DIMENSION}"
+        return families.refusal(model)
     for i, pairs in enumerate(cfg.attn_pairs):
         if pairs and any(len(g) != full for g in pairs):
             return f"block {cfg.layer_ids[i]}: {PER_DIMENSION}"
@@ -158,6 +164,32 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
+def _tensor_writer(w, out_type: str):
+    """put(name, tensor): norms and biases in f32 (as llama.cpp's converter keeps them), matrices in
+    `out_type`; returns (put, the names q8_0 could not block and kept in f16)."""
+    import gguf
+
+    kept_f16: list[str] = []
+
+    def put(tensor_name: str, t: torch.Tensor) -> None:
+        a = t.detach().to(torch.float32).cpu().numpy()
+        if a.ndim == 1 or out_type == "f32":
+            w.add_tensor(tensor_name, a)
+        elif out_type == "f16":
+            w.add_tensor(tensor_name, a.astype(np.float16))
+        elif a.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(tensor_name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:  # a row length q8_0 cannot block: this tensor stays f16 (reported)
+            kept_f16.append(tensor_name)
+            w.add_tensor(tensor_name, a.astype(np.float16))
+
+    return put, kept_f16
+
+
+FILE_TYPES = {"f16": "MOSTLY_F16", "f32": "ALL_F32", "q8_0": "MOSTLY_Q8_0"}
+
+
 def write_gguf(path: str | Path, model, tokenizer: GGUFTokenizer, name: str, out_type: str = "f16") -> dict:
     """Write `model` (a sliced SubnetForCausalLM) with the base's `tokenizer` to `path`; returns what
     was written."""
@@ -168,6 +200,8 @@ def write_gguf(path: str | Path, model, tokenizer: GGUFTokenizer, name: str, out
     why = refusal(model)
     if why:
         raise GGUFExportError(why)
+    if model.config.base_model_type in families.ARCHES:
+        return _write_family(path, model, tokenizer, name, out_type)
     cfg = model.config
     plans = block_plans(model)
     if not plans:
@@ -192,24 +226,9 @@ def write_gguf(path: str | Path, model, tokenizer: GGUFTokenizer, name: str, out
         w.add_rope_scaling_factor(float(rope["factor"]))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_vocab_size(int(cfg.vocab_size))
-    w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32,
-                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type])
+    w.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[out_type]))
     copied = tokenizer.write(w)
-
-    kept_f16 = []
-
-    def put(tensor_name: str, t: torch.Tensor) -> None:
-        a = t.detach().to(torch.float32).cpu().numpy()
-        if a.ndim == 1 or out_type == "f32":  # norms and biases stay f32, as llama.cpp's converter does
-            w.add_tensor(tensor_name, a)
-        elif out_type == "f16":
-            w.add_tensor(tensor_name, a.astype(np.float16))
-        elif a.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(tensor_name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:  # a row length q8_0 cannot block: this tensor stays f16 (reported)
-            kept_f16.append(tensor_name)
-            w.add_tensor(tensor_name, a.astype(np.float16))
+    put, kept_f16 = _tensor_writer(w, out_type)
 
     m = model.model
     put("token_embd.weight", m.embed_tokens.weight)
@@ -260,6 +279,43 @@ def write_gguf(path: str | Path, model, tokenizer: GGUFTokenizer, name: str, out
             "tokenizer_keys": copied, "tensors_kept_f16": kept_f16, "bytes": Path(path).stat().st_size}
 
 
+def _write_family(path: str | Path, model, tokenizer: GGUFTokenizer, name: str, out_type: str) -> dict:
+    """A qwen3, smollm3, granite or gemma3 GGUF: every written block at the widest kept size
+    (explorer.pick.gguf_families says why)."""
+    import gguf
+
+    cfg = model.config
+    arch = families.ARCHES[cfg.base_model_type][0]
+    blocks = families.written_blocks(model)
+    size = families.one_size(model, blocks)
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_name(name)
+    w.add_type("model")
+    families.write_keys(w, model, blocks, size)
+    w.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[out_type]))
+    copied = tokenizer.write(w)
+    put, kept_f16 = _tensor_writer(w, out_type)
+    put("token_embd.weight", model.model.embed_tokens.weight)
+    put("output_norm.weight", families.output_norm(model))
+    if not cfg.tie_word_embeddings:
+        put("output.weight", model.lm_head.weight)
+    for b, i in enumerate(blocks):
+        for tensor_name, t in families.block_tensors(model, i, size).items():
+            put(f"blk.{b}.{tensor_name}", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    kept = [(len(cfg.attn_pairs[i]) * cfg.heads_per_group[i], len(cfg.attn_pairs[i]), cfg.intermediate_sizes[i])
+            for i in blocks]
+    return {"file": Path(path).name, "architecture": arch, "type": out_type, "blocks": len(blocks),
+            "head_count": [k[0] for k in kept], "head_count_kv": [k[1] for k in kept],
+            "feed_forward_length": [k[2] for k in kept],
+            "written_at": {"head_count": size.n_head, "head_count_kv": size.n_kv, "feed_forward_length": size.n_ff},
+            "padded": any(k != (size.n_head, size.n_kv, size.n_ff) for k in kept), "tokenizer_from": tokenizer.source,
+            "tokenizer_keys": copied, "tensors_kept_f16": kept_f16, "bytes": Path(path).stat().st_size}
+
+
 def modelfile(gguf_name: str, chat_template: str | None) -> str:
     """An Ollama Modelfile beside the GGUF. Ollama does not run Jinja templates, so a ChatML template
     (SmolLM2, Qwen2) is restated in its own syntax; any other template is left to Ollama's detection."""
@@ -289,8 +345,13 @@ def check_gguf_target(out_dir: Path) -> None:
 
 def gguf_card(name: str, base: str, info: dict, metrics: dict, check: dict | None) -> str:
     ppl = metrics.get("heldout_ppl")
+    arch = info.get("architecture", ARCH)
+    how = ("per-block head counts and MLP widths" if arch == ARCH else
+           "every block at one size" + (f", {info['written_at']}: narrower blocks padded with zero heads and "
+                                         "channels (the same function), because llama.cpp builds this architecture's "
+                                         "blocks at one size" if info.get("padded") else ""))
     lines = [f"# {name}", "", f"A subnet of {base} carved by Subnet Explorer, as one GGUF file for llama.cpp "
-             "(architecture `deci`: per-block head counts and MLP widths).", "",
+             f"(architecture `{arch}`: {how}).", "",
              f"- blocks: {info['blocks']}, weights {info['type']}, {info['bytes'] / 1e6:.1f} MB",
              f"- query heads per block: {info['head_count']}", f"- KV heads per block: {info['head_count_kv']}",
              f"- MLP width per block: {info['feed_forward_length']}"]

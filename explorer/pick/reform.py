@@ -32,7 +32,7 @@ from torch import nn
 from ..calibrate.capture import BlockInputs, Stop, capture_block_inputs, run_block
 from ..events import EventSink, Progress, check_cancel, no_event
 from ..model.devices import onloaded
-from ..model.modeling_subnet import SubnetForCausalLM
+from ..model.modeling_subnet import SubnetBlock, SubnetForCausalLM, norm_names
 from ..model.slicing import ChannelMeans, layer_indices, slice_model, with_output_biases
 from ..model.subnet import Subnet
 from ..settings import DataSettings
@@ -213,7 +213,7 @@ def attention_gram(dense_block: nn.Module, sub_block: nn.Module, dense_in: Block
     """Inputs of the dense and the subnet `o_proj` on the same block inputs (hooks, one batch held).
     A subnet block that skips attention has no o_proj input: only the dense side (and the count)."""
     d_o = dense_block.self_attn.o_proj
-    attends = sub_block.input_layernorm is not None
+    attends = sub_block.norm("attn_in") is not None
     k = sub_block.self_attn.o_proj.in_features if attends else 0
     gram = Gram.zeros(d_o.in_features, k, "cpu")
     stash: dict[str, torch.Tensor] = {}
@@ -244,6 +244,14 @@ def attention_gram(dense_block: nn.Module, sub_block: nn.Module, dense_in: Block
     return gram
 
 
+def mlp_norm(block: nn.Module) -> nn.Module | None:
+    """The norm before a block's MLP: a sliced block's (None when it skips its MLP), or a base
+    block's under its family's name (Gemma's pre_feedforward_layernorm, else post_attention_layernorm)."""
+    if isinstance(block, SubnetBlock):
+        return block.norm("mlp_in")
+    return block.get_submodule(norm_names(hasattr(block, "pre_feedforward_layernorm"))["mlp_in"])
+
+
 @torch.no_grad()
 def mlp_gram(dense_block: nn.Module, sub_block: nn.Module, sub_in: BlockInputs, kept: torch.Tensor,
              cancel: threading.Event | None = None) -> Gram:
@@ -253,10 +261,10 @@ def mlp_gram(dense_block: nn.Module, sub_block: nn.Module, sub_in: BlockInputs, 
     P = dense_mlp.down_proj.in_features
     kept = kept.cpu()
     grams: list[Gram] = []
-    normed = sub_block.post_attention_layernorm is not None
+    sub_norm, dense_norm = mlp_norm(sub_block), mlp_norm(dense_block)
 
     def hook(_m, args):
-        x = args[0] if normed else dense_block.post_attention_layernorm(args[0])
+        x = args[0] if sub_norm is not None else dense_norm(args[0])
         a = _flat(dense_mlp.act_fn(dense_mlp.gate_proj(x)) * dense_mlp.up_proj(x)).cpu()  # [n, P]
         g = Gram.zeros(P, len(kept), "cpu") if not grams else grams[0]
         g.add(a, a.index_select(1, kept))
@@ -453,10 +461,10 @@ def reform(lm, subnet: Subnet, settings: ReformSettings = ReformSettings(), on_e
                 reports.append(LayerReform(i, name, total, total, 0.0, 0.0, False))
                 continue
             if name == "self_attn.o_proj":
-                gram = attention_gram(dense_block, sub_block, dense_in.with_hidden(hidden),
-                                      sub_in.with_hidden(hidden), cancel)
+                gram = attention_gram(dense_block, sub_block, dense_in.at(i).with_hidden(hidden),
+                                      sub_in.at(j).with_hidden(hidden), cancel)
             else:
-                gram = mlp_gram(dense_block, sub_block, sub_in.with_hidden(hidden), kept, cancel)
+                gram = mlp_gram(dense_block, sub_block, sub_in.at(j).with_hidden(hidden), kept, cancel)
             with onloaded(dense_lin):  # read after the block ran: an offloaded layer's weights come and go
                 w = dense_lin.weight.detach().clone()
                 b = None if dense_lin.bias is None else dense_lin.bias.detach().clone()
@@ -466,7 +474,7 @@ def reform(lm, subnet: Subnet, settings: ReformSettings = ReformSettings(), on_e
                 _set(sub_lin, new_w if len(kept) else None, new_b)
             reports.append(LayerReform(i, name, len(kept), total, before, after, applied))
         check_cancel(cancel)
-        hidden = run_block(sub_block, sub_in.with_hidden(hidden))
+        hidden = run_block(sub_block, sub_in.at(j).with_hidden(hidden))
         on_event(Progress("reform", j + 1, len(kept_layers), f"block {i}"))
     model = model.eval()
     return ReformResult(model, tuple(reports), settings, time.perf_counter() - t0, int(calib_windows.numel()),

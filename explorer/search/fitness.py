@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..events import check_cancel
 from ..model.devices import execution_device, is_offloaded, onloaded
-from ..model.modeling_subnet import RMSNorm, SubnetBlock, SubnetRotary, block_masks
+from ..model.modeling_subnet import RMSNorm, SubnetBlock, SubnetRotary, block_masks, embed, final_logits
 from ..model.slicing import ChannelMeans, block_state_dict, fill_buffers, subnet_config
 from ..model.subnet import ModelShape, Subnet
 
@@ -107,8 +107,8 @@ class FitnessEvaluator:
         self.cache_bytes = cache_bytes
         self.block_cache_bytes = block_cache_bytes
         self.cache_every = max(1, cache_every)
-        embed, head, norm = base.model.embed_tokens, base.lm_head, base.model.norm
-        self.device = execution_device(embed)
+        embed_tokens, head, norm = base.model.embed_tokens, base.lm_head, base.model.norm
+        self.device = execution_device(embed_tokens)
         self.dtype = dtype or next(p for p in base.parameters() if p.device.type != "meta").dtype
         self.tokens = int(windows.shape[0] * (windows.shape[1] - 1))
         self._cache: OrderedDict = OrderedDict()
@@ -119,15 +119,16 @@ class FitnessEvaluator:
         n = windows.shape[0]
         batch = max(1, min(batch, n))
         self._chunks = [(a, min(a + batch, n)) for a in range(0, n, batch)]
-        with torch.no_grad(), onloaded(embed):
-            self._embedded = [embed(windows[a:b].to(self.device)).to(self.dtype)
+        self._config = subnet_config(base.config, Subnet.full(shape), shape)  # the family's constants
+        with torch.no_grad(), onloaded(embed_tokens):
+            self._embedded = [embed(self._config, embed_tokens.weight, windows[a:b].to(self.device)).to(self.dtype)
                               for a, b in self._chunks]  # each [b - a, T, D]
         T = windows.shape[1]
         self._T = T
         cfg = base.config
         self.head_device = execution_device(head)
         with onloaded(norm), onloaded(head):
-            self._norm = RMSNorm(shape.hidden_size, cfg.rms_norm_eps).to(self.head_device)
+            self._norm = RMSNorm(shape.hidden_size, cfg.rms_norm_eps, self._config.norm_offset).to(self.head_device)
             self._norm.weight = torch.nn.Parameter(norm.weight.detach().to(self.head_device, self.dtype).clone(),
                                                    requires_grad=False)
             w = head.weight.detach().to(self.head_device, self.dtype)  # no copy when it is already so
@@ -260,7 +261,7 @@ class FitnessEvaluator:
                 if use_cache and (i + 1) % self.cache_every == 0 and self._put((keys[i + 1], c), x):
                     created.append((keys[i + 1], c))
             h = self._norm(x.to(self.head_device))[:, :-1].reshape(-1, x.shape[-1])  # 2-D: a 3-D strided input makes matmul copy lm_head
-            logits = (h @ self._head.T).float()  # [(b - a) * (T-1), V]
+            logits = final_logits(self._config, (h @ self._head.T).float())  # [(b - a) * (T-1), V]
             target = self.windows[a:b, 1:].reshape(-1).to(self.head_device)
             nll += F.cross_entropy(logits, target, reduction="sum").item()
             done = b

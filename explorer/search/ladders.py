@@ -192,7 +192,7 @@ def iter_ladders(model, shape: ModelShape, order: Importance, scoring: str, wind
             masks = block_masks(config.sliding_windows, None, 1, T, 0, device)
             sub_in = BlockInputs(inputs.hidden, [(rope, masks, None)] * len(inputs.hidden), [{}] * len(inputs.hidden))
             with onloaded(block):
-                gram = attention_gram(block, sub, inputs, sub_in, cancel)
+                gram = attention_gram(block, sub, inputs.at(i), sub_in, cancel)
             kept = layer_indices(shape, layer, "cpu")["q"]
             start_b = sub.self_attn.o_proj.bias
             levels_a[p], ok = _solve(wo, bo, gram, kept, None if start_b is None else start_b.detach(), settings)
@@ -201,7 +201,7 @@ def iter_ladders(model, shape: ModelShape, order: Importance, scoring: str, wind
         levels_m: dict = {}
         if spec.widths:
             with onloaded(block):  # the dense MLP's own input: one Gram of every channel serves each level
-                g = mlp_gram(block, block, inputs, torch.zeros(0, dtype=torch.long), cancel)
+                g = mlp_gram(block, block, inputs.at(i), torch.zeros(0, dtype=torch.long), cancel)
             for w in spec.widths:
                 kept = torch.tensor(sorted(order.mlp_order[i][:w]))
                 sub_gram = Gram(g.dd, g.dd.index_select(1, kept), g.dd.index_select(0, kept).index_select(1, kept),
@@ -212,7 +212,7 @@ def iter_ladders(model, shape: ModelShape, order: Importance, scoring: str, wind
                 levels_m[w], ok = _solve(wd, bd, sub_gram, kept, start, settings)
                 reformed += ok
         mlp.append(levels_m)
-        inputs = inputs.with_hidden(run_block(block, inputs))  # the dense block's outputs feed the next
+        inputs = inputs.with_hidden(run_block(block, inputs.at(i)))  # the dense block's outputs feed the next
         yield Progress("ladders", i + 1, L, f"block {i + 1}/{L}")
     yield Ladders(spec, scoring, attn, mlp, order, reformed)
 

@@ -101,13 +101,18 @@ def check_values(s: SearchSettings, shape: ModelShape | None = None) -> None:
             raise ExplorerError(f"{name}.alpha (the share a mask mutation keeps) must be in (0, 1], not {p.alpha}")
     if s.minutes is not None and not 0 < s.minutes < 1e6:
         raise ExplorerError(f"the time budget must be a positive number of minutes (got {s.minutes!r})")
-    if s.space not in ("dims", "heads"):
-        raise ExplorerError(f"space must be dims or heads (got {s.space!r})")
+    if s.space not in ("auto", "dims", "heads"):
+        raise ExplorerError(f"space must be auto, dims or heads (got {s.space!r})")
+    if shape is not None and shape.qk_norm and s.space == "dims":
+        raise ExplorerError("this model normalises each query and key head (q/k RMSNorm), so a head cannot keep "
+                            "part of its dimensions exactly: search whole heads (space heads)")
     if s.fitness_mode not in ("paper", "reformed"):
         raise ExplorerError(f"fitness_mode must be paper or reformed (got {s.fitness_mode!r})")
-    if s.space == "heads" and s.fitness_mode == "reformed":
+    if s.fitness_mode == "reformed" and (s.space == "heads" or (shape is not None and shape.qk_norm)):
         raise ExplorerError("the reformation-aware ranking has ladders of rotary pairs only: use it with the "
-                            "dims space (the heads space ranks the sliced subnets)")
+                            "dims space (the heads space ranks the sliced subnets)" if s.space == "heads" else
+                            "the reformation-aware ranking narrows heads, which this model's q/k norms do not allow: "
+                            "rank the sliced subnets (fitness_mode paper)")
     unknown = [b for b in s.baselines if b not in BASELINES]
     if unknown:
         raise ExplorerError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
@@ -152,10 +157,17 @@ def check_corpus(lm: LoadedModel, s: SearchSettings) -> None:
                                 f"windows of {seq_len} tokens; {n} were asked for")
 
 
+def default_space(shape: ModelShape) -> str:
+    """The paper's narrower heads where they are exact, whole heads where the family normalises q and k."""
+    return "heads" if shape.qk_norm else "dims"
+
+
 def resolve(lm: LoadedModel, settings: SearchSettings, corpus: bool = True) -> SearchSettings:
     """Validate every setting and resolve the ones that depend on the machine (fitness dtype).
     `corpus` False skips the corpus check (windows given directly: tests on tiny models)."""
     check_types(settings)
+    if settings.space == "auto":  # stored resolved: a resumed run searches the same space
+        settings = dataclasses.replace(settings, space=default_space(lm.shape))
     check_values(settings, lm.shape)
     settings = dataclasses.replace(settings, targets=validate_targets(settings.targets, lm.shape, settings))
     if settings.fitness_mode == "reformed":

@@ -8,6 +8,7 @@ import gradio as gr
 from ..app.plots import DEFAULT_X, DEFAULT_Y, X_AXES, Y_AXES
 from ..app.workbench import AppSettings
 from ..model.generation import DecodeSettings
+from ..model.loading import embedded_choices
 from ..pick.evaluation import DEFAULT_TASKS
 from ..settings import PRESETS, ModelSettings, SearchSettings
 from .session import Session
@@ -80,7 +81,7 @@ class UI:
     demo: gr.Blocks
     session: gr.State
     # 1 · model
-    model_box: gr.Textbox
+    model_box: gr.Dropdown
     dtype: gr.Dropdown
     device: gr.Dropdown
     load_btn: gr.Button
@@ -160,8 +161,9 @@ def build(default_model: str = ModelSettings().model) -> UI:
             with gr.Column(scale=4, min_width=360):
                 gr.Markdown("### 1 · Model", elem_classes="step")
                 with gr.Row(equal_height=True):
-                    model_box = gr.Textbox(default_model, label="Model", scale=4, max_lines=1,
-                                           info="default = the embedded SmolLM2-135M; or a folder, .gguf, hub id")
+                    model_box = gr.Dropdown(embedded_choices(), value=default_model, label="Model", scale=4,
+                                            allow_custom_value=True, filterable=True,
+                                            info="an embedded model, or type a folder, .gguf file or hub id")
                     load_btn = gr.Button("Load", variant="primary", scale=1, min_width=80)
                 with gr.Accordion("Number format and device", open=False):
                     with gr.Row():
@@ -179,7 +181,8 @@ def build(default_model: str = ModelSettings().model) -> UI:
                                           ("paper: no clock", "paper")],
                                          value=s.preset_name, label="Budget", scale=2,
                                          info="shared by the targets")
-                space = gr.Dropdown([("narrower heads (paper; lower perplexity)", "dims"),
+                space = gr.Dropdown([("the model's own: narrower where exact", "auto"),
+                                     ("narrower heads (paper; lower perplexity)", "dims"),
                                      ("whole heads (exports as GGUF)", "heads")], value=s.space,
                                     label="Attention: keep")
                 with gr.Row():  # above the settings below, so that opening them never moves Start off the screen
