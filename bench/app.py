@@ -111,6 +111,9 @@ def status(page, where: str) -> str:
     return page.locator(where).inner_text()
 
 
+SHARE_OPTIONS = {"prunable": "of the blocks (no embeddings)"}  # the page's words for --share
+
+
 def one_pass(page, args, shots: Path | None, tag: str) -> dict:
     """The flow once; its timings (seconds) and what it checked."""
     result: dict = {}
@@ -122,6 +125,9 @@ def one_pass(page, args, shots: Path | None, tag: str) -> dict:
     page.set_default_timeout(300_000)
     wait_for(page, lambda pg: any(t["n"] for t in traces(pg)), 120)
     shot("01-open")
+    if args.model != "default":  # the other embedded model, by its name in the model box
+        page.get_by_label("Model").fill(args.model)
+        page.get_by_label("Model").press("Enter")
     ts = time.perf_counter()
     page.get_by_role("button", name="Load", exact=True).click()
     wait_for(page, lambda pg: "Dense held-out perplexity" in status(pg, "#model-info"), 600)
@@ -129,7 +135,10 @@ def one_pass(page, args, shots: Path | None, tag: str) -> dict:
     shot("02-loaded")
 
     # a search with a 1-minute budget: the first points, and how far past its budget it ends
-    page.get_by_label("Targets (fraction of total parameters)").fill(args.targets)
+    page.get_by_label("Targets (fractions)").fill(args.targets)
+    if args.share != "total":
+        page.get_by_label("of", exact=True).click()
+        page.get_by_role("option", name=SHARE_OPTIONS[args.share]).click()
     page.get_by_text("More search settings").click()
     fill(page, "Minutes", f"{args.minutes:g}")
     fill(page, "Run name (blank = automatic)", f"{tag}-budget")
@@ -269,7 +278,7 @@ def run(args) -> dict:
         ("hover_equals_click", r["hover_equals_click"]), ("stop_within_10s", r["stop_to_stopped_s"] <= 10),
         ("budget_overrun_within_30s", r["budget_overrun_s"] <= 30))}
     print("checks:", ", ".join(f"{k}={v}" for k, v in checks.items()))
-    out = {"benchmark": "app", "targets": args.targets, "minutes": args.minutes,
+    out = {"benchmark": "app", "model": args.model, "share": args.share, "targets": args.targets, "minutes": args.minutes,
            "viewport": [args.width, args.height], "passes": passes, "rows": rows, "checks": checks,
            "machine": machine(), "seconds": time.perf_counter() - t0}
     print(f"wrote {write_json(args.out, out)}")
@@ -277,6 +286,8 @@ def run(args) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="an embedded model by name (default, gemma3-270m)")
+    p.add_argument("--share", default="total", choices=["total", "prunable"], help="what the targets are fractions of")
     p.add_argument("--targets", default="0.8,0.7")
     p.add_argument("--minutes", type=float, default=1.0, help="the budgeted search's time budget")
     p.add_argument("--passes", default="quiet,busy", help="quiet, busy (one core kept busy by another program)")

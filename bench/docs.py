@@ -76,6 +76,7 @@ def target(t) -> str:
 BASELINE_NAMES = {"magnitude": "magnitude", "wanda-sp": "Wanda-sp", "flap": "FLAP", "flap-uniform": "uniform FLAP",
                   "flap-nobias": "FLAP without bias"}
 SEARCH_NAMES = {"search": "search (paper fitness)", "search+comp": "search with compensation",
+                "heads": "whole-head search without compensation",
                 "search+reform": "reformation-aware search", "heads+comp": "whole-head search",
                 "heads+reform": "whole-head reformation-aware search"}
 BASELINES = ("magnitude", "wanda-sp", "flap", "flap-uniform")
@@ -105,15 +106,41 @@ def quality_summary() -> str:
                   "best baseline, reformed"], rows)
 
 
-def _quality_table(suffix: str) -> str:
-    q = result("quality")
-    names = [*searches(q), *BASELINES, "flap-nobias"]
+def _quality_table(suffix: str, name: str = "quality") -> str:
+    q = result(name)
+    names = [*searches(q), *BASELINES, *(["flap-nobias"] if "flap-nobias" in q["rows"][0] else [])]
+    share = " of blocks" if q.get("share", "total") == "prunable" else ""
     rows = []
     for r in q["rows"]:
         best = min(r[n + suffix] for n in names)
-        rows.append([target(r["target"]), *[f"**{num(r[n + suffix])}**" if r[n + suffix] == best else
-                                             num(r[n + suffix]) for n in names]])
+        rows.append([target(r["target"]) + share, *[f"**{num(r[n + suffix])}**" if r[n + suffix] == best else
+                                                     num(r[n + suffix]) for n in names]])
     return table(["kept", *[SEARCH_NAMES.get(n) or BASELINE_NAMES[n] for n in names]], rows)
+
+
+# ---- the same benchmark on the second embedded model (Gemma 3 270M, targets of the blocks) --------------------
+@generator("gemma3.before")
+def gemma3_before() -> str:
+    return _quality_table("", "quality-gemma3")
+
+
+@generator("gemma3.after")
+def gemma3_after() -> str:
+    return _quality_table("_reformed", "quality-gemma3")
+
+
+@generator("gemma3.dense")
+def gemma3_dense() -> str:
+    return num(result("quality-gemma3")["rows"][0]["dense"])
+
+
+@generator("gemma3.setup")
+def gemma3_setup() -> str:
+    q = result("quality-gemma3")
+    return (f"{len(q['search_seconds'])} searches ({', '.join(SEARCH_NAMES[s] for s in searches(q))}) of "
+            f"{num(q['minutes'], 3)} minutes each over "
+            f"{', '.join(target(r['target']) for r in q['rows'])} of the blocks' parameters; held-out perplexity on "
+            f"{q['heldout_windows']} x {q['seq_len']} tokens")
 
 
 @generator("quality.scope")

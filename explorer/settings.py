@@ -44,7 +44,10 @@ class SearchSettings:
     """Everything that decides a search's result; saved in run.json. Defaults = the demo preset but for its
     time budget (DEMO_MINUTES, DEMO_GENERATIONS), so a settings object built in code runs its generations."""
 
-    targets: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5)  # fractions of total parameters
+    targets: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5)  # fractions of the parameters `share` names
+    # "total": of all parameters (the paper's targets); "prunable": of the blocks' parameters, embeddings and
+    # final norm left out (a model whose embeddings are most of it, as Gemma 3 270M's 63 %, needs these)
+    share: str = "total"
     preset_name: str = "demo"  # stored as "preset" in run.json
     seed: int = 0
     corpus: str = "bbc"

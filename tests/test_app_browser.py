@@ -43,7 +43,7 @@ def test_full_flow_in_chromium(app_server, chromium, tmp_path):
     shot(page, "02-loaded")
 
     # a tiny search: progress text changes and points appear while it runs
-    page.get_by_label("Targets (fraction of total parameters)").fill("0.9,0.8")
+    page.get_by_label("Targets (fractions)").fill("0.9,0.8")
     choose(page, "Attention: keep", "whole heads (exports as GGUF)")  # so the pick also exports as GGUF below
     page.get_by_text("More search settings").click()
     page.get_by_label("Population (blank = preset)").fill("6")

@@ -45,7 +45,7 @@ def test_api_flow(client, app_server, tmp_path):
     r = client.predict("default", "float32", "cpu", api_name="/load_model")
     assert "Dense held-out perplexity" in out(r, "load_model", "model_info") and "⚠️" not in message(r, "load_model")
 
-    job = client.submit("0.6", "demo", 4, 1, None, 1, "paper", "dims", 3, "api-run", False, "parameters (% of dense)",
+    job = client.submit("0.6", "total", "demo", 4, 1, None, 1, "paper", "dims", 3, "api-run", False, "parameters (% of dense)",
                         "held-out perplexity", api_name="/search")
     statuses = [out(o, "search", "status") for o in job]
     assert any("candidates evaluated" in str(s or "") for s in statuses)
@@ -130,7 +130,7 @@ def test_stop_keeps_what_was_found_and_evaluate_through_the_api(client):
     import time
 
     client.predict("default", "float32", "cpu", api_name="/load_model")
-    job = client.submit("0.8", "demo", 10, 50, None, 1, "paper", "dims", 5, "api-stop", False, "parameters (% of dense)",
+    job = client.submit("0.8", "total", "demo", 10, 50, None, 1, "paper", "dims", 5, "api-stop", False, "parameters (% of dense)",
                         "held-out perplexity", api_name="/search")
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -168,7 +168,7 @@ def test_a_whole_head_search_exports_a_gguf_that_llamacpp_runs(client, app_serve
     from explorer.search.runs import open_run
 
     client.predict("default", "float32", "cpu", api_name="/load_model")
-    job = client.submit("0.7", "demo", 4, 1, None, 1, "paper", "heads", 3, "api-heads", False,
+    job = client.submit("0.7", "total", "demo", 4, 1, None, 1, "paper", "heads", 3, "api-heads", False,
                         "parameters (% of dense)", "held-out perplexity", api_name="/search")
     job.result(timeout=1200)
     assert "finished" in str(out(job.outputs()[-1], "search", "status"))
@@ -205,7 +205,7 @@ def test_a_typed_search_field_is_read_like_the_cli_set(client, app_server):
     client.predict("default", "float32", "cpu", api_name="/load_model")
     for population, words in (("abc", "population (first generation's children) must be a whole number"),
                               ("2.5", "must be a whole number, not 2.5"), ("0", "must be at least")):
-        r = client.predict("0.7", "demo", population, "", "", "", "paper", "dims", 0, f"typed-{population}", False,
+        r = client.predict("0.7", "total", "demo", population, "", "", "", "paper", "dims", 0, f"typed-{population}", False,
                            "parameters (% of dense)", "held-out perplexity", api_name="/search")
         said = message(r, "search")
         assert words in said and "\n" not in said.strip(), said

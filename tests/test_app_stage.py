@@ -158,7 +158,7 @@ def test_stop_ends_every_phase_and_blank_fields_run_the_preset(page, app_server)
     with the advanced fields left blank runs the preset's settings."""
     page.get_by_role("button", name="Load", exact=True).click()
     wait_text(page, "#model-info", "Dense held-out perplexity", 600)
-    page.get_by_label("Targets (fraction of total parameters)").fill("0.7")
+    page.get_by_label("Targets (fractions)").fill("0.7")
     page.get_by_text("More search settings").click()
     for label in ("Population (blank = preset)", "Generations (blank = preset)", "Fitness windows (blank = preset)"):
         assert page.get_by_label(label).input_value() == ""  # blank, not 0

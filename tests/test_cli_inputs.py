@@ -69,3 +69,21 @@ def test_reform_demo_is_the_apps_reformation_and_flags_replace_only_themselves()
     assert reform_settings(True) == ReformSettings.demo()  # --damp's absence no longer overwrites the demo's damp
     assert reform_settings(True, damp=0.5) == ReformSettings(**{**ReformSettings.demo().to_dict(), "damp": 0.5})
     assert reform_settings(False) == ReformSettings()
+
+
+def test_flags_that_a_bias_free_gguf_needs_reach_the_settings():
+    """--no-intercept (reform, export --reform) and --share / --set compensate=false (search) are read by
+    the same parsers the app's controls go through."""
+    import argparse
+
+    from explorer.app.cli_pick import add_reform_args, reform_settings
+    from explorer.app.cli_search import search_overrides
+
+    p = argparse.ArgumentParser()
+    add_reform_args(p)
+    p.add_argument("--corpus", default=None)
+    assert reform_settings(p.parse_args(["--no-intercept"])).intercept is False
+    assert reform_settings(p.parse_args([])).intercept is True
+    args = argparse.Namespace(set=["compensate=false"], seed=None, corpus=None, minutes=None, fitness_mode=None,
+                              space=None, share="prunable")
+    assert search_overrides(args) == {"compensate": False, "share": "prunable"}

@@ -159,13 +159,15 @@ def tiny_lm(name: str, embedded):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["mistral-window", "llama-llama3", "qwen2-window"])
+@pytest.mark.parametrize("arch", ["mistral-window", "llama-llama3", "qwen2-window", "gemma3", "granite", "qwen3",
+                                  "smollm3"])
 def test_export_verifies_against_the_base_model_and_catches_a_wrong_model(arch, embedded, tmp_path):
-    """The reference is the base model's own class: an export that ignored the sliding window (or
-    the llama3 rope) would fail, so verification is not the model agreeing with itself."""
+    """The reference is the base model's own class: an export that ignored the sliding window, the
+    llama3 rope, Gemma's per-layer-type rope, Granite's residual multiplier or SmolLM3's rotation-free
+    layers would fail, so verification is not the model agreeing with itself."""
     from test_slicing import mixed_subnet, random_means
 
-    from explorer.model.slicing import slice_model
+    from explorer.model.slicing import fill_buffers, slice_model
     from explorer.pick.export import ExportError
 
     lm = tiny_lm(arch, embedded)
@@ -179,11 +181,13 @@ def test_export_verifies_against_the_base_model_and_catches_a_wrong_model(arch, 
         wrong.config.sliding_windows = [None] * len(wrong.config.sliding_windows)
         for block in wrong.model.layers:
             block.window = None
-    else:  # default rope frequencies instead of llama3's
-        wrong.config.base_rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}
-        wrong.model.rotary.rope_type = "default"
-        wrong.model.rotary.config = wrong.config
-        wrong.model.rotary.reset("cpu")
+    elif arch == "granite":  # the residual branches unscaled
+        wrong.config.residual_multiplier = 1.0
+    elif arch in ("gemma3", "smollm3"):  # every block rotated with the first rope set
+        wrong.config.layer_rope = [0] * len(wrong.config.layer_rope)
+        fill_buffers(wrong, wrong.config, "cpu")
+    else:  # default rope frequencies instead of the first set's own
+        wrong.config.rope_sets = [{"rope_type": "default", "rope_theta": 1234.0}]
     with pytest.raises(ExportError, match="differs from the reference"):
         export_subnet(lm, wrong, sub, tmp_path / "wrong", {}, {}, make_zip=False, means=means)
     assert not (tmp_path / "wrong").exists()

@@ -147,3 +147,33 @@ def test_gemma3_270m_is_reproduced_exactly():
         prompt = ids[:, :20]
         assert torch.equal(sliced.generate(prompt, max_new_tokens=30, do_sample=False),
                            ref.generate(prompt, max_new_tokens=30, do_sample=False))
+
+
+def test_targets_may_be_a_share_of_the_blocks():
+    """Gemma 3 270M's embeddings are 63 % of it: a target of the blocks' parameters is turned into a
+    budget of total parameters in one place, refused in one line when out of range, and named with
+    its share wherever a target is shown."""
+    from explorer.search.runs import Candidate, target_words
+    from explorer.search.space import target_space, total_fraction
+    from explorer.search.validate import validate_targets
+
+    base = tiny_model("gemma3", vocab=4000)  # embeddings most of the model, as in the real one
+    shape = ModelShape.from_config(base.config)
+    assert shape.fixed_params / shape.dense_params > 0.5
+    s = SearchSettings(share="prunable", space="heads", window=0.02)
+    total = total_fraction(shape, "prunable", 0.7)
+    assert total * shape.dense_params == pytest.approx(shape.fixed_params + 0.7 * shape.dense_prunable)
+    space = target_space(shape, s, 0.7)
+    assert space.hi_params == int(total * shape.dense_params)
+    assert validate_targets([0.7, 0.6], shape, s) == (0.7, 0.6)
+    with pytest.raises(ExplorerError, match="target 30%: 30.0% of the total parameters is below the embeddings"):
+        validate_targets([0.3], shape, SearchSettings(space="heads"))  # 30 % of the total cannot be reached
+    with pytest.raises(ExplorerError, match="target 20% of blocks: .* below what the search space can reach"):
+        validate_targets([0.2], shape, s)
+    with pytest.raises(ExplorerError, match="share must be one of total, prunable"):
+        check_values(SearchSettings(share="blocks"))
+    assert target_words(0.5, "prunable") == "50% of blocks" and target_words(0.5) == "50%"
+    c = Candidate("c1", 0.5, 0, "search", Subnet.full(shape), share="prunable")
+    again = Candidate.from_dict(c.to_dict())
+    assert again.share == "prunable" and again.target_words == "50% of blocks"
+    assert "share" not in Candidate("c2", 0.5, 0, "search", Subnet.full(shape)).to_dict()  # old runs read the same

@@ -228,7 +228,7 @@ def test_two_tabs_one_searches_the_other_is_told_busy(app_server):
 
             # tab A: a long search (single target, no baselines) that will be stopped; the model is A's as
             # soon as the search says it is starting
-            a.get_by_label("Targets (fraction of total parameters)").fill("0.8")
+            a.get_by_label("Targets (fractions)").fill("0.8")
             a.get_by_text("More search settings").click()
             a.get_by_label("Population (blank = preset)").fill("6")
             a.get_by_label("Generations (blank = preset)").fill("50")

@@ -53,6 +53,9 @@ def add_reform_args(p) -> None:
     p.add_argument("--rho", type=float, default=None, help=f"ADMM penalty, relative to the Gram diagonal ({r.rho})")
     p.add_argument("--iterations", type=int, default=None, help=f"ADMM iterations ({r.iterations})")
     p.add_argument("--damp", type=float, default=None, help=f"ridge, relative to the mean Gram diagonal ({r.damp})")
+    p.add_argument("--no-intercept", action="store_true",
+                   help="fit the kept weights only, no o_proj / down_proj biases (the GGUF of Qwen3, SmolLM3 and "
+                        "Gemma 3 cannot hold them)")
 
 
 def reform_settings(args) -> ReformSettings:
@@ -60,7 +63,8 @@ def reform_settings(args) -> ReformSettings:
     from .inputs import reform_settings as settings
 
     return settings(args.demo, windows=args.calib_windows, seq_len=args.calib_seq_len, method=args.method,
-                    rho=args.rho, iterations=args.iterations, damp=args.damp, corpus=args.corpus)
+                    rho=args.rho, iterations=args.iterations, damp=args.damp, corpus=args.corpus,
+                    intercept=False if args.no_intercept else None)
 
 
 def source(args, wb):

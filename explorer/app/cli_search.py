@@ -13,7 +13,7 @@ from ..settings import PRESETS, SearchSettings
 from .cli import Bars, add_model_args, key_of, load, workbench
 
 # what decides a new search's result: with --resume the run's stored settings decide instead
-SEARCH_FLAGS = ("targets", "preset", "seed", "corpus", "minutes", "fitness_mode", "space", "set", "prepare")
+SEARCH_FLAGS = ("targets", "share", "preset", "seed", "corpus", "minutes", "fitness_mode", "space", "set", "prepare")
 
 
 def register(sub) -> None:
@@ -26,8 +26,11 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--corpus", default=None, help=f"bbc (embedded), a UTF-8 text file, or hf:wikitext-2 "
                                                   f"(default {d.corpus})")
-    p.add_argument("--targets", default=None, help="fractions of total parameters, e.g. 0.9,0.7,0.5 or 70%% "
-                                                   f"(default {','.join(map(str, d.targets))})")
+    p.add_argument("--targets", default=None, help="fractions of the parameters --share names, e.g. 0.9,0.7,0.5 or "
+                                                   f"70%% (default {','.join(map(str, d.targets))})")
+    p.add_argument("--share", choices=["total", "prunable"], default=None,
+                   help="what a target is a fraction of: total (every parameter, the paper's; default) or "
+                        "prunable (the blocks, embeddings excluded: Gemma 3 270M's embeddings are 63%% of it)")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help=f"demo: a talk's {PRESETS['demo'].minutes:g} minutes (default); paper: the paper's "
                         "population and generations, no time budget")
@@ -71,7 +74,7 @@ def search_overrides(args) -> dict:
     from .inputs import parse_override
 
     given = dict(parse_override(text) for text in args.set or ())
-    for name in ("seed", "corpus", "minutes", "fitness_mode", "space"):
+    for name in ("seed", "corpus", "minutes", "fitness_mode", "space", "share"):
         if getattr(args, name) is not None:
             given[name] = getattr(args, name)
     return given
@@ -143,20 +146,25 @@ def _render(events, run_dir: str) -> int:
         StageProgress,
     )
 
-    stages, bar = Bars(), None
+    from ..events import SearchStarted
+    from ..search.runs import target_words
+
+    stages, bar, share = Bars(), None, "total"
     code = 0
     try:
         for ev in events:
-            if isinstance(ev, StageProgress):
+            if isinstance(ev, SearchStarted):
+                share = ev.settings.get("share", "total")
+            elif isinstance(ev, StageProgress):
                 stages(ev)
             elif isinstance(ev, CandidateEvaluated):
                 if bar is None:
                     bar = tqdm(desc="search", unit="cand", file=sys.stderr)
                 c = ev.candidate
                 bar.update(1)
-                bar.set_postfix_str(f"target {c.target:.0%} gen {c.generation} ppl {c.fitness:.4g}", refresh=False)
+                bar.set_postfix_str(f"target {c.target_words} gen {c.generation} ppl {c.fitness:.4g}", refresh=False)
             elif isinstance(ev, GenerationFinished):
-                tqdm.write(f"target {ev.target:.0%} generation {ev.progress()}: best {ev.best_id} "
+                tqdm.write(f"target {target_words(ev.target, share)} generation {ev.progress()}: best {ev.best_id} "
                            f"ppl {ev.best_fitness:.4g}, {ev.evals_per_s:.2f} evals/s", file=sys.stderr)
             elif isinstance(ev, LatencyMeasured):
                 m = ev.measurement

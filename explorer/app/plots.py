@@ -23,6 +23,7 @@ X_AXES = {
     "predicted latency (ms/token)": "predicted_latency_ms",
     "measured latency (ms/token)": "measured_latency_ms",
     "parameters (% of dense)": "fraction",
+    "block parameters (% of the dense blocks)": "prunable_fraction",
 }
 Y_AXES = {
     "held-out perplexity": "heldout",
@@ -63,8 +64,8 @@ def metric(c, key: str, latency=None, ratio: float | None = None) -> float | Non
         v = heldout(c, ratio)[0]
     elif key == "fitness_ppl":
         v = None if m.get("fitness_lower_bound") else m.get("fitness_ppl")
-    elif key == "fraction":
-        v = 100 * m["fraction"] if "fraction" in m else None
+    elif key in ("fraction", "prunable_fraction"):
+        v = 100 * m[key] if key in m else None
     elif key == "measured_latency_ms":
         sp = m.get("measured_speedup")
         dense = latency.dense_ms if latency is not None else m.get("measured_dense_ms")
@@ -82,7 +83,8 @@ NAMES = {"dense": "the dense model", "search": "searched", "init": "initial subn
 def _hover(c, latency=None, ratio: float | None = None) -> str:
     m = c.metrics
     parts = [f"<b>{c.id}</b> ({NAMES.get(c.origin, c.origin)}{', bias-compensated' if getattr(c, 'compensated', False) else ''}"
-             + (f", target {c.target:.0%})" if c.origin != "dense" else ")"), f"params {m.get('fraction', 0):.1%} of dense"]
+             + (f", target {c.target_words})" if c.origin != "dense" else ")"),
+             f"params {m.get('fraction', 0):.1%} of dense ({m.get('prunable_fraction', 0):.1%} of the blocks)"]
     value, measured = heldout(c, ratio)
     if value is not None:
         parts.append(f"held-out ppl {value:.4g}" + ("" if measured else " (estimated from the fitness)"))

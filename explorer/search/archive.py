@@ -90,7 +90,7 @@ class Archive:
 
     def _new(self, job: Job, metrics: dict) -> Candidate:
         c = Candidate(f"c{self.next_id:05d}", round(job.target, 6), job.generation, job.origin, job.subnet, metrics,
-                      job.compensated)
+                      job.compensated, share=self.run.settings.get("share", "total"))
         self.next_id += 1
         self.run.append(c)
         self.memo[job.key] = c

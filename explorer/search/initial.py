@@ -22,7 +22,7 @@ from .archive import Job
 from .calibration import Calibration
 from .evolution import repair
 from .ladders import LADDER_SCORING
-from .space import Space, nearest, nearest_attn, refit, space_top_layer, target_space
+from .space import Space, nearest, nearest_attn, refit, space_top_layer, target_space, total_fraction
 
 
 # ---- uniform subnets from importance scores -------------------------------------------------------
@@ -114,8 +114,9 @@ def baseline_jobs(lm: LoadedModel, s: SearchSettings, cal: Calibration, target: 
     computed on the same calibration windows as everything else: those from the dense pass's
     statistics first (instant), then the sequential ones; each read from the calibration's cache
     when an earlier search built it. Lazily, so a spent time budget computes no more of them."""
+    total = total_fraction(lm.shape, s.share, target)  # the cache keys baselines by the total fraction
     for name in baseline_order(s) if names is None else names:
-        res, _ = cal.baseline(name, lm.model, lm.shape, target, cancel)
+        res, _ = cal.baseline(name, lm.model, lm.shape, total, cancel)
         yield Job(res.subnet, target, 0, f"baseline:{name}", res.compensated)
 
 
@@ -138,10 +139,11 @@ def initial_jobs(lm: LoadedModel, s: SearchSettings, cal: Calibration, target: f
     picks = sorted({opts[len(opts) - 1 - round(k * (len(opts) - 1) / max(1, s.split_init - 1))]
                     for k in range(s.split_init)}) if s.split_init else []  # widest attention first
     jobs = []
+    total = total_fraction(lm.shape, s.share, target)
     for name in ((LADDER_SCORING,) if reformed else s.init_scorings):
         sc = cal.scoring(name, lm.model, lm.shape)
-        subs = [initial_subnet(sc, lm.shape, target, s.multiple, s.head_multiple, s.compensate)]
-        subs += [split_subnet(sc, lm.shape, target, p, s.multiple, s.compensate) for p in picks]
+        subs = [initial_subnet(sc, lm.shape, total, s.multiple, s.head_multiple, s.compensate)]
+        subs += [split_subnet(sc, lm.shape, total, p, s.multiple, s.compensate) for p in picks]
         # onto the space's options (the ladders' levels when reformed): uniform widths rounded to a step
         # may keep less attention than METHOD's range allows at this target
         subs = [None if sub is None else sub if space.allows(sub, lm.shape) else snap(sub, sc, lm.shape, space, rng)

@@ -57,8 +57,8 @@ from .initial import (
     seeded_jobs,
 )
 from .pareto import fronts_of
-from .runs import Candidate, Run
-from .space import target_space
+from .runs import Candidate, Run, target_words
+from .space import target_space, total_fraction
 from .timing import measure_front, predict_archive, search_latency_model
 
 
@@ -105,6 +105,7 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
     try:
         yield from consider(evaluate.run([Job(Subnet.full(lm.shape), 1.0, 0, "dense")]), None)
         for k, target in enumerate(s.targets):
+            words = target_words(target, s.share)
             budget.start_target(len(s.targets) - k)
             rng = random.Random(f"{s.seed}:{target}")
             fitness.clear()  # prefix states of another target serve no candidate of this one
@@ -113,11 +114,11 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
             yield from consider(evaluate.run(own[:1]), elite)  # every target evaluates the method's own start
             baselines = []
             for name in baseline_order(s):  # each computed when its turn comes, if it fits the budget
-                cost = 0.0 if cal.has_baseline(name, target) or name not in SEQUENTIAL_BASELINES else (
+                cost = 0.0 if cal.has_baseline(name, total_fraction(lm.shape, s.share, target)) or name not in SEQUENTIAL_BASELINES else (
                     SEQUENTIAL_COST * per_window() * s.calib_windows * s.calib_seq_len / s.fitness_seq_len)
                 if not more(cost):
                     if cost:
-                        yield StageProgress("budget", 1, 1, f"{target:.0%}: {name} left out: its own pass over the "
+                        yield StageProgress("budget", 1, 1, f"{words}: {name} left out: its own pass over the "
                                             "calibration windows does not fit the time budget's share (prepare the "
                                             "search first, or search without a budget)")
                     continue
@@ -135,7 +136,7 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
             for generation in range(1, generations + 1):
                 if not more():
                     n = sum(c.target == target for c in archive.candidates)
-                    yield StageProgress("budget", 1, 1, f"{target:.0%}: the time budget ends its search with {n} "
+                    yield StageProgress("budget", 1, 1, f"{words}: the time budget ends its search with {n} "
                                         f"candidates, {generation - 1} generation{'' if generation == 2 else 's'} "
                                         "after the initial subnets")
                     break
@@ -233,8 +234,8 @@ def select(run: Run, elite: Elite, selector: FitnessEvaluator | None, s: SearchS
     top = elite.members[: s.select_top]
     if selector is None or len(top) < 2:
         return elite.best
-    n_windows = selector.windows.shape[0]
-    yield StageProgress("selection", 0, len(top), f"{target:.0%}: re-scoring the best {len(top)} on "
+    n_windows, words = selector.windows.shape[0], target_words(target, s.share)
+    yield StageProgress("selection", 0, len(top), f"{words}: re-scoring the best {len(top)} on "
                         f"{n_windows} fresh windows")
     scored = []
     for n, c in enumerate(top):
@@ -242,7 +243,7 @@ def select(run: Run, elite: Elite, selector: FitnessEvaluator | None, s: SearchS
         ppl = c.metrics.get("selection_ppl")
         if ppl is None:  # a resumed run has it already
             if budget is not None and not budget.another_rescore(per_window() * n_windows):
-                yield StageProgress("selection", len(top), len(top), f"{target:.0%}: the time budget ends the "
+                yield StageProgress("selection", len(top), len(top), f"{words}: the time budget ends the "
                                     f"re-scoring after {n} of {len(top)}")
                 break
             ppl = selector.evaluate(c.subnet, compensated=c.compensated, cancel=cancel,

@@ -29,7 +29,7 @@ from .calibration import search_calibration, search_ladders
 from .distributed import Group, current_group, shared_run
 from .initial import baseline_jobs
 from .loop import search
-from .runs import Run, RunError, create_run, open_run
+from .runs import Run, RunError, create_run, open_run, target_words
 from .validate import resolve
 
 SCHEMA = 2
@@ -60,10 +60,11 @@ def prepare(lm: LoadedModel, settings: SearchSettings, run_dir: str | Path,
     run = _new_run(lm, settings, Path(run_dir))
     cal = yield from search_calibration(lm, settings, run, cancel, None)
     for target in settings.targets:
-        yield StageProgress("baselines", 0, len(settings.baselines), f"{target:.0%}")
+        words = target_words(target, settings.share)
+        yield StageProgress("baselines", 0, len(settings.baselines), words)
         for n, job in enumerate(baseline_jobs(lm, settings, cal, target, cancel=cancel)):
             check_cancel(cancel)
-            yield StageProgress("baselines", n + 1, len(settings.baselines), f"{target:.0%}: {job.origin}")
+            yield StageProgress("baselines", n + 1, len(settings.baselines), f"{words}: {job.origin}")
     if settings.fitness_mode == "reformed":
         yield from search_ladders(lm, settings, cal, cancel)
 

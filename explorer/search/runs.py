@@ -35,6 +35,11 @@ class RunError(ExplorerError):
     """A run directory that is missing, malformed or not allowed."""
 
 
+def target_words(target: float, share: str = "total") -> str:
+    """A target in words: "70%" of the total parameters, or "70% of blocks" (embeddings excluded)."""
+    return f"{target:.0%}" + ("" if share == "total" else " of blocks")
+
+
 @dataclass(frozen=True)
 class Candidate:
     id: str
@@ -45,12 +50,20 @@ class Candidate:
     metrics: dict = field(default_factory=dict, compare=False)
     compensated: bool = False  # its model carries bias compensation (rebuilt from the run's channel means)
     means: str | None = None  # digest of the channel means it is compensated with, when not the run's own
+    share: str = "total"  # what its target is a fraction of (explorer.search.space.SHARES)
+
+    @property
+    def target_words(self) -> str:
+        """Its target as a reader should see it: "70%", or "70% of blocks" for a share of the blocks."""
+        return target_words(self.target, self.share)
 
     def to_dict(self) -> dict:
         d = {"id": self.id, "target": self.target, "generation": self.generation, "origin": self.origin,
              "compensated": self.compensated, "subnet": self.subnet.to_dict(compact=True), "metrics": self.metrics}
         if self.means:
             d["means"] = self.means
+        if self.share != "total":
+            d["share"] = self.share
         return d
 
     @classmethod
@@ -59,7 +72,7 @@ class Candidate:
         # FLAP candidates of runs written before the field was stored were evaluated with their biases
         compensated = bool(d.get("compensated", origin == "baseline:flap"))
         return cls(str(d["id"]), float(d["target"]), int(d["generation"]), origin, Subnet.from_dict(d["subnet"]),
-                   dict(d.get("metrics", {})), compensated, d.get("means"))
+                   dict(d.get("metrics", {})), compensated, d.get("means"), str(d.get("share", "total")))
 
     @property
     def fitness(self) -> float:

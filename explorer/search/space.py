@@ -92,7 +92,7 @@ def make_space(shape: ModelShape, target: float, window: float = 0.005, multiple
         raise ExplorerError(f"target {target} must be a fraction in (0, 1]")
     prunable = (target * shape.dense_params - shape.fixed_params) / shape.dense_prunable
     if prunable <= 0:
-        raise ExplorerError(f"target {target:.0%} is below the embeddings alone "
+        raise ExplorerError(f"{target:.1%} of the total parameters is below the embeddings alone "
                             f"({shape.fixed_params / shape.dense_params:.1%} of the parameters)")
     depth_share, attn_lo, mlp_lo = _interp(min(prunable, 1.0))
     if attn_min is not None:
@@ -116,20 +116,31 @@ def make_space(shape: ModelShape, target: float, window: float = 0.005, multiple
         shape.attn_params(shape.head_dim, *heads[0], o_bias=shape.o_bias or compensated)
         + shape.mlp_params(widths[0], shape.mlp_bias or compensated))
     if smallest > space.hi_params:
-        raise ExplorerError(f"target {target:.0%} is below what the search space can reach "
+        raise ExplorerError(f"{target:.1%} of the total parameters is below what the search space can reach "
                             f"(smallest subnet: {smallest / shape.dense_params:.1%} of the parameters)")
     return space
 
 
 
 
+SHARES = {"total": "the total parameters", "prunable": "the blocks' parameters (embeddings excluded)"}
+
+
+def total_fraction(shape: ModelShape, share: str, target: float) -> float:
+    """A target as a fraction of the total parameters, the unit every size budget is computed in:
+    a share of the blocks becomes (embeddings + share x blocks) / total."""
+    if share == "total":
+        return target
+    return (shape.fixed_params + target * shape.dense_prunable) / shape.dense_params
+
+
 def target_space(shape: ModelShape, s: SearchSettings, target: float) -> Space:
-    """The target's search space under a search's settings; in the reformation-aware mode only the
-    ladders' levels."""
+    """The target's search space under a search's settings (`target` in the settings' share); in
+    the reformation-aware mode only the ladders' levels."""
     from .ladders import LadderSpec
 
-    space = make_space(shape, target, s.window, s.multiple, s.head_multiple, s.depth, compensated=s.compensate,
-                       granularity=s.space)
+    space = make_space(shape, total_fraction(shape, s.share, target), s.window, s.multiple, s.head_multiple,
+                       s.depth, compensated=s.compensate, granularity=s.space)
     if s.fitness_mode != "reformed":
         return space
     spec = LadderSpec.of(shape, s.head_multiple, s.multiple, s.ladder_mlp_levels)

@@ -19,7 +19,8 @@ from ..model.subnet import ModelShape
 from ..settings import Probs, SearchSettings
 from .fitness import resolve_dtype
 from .ladders import LadderSpec, ladder_bytes
-from .space import target_space
+from .runs import target_words
+from .space import SHARES, target_space
 
 # field -> (smallest allowed value, what it is); integers unless the field is a float
 LOWER_BOUNDS: dict[str, tuple[float, str]] = {
@@ -101,6 +102,8 @@ def check_values(s: SearchSettings, shape: ModelShape | None = None) -> None:
             raise ExplorerError(f"{name}.alpha (the share a mask mutation keeps) must be in (0, 1], not {p.alpha}")
     if s.minutes is not None and not 0 < s.minutes < 1e6:
         raise ExplorerError(f"the time budget must be a positive number of minutes (got {s.minutes!r})")
+    if s.share not in SHARES:
+        raise ExplorerError(f"share must be one of {', '.join(SHARES)} (got {s.share!r})")
     if s.space not in ("auto", "dims", "heads"):
         raise ExplorerError(f"space must be auto, dims or heads (got {s.space!r})")
     if shape is not None and shape.qk_norm and s.space == "dims":
@@ -132,8 +135,11 @@ def validate_targets(targets, shape: ModelShape, settings: SearchSettings) -> tu
         except (TypeError, ValueError):
             raise ExplorerError(f"target {t!r} is not a number") from None
         if not (0 < t <= 1) or math.isnan(t):
-            raise ExplorerError(f"target {t} is outside (0, 1]: targets are fractions of the total parameters")
-        target_space(shape, settings, t)
+            raise ExplorerError(f"target {t} is outside (0, 1]: targets are fractions of {SHARES[settings.share]}")
+        try:
+            target_space(shape, settings, t)
+        except ExplorerError as e:
+            raise ExplorerError(f"target {target_words(t, settings.share)}: {e}") from None
         out.append(round(t, 6))
     if len(set(out)) != len(out):
         raise ExplorerError("targets repeat")

@@ -22,9 +22,9 @@ ACTION = ("card", "compare", "session", "action_status")  # what an action on th
 ENDPOINTS: dict[str, tuple[str, tuple, tuple, dict]] = {
     "load_model": ("load", ("model_box", "dtype", "device", "session"), ("model_info", "session"),
                    dict(concurrency_limit=None, show_progress_on="model_info")),
-    "search": ("search", ("targets", "preset", "population", "generations", "minutes", "fitness_windows",
+    "search": ("search", ("targets", "share", "preset", "population", "generations", "minutes", "fitness_windows",
                           "fitness_mode", "space", "seed", "run_name",
-                          "baselines", "x_axis", "y_axis", "session"), (*VIEW, "runs", "start_btn"),
+                          "baselines", "x_axis", "y_axis", "compensate", "session"), (*VIEW, "runs", "start_btn"),
                dict(concurrency_limit=None, show_progress="hidden")),
     # Stop cancels whichever heavy job this tab runs; queued (so its answer reaches the page) but without a
     # concurrency limit, so it never waits behind the job it stops. The name is from before it did more.
@@ -36,7 +36,7 @@ ENDPOINTS: dict[str, tuple[str, tuple, tuple, dict]] = {
     "open_subnet": ("open_subnet", ("subnet_file", "x_axis", "y_axis", "session"),
                     ("card", "layers", "plot", "session", "pick_box", "compare", "pick_status"),
                     dict(concurrency_limit=None, show_progress_on="pick_status")),
-    "reform": ("reform", ("session",), ACTION, dict(concurrency_limit=None, show_progress_on="action_status")),
+    "reform": ("reform", ("reform_intercept", "session"), ACTION, dict(concurrency_limit=None, show_progress_on="action_status")),
     "measure_latency": ("measure", ("session",), ACTION, dict(concurrency_limit=None,
                                                                  show_progress_on="action_status")),
     "evaluate": ("evaluate", ("eval_tasks", "eval_limit", "x_axis", "y_axis", "session"), (*ACTION, "plot"),

@@ -33,6 +33,7 @@ from ..events import (
     StageProgress,
 )
 from ..model.generation import DecodeSettings, common_length
+from ..search.runs import target_words
 from ..pick.evaluation import parse_tasks
 from . import views
 from .layout import UI
@@ -187,8 +188,8 @@ class Handlers:
 
     # ---- 2 · search -------------------------------------------------------------------------------
     @user_errors("status", reset={"start_btn": gr.update(interactive=True)})
-    def search(self, targets, preset, population, generations, minutes, fitness_windows, fitness_mode, space, seed,
-               run_name, baselines, x, y, session, request: gr.Request):
+    def search(self, targets, share, preset, population, generations, minutes, fitness_windows, fitness_mode, space,
+               seed, run_name, baselines, x, y, compensate, session, request: gr.Request):
         s = session or Session()
         overrides: dict = {}  # what the user set: a blank field leaves the preset's value
         for name, text in (("population", population), ("generations", generations),
@@ -199,8 +200,12 @@ class Handlers:
             overrides["fitness_mode"] = fitness_mode
         if space:
             overrides["space"] = space
+        if share:
+            overrides["share"] = share
         if not baselines:
             overrides["baselines"] = ()
+        if compensate is not None:
+            overrides["compensate"] = bool(compensate)
         overrides.update([parse_override(f"seed={seed if seed not in (None, '') else 0}")])
         settings = self.wb.search_settings(preset, targets, overrides)
         key = s.model_key
@@ -269,7 +274,7 @@ class Handlers:
         n = len(run.candidates())
         st = run.settings
         info = (f"**Run {name}** · {n} candidates · model {st.get('model', '?')} · budget {st.get('preset', '?')} · "
-                f"targets {', '.join(f'{t:.0%}' for t in st.get('targets', []))}")
+                f"targets {', '.join(target_words(t, st.get('share', 'total')) for t in st.get('targets', []))}")
         return {self.ui.plot: self._figure(s, x, y, run), self.ui.status: info, self.ui.session: s,
                 self.ui.compare: self._compare_table(s), self.ui.card: views.NO_PICK, self.ui.layers: None,
                 self.ui.pick_box: ""}
@@ -334,13 +339,14 @@ class Handlers:
 
     # ---- 3 · reform, measure, evaluate, compare ------------------------------------------------------
     @user_errors("action_status")
-    def reform(self, session, request: gr.Request, progress=gr.Progress()):
+    def reform(self, intercept, session, request: gr.Request, progress=gr.Progress()):
         s = session or Session()
         p = self._picked(s)
         c, run_name = p.candidate, p.run  # the tab may open another run while this one works
         key = self._key_for_run(s, run_name, progress=lambda m: progress(0.05, desc=m))
         try:
-            r = self.wb.reform(tab_id(request), key, p, on_event=progress_sink(progress))
+            settings = replace(self.wb.settings.reform, intercept=intercept is not False)
+            r = self.wb.reform(tab_id(request), key, p, settings, on_event=progress_sink(progress))
         except Cancelled:
             return self._cancelled("Reformation", c.id, "the subnet, its card and the run are as they were")
         s.reformed[s.note_key(c.id, run_name)] = r.to_dict()

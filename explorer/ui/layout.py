@@ -88,6 +88,7 @@ class UI:
     model_info: gr.Markdown  # what Load found, and what went wrong with it
     # 2 · search
     targets: gr.Textbox
+    share: gr.Dropdown
     preset: gr.Radio
     space: gr.Radio
     fitness_mode: gr.Radio
@@ -98,6 +99,7 @@ class UI:
     seed: gr.Number
     run_name: gr.Textbox
     baselines: gr.Checkbox
+    compensate: gr.Checkbox
     start_btn: gr.Button
     stop_btn: gr.Button
     status: gr.Markdown  # the search's progress, and its messages (the runs list's too)
@@ -117,6 +119,7 @@ class UI:
     card: gr.Markdown
     layers: gr.Plot
     reform_btn: gr.Button
+    reform_intercept: gr.Checkbox
     measure_btn: gr.Button
     compare_btn: gr.Button
     eval_tasks: gr.CheckboxGroup
@@ -163,7 +166,8 @@ def build(default_model: str = ModelSettings().model) -> UI:
                 with gr.Row(equal_height=True):
                     model_box = gr.Dropdown(embedded_choices(), value=default_model, label="Model", scale=4,
                                             allow_custom_value=True, filterable=True,
-                                            info="an embedded model, or type a folder, .gguf file or hub id")
+                                            info="embedded SmolLM2-135M or Gemma 3 270M, or type a folder, "
+                                                 ".gguf file or hub id")
                     load_btn = gr.Button("Load", variant="primary", scale=1, min_width=80)
                 with gr.Accordion("Number format and device", open=False):
                     with gr.Row():
@@ -176,15 +180,19 @@ def build(default_model: str = ModelSettings().model) -> UI:
                 gr.Markdown("### 2 · Search", elem_classes="step")
                 with gr.Row(equal_height=True):
                     targets = gr.Textbox(",".join(f"{t:g}" for t in s.targets), max_lines=1, scale=3,
-                                         label="Targets (fraction of total parameters)", info="e.g. 0.8, 0.7 or 70%")
+                                         label="Targets (fractions)", info="e.g. 0.8, 0.7 or 70%")
+                    share = gr.Dropdown([("of all parameters", "total"), ("of the blocks (no embeddings)", "prunable")],
+                                        value=s.share, label="of", scale=3,
+                                        info="Gemma 3 270M: embeddings are 63%")
+                with gr.Row(equal_height=True):
                     preset = gr.Dropdown([(f"demo: {PRESETS['demo'].minutes:g} min", "demo"),
                                           ("paper: no clock", "paper")],
                                          value=s.preset_name, label="Budget", scale=2,
                                          info="shared by the targets")
-                space = gr.Dropdown([("the model's own: narrower where exact", "auto"),
-                                     ("narrower heads (paper; lower perplexity)", "dims"),
-                                     ("whole heads (exports as GGUF)", "heads")], value=s.space,
-                                    label="Attention: keep")
+                    space = gr.Dropdown([("auto: narrower where exact", "auto"),
+                                         ("narrower heads (paper; lower perplexity)", "dims"),
+                                         ("whole heads (exports as GGUF)", "heads")], value=s.space,
+                                        label="Attention: keep", scale=3, info="whole heads only for q/k-norm models")
                 with gr.Row():  # above the settings below, so that opening them never moves Start off the screen
                     start_btn = gr.Button("Start search", variant="primary")
                     stop_btn = gr.Button("Stop", variant="stop")
@@ -208,8 +216,13 @@ def build(default_model: str = ModelSettings().model) -> UI:
                     with gr.Row():
                         seed = gr.Number(0, label="Seed", precision=0, info="the same seed, the same search")
                         run_name = gr.Textbox("", label="Run name (blank = automatic)", max_lines=1)
-                    baselines = gr.Checkbox(True, label="Also run the baselines (magnitude, Wanda-sp, FLAP)",
-                                            info="as FLAP's official code defines them, bias compensation included")
+                    with gr.Row():
+                        baselines = gr.Checkbox(True, label="Also run the baselines (magnitude, Wanda-sp, FLAP)",
+                                                info="as FLAP's official code defines them, bias compensation "
+                                                     "included")
+                        compensate = gr.Checkbox(s.compensate, label="Bias compensation",
+                                                 info="the mean of what is cut, added back as a bias (FLAP); "
+                                                      "off: Qwen3, SmolLM3 and Gemma 3 subnets export as GGUF")
                 with gr.Accordion("Saved runs", open=False):
                     with gr.Row(equal_height=True):
                         # Custom values allowed: the choices are filled per tab on page load, which API clients
@@ -243,6 +256,8 @@ def build(default_model: str = ModelSettings().model) -> UI:
             with gr.Column(scale=5):
                 with gr.Row():
                     reform_btn = gr.Button("Reform", variant="primary")
+                    reform_intercept = gr.Checkbox(True, label="fit biases", min_width=90,
+                                                   info="off: no output biases (GGUF of Qwen3, SmolLM3, Gemma 3)")
                     measure_btn = gr.Button("Measure latency")
                     compare_btn = gr.Button("Add to compare")
                     eval_btn = gr.Button("Evaluate", variant="primary")
@@ -293,12 +308,12 @@ def build(default_model: str = ModelSettings().model) -> UI:
             report_file = gr.File(label="Run report: the fronts, the picks you worked on, your prompts",
                                   interactive=False, elem_id="report-file", scale=3)
     return UI(demo=demo, session=session, model_box=model_box, dtype=dtype, device=device, load_btn=load_btn,
-              model_info=model_info, targets=targets, preset=preset, space=space, fitness_mode=fitness_mode,
+              model_info=model_info, targets=targets, share=share, preset=preset, space=space, fitness_mode=fitness_mode,
               population=population, generations=generations, minutes=minutes, fitness_windows=fitness_windows,
-              seed=seed, run_name=run_name, baselines=baselines, start_btn=start_btn, stop_btn=stop_btn, status=status,
+              seed=seed, run_name=run_name, baselines=baselines, compensate=compensate, start_btn=start_btn, stop_btn=stop_btn, status=status,
               runs=runs, open_btn=open_btn, x_axis=x_axis, y_axis=y_axis, plot=plot, pick_bridge=pick_bridge,
               pick_bridge_btn=pick_bridge_btn, pick_box=pick_box, pick_btn=pick_btn, subnet_file=subnet_file,
-              pick_status=pick_status, card=card, layers=layers, reform_btn=reform_btn, measure_btn=measure_btn,
+              pick_status=pick_status, card=card, layers=layers, reform_btn=reform_btn, reform_intercept=reform_intercept, measure_btn=measure_btn,
               compare_btn=compare_btn, eval_tasks=eval_tasks, eval_limit=eval_limit, eval_btn=eval_btn,
               stop_pick_btn=stop_pick_btn, stop_export_btn=stop_export_btn,
               action_status=action_status, prompt=prompt, sample=sample, temperature=temperature, top_p=top_p,

@@ -15,6 +15,7 @@ from ..events import (
     SearchStarted,
     StageProgress,
 )
+from ..search.runs import target_words
 
 NO_PICK = "*Click a point on the plot.*"  # the card when the tab has no pick
 
@@ -58,7 +59,7 @@ def card_markdown(c, shape, extra: dict | None = None) -> str:
     m = {**c.metrics, **(extra or {})}
     summ = c.subnet.summary(shape, getattr(c, "compensated", False))
     head = (f"`{c.id}`", c.origin + (" · bias-compensated" if getattr(c, "compensated", False) else "")
-            + ("" if c.origin == "dense" else f" · target {c.target:.0%}"))
+            + ("" if c.origin == "dense" else f" · target {c.target_words}"))
     rows = [
             ("parameters", f"{fmt_params(summ['params'])} = {summ['fraction']:.1%} of dense "
                            f"({summ['prunable_fraction']:.1%} of prunable)"),
@@ -118,6 +119,7 @@ class SearchStatus:
         self.best: dict[float, float] = {}
         self.generation: dict[float, tuple[int, int]] = {}
         self.targets: tuple = ()
+        self.share = "total"
         self.generations = 0  # N of "generation n of N", known from the settings at the start
         self.minutes: float | None = None  # the search's time budget
         self.state = "running"
@@ -127,6 +129,7 @@ class SearchStatus:
     def update(self, ev) -> None:
         if isinstance(ev, SearchStarted):
             self.targets = tuple(ev.targets)
+            self.share = ev.settings.get("share", "total")
             self.generations = int(ev.settings.get("generations") or 0)
             self.minutes = ev.settings.get("minutes")
             if self.minutes:  # a time budget: the clock ends the generations, so N is only a cap
@@ -176,7 +179,8 @@ class SearchStatus:
         if self.best:  # one column per target: a short table beside the plot
             ts = sorted(self.best, reverse=True)
             gen = {t: self.generation.get(t, (0, self.generations)) for t in ts}
-            parts.append("| target | " + " | ".join(f"{t:.0%}" for t in ts) + " |\n|---|" + "---|" * len(ts) + "\n"
+            parts.append("| target | " + " | ".join(target_words(t, self.share) for t in ts) + " |\n|---|"
+                         + "---|" * len(ts) + "\n"
                          "| generation | " + " | ".join(f"{gen[t][0]}/{gen[t][1] or '…'}" for t in ts) + " |\n"
                          "| best fitness ppl | " + " | ".join(f"{self.best[t]:.3f}" for t in ts) + " |")
         if self.message:
