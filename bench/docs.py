@@ -282,6 +282,18 @@ def llamacpp() -> str:
     return table(["model", "type", "MB", "ppl transformers", "ppl llama.cpp", "check", "decode tok/s", "speed-up"], rows)
 
 
+@generator("gemma3.llamacpp")
+def gemma3_llamacpp() -> str:
+    """Gemma 3 270M's GGUFs: llama.cpp's decode speed beside our transformers model's own."""
+    d = result("llamacpp-gemma3")
+    rows = [[r["model"], r["type"], f"{r['MB']:.1f}", num(r["ppl_transformers"]), num(r["ppl_llamacpp"]),
+             "passed" if r["check_passed"] else "FAILED", f"{r['decode_tok_s']:.1f}", f"{r['speedup_vs_dense']:.2f}",
+             f"{r['transformers_decode_tok_s']:.1f}", f"{r['transformers_speedup_vs_dense']:.2f}"]
+            for r in d["rows"]]
+    return table(["model", "type", "MB", "ppl transformers", "ppl llama.cpp", "check", "llama.cpp tok/s",
+                  "llama.cpp speed-up", "transformers tok/s", "transformers speed-up"], rows)
+
+
 @generator("llamacpp.settings")
 def llamacpp_settings() -> str:
     d = result("llamacpp")

@@ -210,3 +210,48 @@ def test_a_typed_search_field_is_read_like_the_cli_set(client, app_server):
         said = message(r, "search")
         assert words in said and "\n" not in said.strip(), said
         assert not (app_server["base"] / "runs" / f"typed-{population}").exists()
+
+
+def test_gemma3_searched_reformed_and_exported_as_gguf_from_the_app(client, app_server, tmp_path):
+    """The second embedded model through the app: load Gemma 3 270M by name, search a share of its blocks
+    without compensation, reform the pick without the intercept, export it as GGUF (gemma3 architecture,
+    checked in llama.cpp by the export); here llama.cpp's file is checked again against the original
+    Gemma3ForCausalLM with the omitted weights zeroed and the reformed ones written in: the same greedy
+    tokens."""
+    import json
+
+    from explorer.model.loading import load_model
+    from explorer.model.reference import zeroed_reference
+    from explorer.pick.llamacpp import check, tolerance
+    from explorer.pick.reform import ReformSettings, reform
+    from explorer.search.runs import open_run
+
+    r = client.predict("gemma3-270m", "float32", "cpu", api_name="/load_model")
+    assert "Gemma3ForCausalLM" in out(r, "load_model", "model_info")
+    job = client.submit("0.6", "prunable", "demo", 4, 1, "1", 1, "paper", "auto", 3, "api-gemma", False,
+                        "block parameters (% of the dense blocks)", "held-out perplexity", False, api_name="/search")
+    job.result(timeout=1800)
+    status = str(out(job.outputs()[-1], "search", "status"))
+    assert "finished" in status and "60% of blocks" in status
+    run = open_run(app_server["base"] / "runs" / "api-gemma")
+    assert run.settings["space"] == "heads" and run.settings["share"] == "prunable" and not run.settings["compensate"]
+    best = run.pick("best@0.6")
+    r = client.predict(best.id, "block parameters (% of the dense blocks)", "held-out perplexity", api_name="/pick")
+    assert best.id in out(r, "pick", "card") and "60% of blocks" in out(r, "pick", "card")
+    r = client.predict(False, api_name="/reform")
+    assert "Reformed" in message(r, "reform"), message(r, "reform")
+    r = client.predict("gguf", api_name="/export")
+    assert "ran it in llama.cpp" in str(out(r, "export", "export_status")), message(r, "export")
+    with zipfile.ZipFile(out(r, "export", "download")) as z:
+        z.extractall(tmp_path)
+    record = json.loads(next(tmp_path.rglob("export.json")).read_text())
+    assert record["gguf"]["architecture"] == "gemma3"
+    lm = load_model("gemma3-270m")
+    settings = ReformSettings.from_dict(json.loads(next(tmp_path.rglob("subnet.json")).read_text())["reformation"]
+                                        ["settings"])
+    assert settings.intercept is False
+    reformed = reform(lm, best.subnet, settings).model
+    ref = zeroed_reference(lm.model, best.subnet, lm.shape, reformed=reformed)
+    res = check(next(tmp_path.rglob("*.gguf")), ref, lm.tokenizer, "The capital of France is", "f16")
+    assert res.same_tokenization and res.same_tokens, res.to_dict()
+    assert res.max_logit_diff <= tolerance(ref, "f16") * res.logit_std, res.to_dict()
