@@ -143,7 +143,9 @@ class ModelShape:
         return self.num_layers * self.block_params(self.head_dim, self.intermediate_size)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        """Its fields; the block features only where a family has them, so the records of a plain-block
+        model (run files, calibration cache keys) read as they did before the features existed."""
+        return {k: v for k, v in self.__dict__.items() if not (k in ("qk_norm", "sandwich_norm") and not v)}
 
 
 @dataclass(frozen=True)
