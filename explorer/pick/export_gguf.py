@@ -31,6 +31,7 @@ import torch
 
 from ..errors import ExplorerError
 from . import gguf_families as families
+from .gguf_families import to_interleaved
 from .gguf_tokenizer import GGUFTokenizer, TokenizerError, bpe_keys
 
 ARCH = "deci"  # the plain block (Llama, Mistral, Qwen2), sized per block; other families: gguf_families
@@ -91,14 +92,11 @@ def refusal(model) -> str | None:
     """One line saying why this sliced model cannot become a GGUF llama.cpp runs, or None."""
     cfg = model.config
     full = cfg.base_head_dim // 2
-    if cfg.base_model_type in families.ARCHES:
-        for i, pairs in enumerate(cfg.attn_pairs):
-            if pairs and any(len(g) != full for g in pairs):
-                return f"block {cfg.layer_ids[i]}: {PER_DIMENSION}"
-        return families.refusal(model)
     for i, pairs in enumerate(cfg.attn_pairs):
         if pairs and any(len(g) != full for g in pairs):
             return f"block {cfg.layer_ids[i]}: {PER_DIMENSION}"
+    if cfg.base_model_type in families.ARCHES:
+        return families.refusal(model)
     if any(w is not None for w in cfg.sliding_windows):
         return "the base model uses sliding-window attention, which llama.cpp's deci architecture does not have"
     rope = cfg.base_rope_parameters.get("rope_type", "default")
@@ -136,13 +134,6 @@ def _bias(sublayer, name: str) -> torch.Tensor | None:
 
 def _has_output_bias(block) -> bool:
     return _bias(block.self_attn, "o_proj") is not None or _bias(block.mlp, "down_proj") is not None
-
-
-def to_interleaved(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Rows of q or k from transformers' rotate-half layout (pair i = dims i and i + d/2) to
-    llama.cpp's NORM rope layout (pair i = dims 2i and 2i + 1), per head: convert_hf_to_gguf's
-    permutation."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
