@@ -402,7 +402,16 @@ def flap_uniform() -> str:
 # ---- the app on stage -------------------------------------------------------------------------------------------------
 @generator("app")
 def app() -> str:
-    d = result("app")
+    return _app_table("app")
+
+
+@generator("gemma3.app")
+def gemma3_app() -> str:
+    return _app_table("app-gemma3")
+
+
+def _app_table(name: str) -> str:
+    d = result(name)
     steps = {"load_s": "Load (the model, its held-out perplexity and speed)", "start_to_dense_s": "Start -> dense point",
              "start_to_first_subnet_s": "Start -> first searched subnet on the plot",
              "budget_overrun_s": "a 1-minute budget: past it when the search ended",
@@ -436,6 +445,71 @@ def render(text: str) -> str:
 def stale(files=FILES) -> list[str]:
     """The files whose generated regions differ from what their JSON says now."""
     return [f for f in files if render((ROOT / f).read_text()) != (ROOT / f).read_text()]
+
+
+# ---- search: a better subnet per minute, over seeds ------------------------------------------------------
+SPEED_NAMES = {"today": "search without the library", "library": "library search", "flap-uniform": "uniform FLAP",
+                "flap": "FLAP"}
+
+
+def _spread_cell(d: dict | None) -> str:
+    if not d:
+        return "-"
+    return f"{num(d['median'])} ({num(d['min'])}-{num(d['max'])})"
+
+
+def _search_rows(kind: str) -> tuple[list[str], list[list[str]]]:
+    d = result("search")
+    summary = d["summary"]
+    keys = [k for k in next(iter(summary.values()))]
+    header = ["kept"] + [SPEED_NAMES.get(k.split("@")[0], k) + (f", {k.split('@')[1].replace('min', ' min')}"
+                                                                  if "@" in k else "") for k in keys]
+    rows = []
+    for t, by in summary.items():
+        cells = [by.get(k, {}).get(kind) for k in keys]
+        if not any(cells):
+            continue
+        best = min((c["median"] for c in cells if c), default=None)
+        rows.append([target(t)] + [("**" + _spread_cell(c) + "**") if c and c["median"] == best else _spread_cell(c)
+                                   for c in cells])
+    return header, rows
+
+
+@generator("search.before")
+def search_before() -> str:
+    return table(*_search_rows("heldout"))
+
+
+@generator("search.after")
+def search_after() -> str:
+    return table(*_search_rows("reformed"))
+
+
+@generator("search.setup")
+def search_setup() -> str:
+    d = result("search")
+    return (f"{len(d['seeds'])} seeds ({', '.join(str(s) for s in d['seeds'])}), "
+            f"{' and '.join(f'{m:g}' for m in d['minutes_per_target'])} minute(s) per target, held-out perplexity on "
+            f"{d['heldout']['windows']} x {d['heldout']['seq_len']} tokens (dense {num(d['heldout']['dense_ppl'])})")
+
+
+@generator("search.timing")
+def search_timing() -> str:
+    d = result("search")
+    rows = [[SPEED_NAMES.get(k.split("@")[0], k), f"{statistics.median(v):.1f} s ({min(v):.1f}-{max(v):.1f})"]
+            for k, v in d["time_to_plot_s"].items()]
+    lib = d["library_seconds"]
+    rows.append(["measuring the library once (cached after)", f"{statistics.median(lib):.0f} s ({min(lib):.0f}-"
+                 f"{max(lib):.0f})"])
+    return table(["", "from Start until every target has a subnet on the plot (median, range over seeds)"], rows)
+
+
+@generator("search.screen")
+def search_screen() -> str:
+    s = result("search")["screen"]
+    return (f"Spearman {s['spearman_screen_vs_fitness']:.2f} with the full fitness, "
+            f"{s['spearman_screen_vs_heldout']:.2f} with held-out perplexity (the full fitness: "
+            f"{s['spearman_fitness_vs_heldout']:.2f}), over {s['candidates']} candidates")
 
 
 def main(argv: list[str] | None = None) -> int:

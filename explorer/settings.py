@@ -67,6 +67,15 @@ class SearchSettings:
     space: str = "auto"
     ladder_mlp_levels: int = 8  # MLP widths per block's ladder (the attention's: every head_multiple step)
     ladder_mb: int = 2048  # refuse ladders larger than this in memory
+    # the per-block level library (explorer.search.library): every block's damage at each level, measured once
+    # on the first `library_windows` calibration windows and cached; its knapsack solution (explorer.search.solver)
+    # is every target's first subnet and seeds the evolution
+    library: bool = True
+    library_windows: int = 4
+    # levels per block it measures, the full block included (between them the damage is interpolated): head
+    # widths of the paper's space (the whole-head space measures every option) and MLP widths
+    library_attn_levels: int = 4
+    library_mlp_levels: int = 5
     population: int = 10  # first generation: mutations of the best initial subnet
     generations: int = 4  # after the first (with `minutes`: at most this many)
     minutes: float | None = None  # a time budget for the whole search (None: the generations alone decide;
@@ -90,6 +99,10 @@ class SearchSettings:
     baselines: tuple[str, ...] = ("magnitude", "wanda-sp", "flap", "flap-uniform")
     seed_baselines: bool = True  # the baselines' subnets are initial subnets too (evaluated the search's way)
     early_stop: bool = True
+    # staged evaluation: a child's first `screen_windows` fitness windows are a screen; one whose NLL there,
+    # scaled to every window, exceeds the elite's k-th best by more than `screen_margin` stops (0: off)
+    screen_windows: int = 0
+    screen_margin: float = 0.05
     cache_mb: int = 384  # prefix hidden-state cache
     latency: bool = True  # fit a latency model (cached per machine) and measure the front for real
     measure_max: int = 10  # front members measured for real
@@ -121,6 +134,7 @@ class SearchSettings:
         d.setdefault("fitness_batch", 1)
         d.setdefault("compensate", False)  # runs from before compensation searched without it
         d.setdefault("seed_baselines", False)
+        d.setdefault("library", False)  # runs from before the library started without it
         d.setdefault("select_top", 0)  # runs from before the selection picked by fitness alone
         for k in ("first_probs", "probs"):
             if isinstance(d.get(k), dict):

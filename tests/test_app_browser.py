@@ -1,4 +1,5 @@
-"""The real page in real headless Chromium: load, search, click a point, reform, prompt, download."""
+"""The real page in real headless Chromium: load, search, click a point or drag the size slider, reform, prompt,
+download."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ import time
 import zipfile
 
 import pytest
-from browser import choose, wait_text
+from browser import choose, wait_text, wait_until
 from conftest import ARTIFACTS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -154,4 +155,72 @@ def test_full_flow_in_chromium(app_server, chromium, tmp_path):
     assert any(n.endswith("model.gguf") for n in names) and any(n.endswith("Modelfile") for n in names), names
     shot(page, "08-gguf")
     # no traceback ever reached the page
+    assert "Traceback" not in page.content()
+
+
+def test_size_slider_previews_then_picks(app_server, chromium):
+    """Dragging the size slider shows the library's subnet at once (the card says what the library predicts;
+    nothing is evaluated or stored), releasing it evaluates that subnet, stores it in the run (origin
+    library) and picks it like a clicked point."""
+    from explorer.search.runs import open_run
+
+    page = chromium.new_page(viewport={"width": 1280, "height": 800})
+    page.set_default_timeout(120_000)
+    page.goto(app_server["url"])
+    page.get_by_text("Subnet Explorer").first.wait_for()
+    page.get_by_role("button", name="Load", exact=True).click()
+    wait_text(page, "#model-info", "Dense held-out perplexity", 400)
+
+    # a short search of the embedded model: its (quick mode's small) level library is measured within half of
+    # the 2 minutes, or read from the cache
+    page.get_by_label("Targets (fractions)").fill("0.7")
+    page.get_by_text("More search settings").click()
+    page.get_by_label("Minutes").fill("2")
+    page.get_by_label("Population (blank = preset)").fill("4")
+    page.get_by_label("Generations (blank = preset)").fill("1")
+    page.get_by_label("Fitness windows (blank = preset)").fill("1")
+    page.get_by_label("Run name (blank = automatic)").fill("size-run")
+    page.get_by_label("Also run the baselines (magnitude, Wanda-sp, FLAP)").uncheck()
+    page.get_by_role("button", name="Start search").click()
+    wait_text(page, "#status-box", "Search finished", 1200)
+    run_dir = app_server["base"] / "runs" / "size-run"
+
+    def stored() -> list:
+        return [c for c in open_run(run_dir).candidates() if c.origin == "library"]
+
+    # the search set the slider's lower end to the smallest size the library reaches
+    slider = page.locator("#size-slider input[type=range]")
+    slider.scroll_into_view_if_needed()
+    lo, hi = float(slider.get_attribute("min")), float(slider.get_attribute("max"))
+    assert lo < 0.7 and hi == 1.0
+    box = slider.bounding_box()
+
+    def at(v: float) -> tuple[float, float]:
+        return box["x"] + (v - lo) / (hi - lo) * box["width"], box["y"] + box["height"] / 2
+
+    # drag from 70 % towards 60 %: the card previews the library's subnet within seconds, nothing is stored
+    before = len(stored())
+    page.mouse.move(*at(0.7))
+    page.mouse.down()
+    t0 = time.perf_counter()
+    page.mouse.move(*at(max(0.6, lo + 0.05)), steps=8)
+    card = wait_text(page, "#subnet-card", "predicted by the library", 30)
+    took = time.perf_counter() - t0
+    assert took < 3.0, f"the preview took {took:.1f} s"
+    assert "library@" in card and "release to evaluate and pick it" in card
+    wait_until(lambda: page.locator("#layer-plot .js-plotly-plot").count() == 1, 10, "the previewed layer chart")
+    assert len(stored()) == before, "a drag must not evaluate or store anything"
+    shot(page, "09-size-preview")
+
+    # release: the subnet is evaluated, stored in the run and picked
+    page.mouse.up()
+    status = wait_text(page, "#pick-status", "Picked", 300)
+    cid = wait_until(lambda: page.locator("#pick-box input, #pick-box textarea").first.input_value(), 30,
+                     "the pick's id in the id box")
+    assert cid in status and "⚠️" not in status
+    card = wait_text(page, "#subnet-card", cid, 30)
+    assert "library" in card and "layers kept" in card and "predicted by the library" not in card
+    new = stored()
+    assert len(new) == before + 1 and new[-1].id == cid and new[-1].metrics.get("fitness_ppl")
+    shot(page, "10-size-picked")
     assert "Traceback" not in page.content()

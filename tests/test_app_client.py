@@ -255,3 +255,38 @@ def test_gemma3_searched_reformed_and_exported_as_gguf_from_the_app(client, app_
     res = check(next(tmp_path.rglob("*.gguf")), ref, lm.tokenizer, "The capital of France is", "f16")
     assert res.same_tokenization and res.same_tokens, res.to_dict()
     assert res.max_logit_diff <= tolerance(ref, "f16") * res.logit_std, res.to_dict()
+
+
+def test_pick_size_through_the_api(client, app_server):
+    """The size slider's release as an endpoint: the library's subnet at any size of a searched run is
+    evaluated, stored in the run as a candidate of origin "library" and picked; the same size again reads it
+    back; a run without a library (or the read-only example run) says why in the pick's status line."""
+    from explorer.app.runfolders import DEMO_RUN
+    from explorer.search.runs import open_run
+
+    x, y = "parameters (% of dense)", "held-out perplexity"
+    assert "/pick_size" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    client.predict("default", "float32", "cpu", api_name="/load_model")
+    job = client.submit("0.7", "total", "demo", 4, 1, "2", 1, "paper", "dims", 0, "api-size", False, x, y,
+                        api_name="/search")
+    job.result(timeout=1200)
+    assert "finished" in str(out(job.outputs()[-1], "search", "status"))
+
+    r = client.predict(0.62, x, y, api_name="/pick_size")
+    said = message(r, "pick_size")
+    cid = out(r, "pick_size", "pick_box")
+    cid = str(cid.get("value") if isinstance(cid, dict) else cid)
+    assert "Picked" in said and cid in said and "⚠️" not in said, said
+    assert cid in out(r, "pick_size", "card") and "library" in out(r, "pick_size", "card")
+    run = open_run(app_server["base"] / "runs" / "api-size")
+    c = run.pick(cid)
+    assert c.origin == "library" and c.metrics["fitness_ppl"] > 0 and "library_ppl" in c.metrics
+    assert c.subnet.fraction(run.shape) <= 0.625
+
+    r = client.predict(0.62, x, y, api_name="/pick_size")  # the same size: read back, not stored twice
+    assert cid in message(r, "pick_size")
+    assert [k.id for k in open_run(run.path).candidates() if k.origin == "library"] == [cid]
+
+    client.predict(DEMO_RUN, x, y, api_name="/open_run")
+    r = client.predict(0.62, x, y, api_name="/pick_size")
+    assert re.search("no level library|read-only", message(r, "pick_size")), message(r, "pick_size")

@@ -177,3 +177,18 @@ def test_targets_may_be_a_share_of_the_blocks():
     again = Candidate.from_dict(c.to_dict())
     assert again.share == "prunable" and again.target_words == "50% of blocks"
     assert "share" not in Candidate("c2", 0.5, 0, "search", Subnet.full(shape)).to_dict()  # old runs read the same
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen3"])
+def test_latency_calibration_subnets_keep_whole_heads_where_heads_are_normalised(name):
+    """A machine's first latency fit times structural subnets at the space's narrowest attention: for a
+    model with per-head q/k norms those are fewer whole heads (a narrowed head is refused), still
+    narrower in attention weights than the full block, so the fit separates the attention's cost."""
+    from explorer.search.latency_model import calibration_subnets, features
+
+    shape = ModelShape.from_config(tiny_model(name).config)
+    subs = calibration_subnets(shape, (8, shape.head_dim), (8, shape.intermediate_size))
+    for sub in subs:
+        sub.validate(shape)
+    attn = sorted({features(sub, shape)[2] / sum(l is not None for l in sub.layers) for sub in subs})
+    assert len(attn) == 2 and attn[0] < attn[1]

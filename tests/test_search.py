@@ -365,10 +365,11 @@ def test_a_fresh_install_reads_the_shipped_runs_baselines(embedded, tmp_path):
         assert read and res.subnet == stored[(f"baseline:{name}", 0.7)].subnet
 
 
-@pytest.mark.parametrize("stage", ["latency model", "selection"])
+@pytest.mark.parametrize("stage", ["latency model", "selection", "library"])
 def test_stop_ends_every_phase_of_a_search_within_seconds(setup, tmp_path, monkeypatch, stage):
-    """Stop during a machine's first latency fit (timed in a worker thread) or during the final
-    re-scoring ends the search as stopped within seconds, keeping what it found."""
+    """Stop during a machine's first latency fit (timed in a worker thread), while the level library is
+    measured, or during the final re-scoring ends the search as stopped within seconds, keeping what it
+    found (the dense model at least)."""
     import threading
     import time
 

@@ -34,6 +34,8 @@ from ..pick.evaluation import EvalResult, EvalSettings, evaluate, heldout_perple
 from ..pick.pickfile import PickFile
 from ..pick.reform import ReformSettings, reform, same_sketch
 from ..search.runs import SHIPPED_RUNS, Candidate, create_run, open_run, run_path
+from ..search.sizes import ORIGIN as SIZE_ORIGIN
+from ..search.sizes import RunLibrary, Solution, parse_size
 from ..settings import SearchSettings
 from . import inputs
 from .runfolders import DEMO_RUN, RunFolders, model_key, slug, uploads_run_name
@@ -65,7 +67,8 @@ class AppSettings:
         """Small measurements for tests and slow machines (SUBNET_EXPLORER_QUICK=1)."""
         return cls(heldout_windows=2, seq_len=256, speed=SpeedSettings(prompt_len=32, new_tokens=8, repeats=1),
                    reform=replace(ReformSettings.demo(), windows=8, seq_len=128), stream_interval_s=0.5,
-                   search_overrides=(("calib_windows", 8), ("latency", False)))
+                   search_overrides=(("calib_windows", 8), ("latency", False), ("library_windows", 1),
+                                     ("library_attn_levels", 2), ("library_mlp_levels", 3)))
 
     @classmethod
     def from_env(cls) -> "AppSettings":
@@ -154,6 +157,7 @@ class Workbench(RunFolders):
         self._jobs: dict[str, _Job] = {}
         self._guard = threading.Lock()
         self._uploads = threading.Lock()
+        self._libraries: dict[tuple, RunLibrary] = {}
 
     # ---- models -------------------------------------------------------------------------------
     def model(self, key: tuple, progress: Callable[[str], None] | None = None, max_memory: str | None = None,
@@ -348,11 +352,36 @@ class Workbench(RunFolders):
         return events()
 
     # ---- picks and their models ---------------------------------------------------------------------
-    def pick(self, run: str, cid: str) -> Pick:
-        """A run's candidate, by id or "best@FRACTION", with what rebuilds its model exactly."""
+    def pick(self, run: str, cid: str, tab: str = "cli", prefer: tuple | None = None) -> Pick:
+        """A run's candidate, by id, "best@FRACTION", "baseline:NAME@FRACTION", "library@FRACTION" or
+        "library@SPEEDUPx" (the library's subnet at that size or predicted speed-up, `explorer.search.sizes`:
+        its fitness measured under the tab's job and stored in the run the first time), with what
+        rebuilds its model exactly."""
         r = self.open(run)
-        c = r.pick(cid)
+        if cid.strip().startswith(f"{SIZE_ORIGIN}@"):
+            kind, value = parse_size(cid)
+            key, lib = self.run_library(run, prefer)
+            if not self.writable(run):
+                raise ExplorerError("the shipped example run is read-only: search to pick any size")
+            with self.job(tab, key, "library pick") as cancel:
+                c = lib.pick(value, cancel) if kind == "size" else lib.pick(None, cancel, speedup=value)
+        else:
+            c = r.pick(cid)
         return Pick(run, c, r.means_of(c))
+
+    def run_library(self, run: str, prefer: tuple | None = None) -> tuple[tuple, RunLibrary]:
+        """The run's level library, ready to solve (the run's model loaded on demand; cached)."""
+        key, lm = self.model_for_run(run, prefer)
+        path = self.run_dir(run)
+        k = (str(path), key)
+        lib = self._libraries.get(k)
+        if lib is None:
+            lib = self._libraries[k] = RunLibrary(lm, open_run(path))
+        return key, lib
+
+    def size_preview(self, run: str, fraction: float, prefer: tuple | None = None) -> Solution:
+        """The library's subnet at `fraction` of the run's share, solved (milliseconds) but not evaluated."""
+        return self.run_library(run, prefer)[1].solve(fraction)
 
     def open_subnet_file(self, key: tuple, path: Path) -> tuple[Pick, Reformation | None]:
         """A subnet file (an export's subnet.json, or a bare subnet) as a pick of the model's uploads run,

@@ -416,9 +416,19 @@ def _check_indices(values: tuple[int, ...], limit: int, what: str) -> None:
 def first_index_subnet(shape: ModelShape, head_dim: int, width: int, layers: int | None = None) -> Subnet:
     """The same widths in every kept block, keeping the first indices, and `layers` blocks spread
     evenly (default all): a structural subnet for speed measurements, whose cost depends only on
-    its shapes (importance-ranked choices come from `explorer.calibrate.importance`)."""
+    its shapes (importance-ranked choices come from `explorer.calibrate.importance`). A model that
+    normalises each query and key head keeps whole heads only: there a narrower `head_dim` becomes
+    the same share of query heads per group (at least one), or of KV groups when each has one head."""
     pairs = max(1, head_dim // 2)
-    layer = LayerChoice(tuple(tuple(range(pairs)) for _ in range(shape.num_kv_heads)), tuple(range(width)))
+    if shape.qk_norm and pairs < shape.n_pairs:
+        share = pairs / shape.n_pairs
+        r = max(1, round(shape.group_size * share))
+        kv = shape.num_kv_heads if shape.group_size > 1 else max(1, round(shape.num_kv_heads * share))
+        full = tuple(range(shape.n_pairs))
+        layer = LayerChoice(tuple(full for _ in range(kv)), tuple(range(width)), tuple(range(kv)),
+                            None if r == shape.group_size else tuple(tuple(range(r)) for _ in range(kv)))
+    else:
+        layer = LayerChoice(tuple(tuple(range(pairs)) for _ in range(shape.num_kv_heads)), tuple(range(width)))
     n = shape.num_layers if layers is None else max(1, min(layers, shape.num_layers))
     keep = {round(k * shape.num_layers / n) for k in range(n)}
     return Subnet(tuple(layer if i in keep else None for i in range(shape.num_layers)))

@@ -29,6 +29,7 @@ from ..model.slicing import ChannelMeans
 from ..model.subnet import Subnet
 from ..pick.reform import ReformSettings
 from .ladders import LADDER_SCORING, Ladders, LadderSpec, iter_ladders, ladder_bytes
+from .library import LIBRARY_FILE, Library, LibrarySpec, measure_library
 from .runs import SHIPPED_RUNS, Run
 
 FILES = ("importance.pt", "channel_means.safetensors", "calibration.json")  # what a run holds of its calibration
@@ -47,6 +48,7 @@ class Calibration:
     cache_dir: Path | None = None
     run_dir: Path | None = None
     selection: torch.Tensor | None = None  # windows that re-score the top candidates for the final pick
+    seeds: tuple = ()  # shipped run folders computed on this very calibration data (their library serves too)
     _scorings: dict = field(default_factory=dict, repr=False)
 
     def scoring(self, name: str, model, shape) -> Importance:
@@ -112,8 +114,65 @@ class Calibration:
             result.save(path)
         yield result
 
+    def library(self, model, shape, spec: LibrarySpec, windows: int, dtype: torch.dtype, batch: int,
+                cancel: threading.Event | None = None) -> Iterator[StageProgress | Library]:
+        """The per-block level library (`explorer.search.library`) on the first `windows` calibration
+        windows: read from the run, else from the cache (same model, data, levels, scoring,
+        compensation and dtype), else measured and stored in both. Yields StageProgress, then it."""
+        own, cached = self._library_paths(spec, windows, dtype)
+        dtype_name = str(dtype).removeprefix("torch.")
+        for path in (own, cached, *(Path(s) / LIBRARY_FILE for s in self.seeds)):
+            if path is None or not path.is_file():
+                continue
+            try:
+                found = Library.load(path)
+            except Exception:  # noqa: BLE001 - a damaged file is measured again, saying so in the log
+                log.warning("ignoring the unreadable library %s", path, exc_info=True)
+                continue
+            if found.spec == spec and found.tokens == windows * (self.calib.shape[1] - 1) and found.dtype == dtype_name:
+                yield StageProgress("library", 1, 1, f"reused ({found.tokens} tokens, measured in "
+                                    f"{found.seconds:.0f} s)")
+                for copy in (own, cached):
+                    if copy is not None and copy != path and not copy.is_file():
+                        found.save(copy)
+                yield found
+                return
+        lib = None
+        for item in measure_library(model, shape, spec, self.scoring(spec.scoring, model, shape),
+                                    self.calib[:windows], self.means if spec.compensated else None, dtype, batch,
+                                    cancel):
+            if isinstance(item, Library):
+                lib = item
+            else:
+                yield item
+        for path in (own, cached):
+            if path is not None:
+                lib.save(path)
+        yield lib
+
+    def _library_paths(self, spec: LibrarySpec, windows: int, dtype) -> tuple[Path | None, Path | None]:
+        raw = json.dumps([spec.to_dict(), windows, str(dtype).removeprefix("torch.")])
+        name = f"{self.key}.library-{hashlib.sha1(raw.encode()).hexdigest()[:12]}.json"
+        own = None if self.run_dir is None else Path(self.run_dir) / LIBRARY_FILE
+        cached = None if self.key is None or self.cache_dir is None else Path(self.cache_dir) / name
+        return own, cached
+
+    def has_library(self, spec: LibrarySpec, windows: int, dtype) -> bool:
+        """Whether a library for these levels is stored (the run's own copy, the cache's or a shipped run's)."""
+        return any(p is not None and p.is_file() for p in self._library_paths(spec, windows, dtype)) or any(
+            _library_matches(Path(s) / LIBRARY_FILE, spec, windows * (self.calib.shape[1] - 1), dtype)
+            for s in self.seeds)
+
     def _baselines_path(self) -> Path | None:
         return None if self.key is None or self.cache_dir is None else Path(self.cache_dir) / f"{self.key}.baselines.json"
+
+
+def _library_matches(path: Path, spec: LibrarySpec, tokens: int, dtype) -> bool:
+    try:
+        found = Library.load(path)
+    except Exception:  # noqa: BLE001 - missing or unreadable: no match
+        return False
+    return found.spec == spec and found.tokens == tokens and found.dtype == str(dtype).removeprefix("torch.")
 
 
 def _read_json(path: Path) -> dict:
@@ -161,11 +220,13 @@ def calibrate(lm, settings, run_dir: Path, cancel: threading.Event | None = None
     own = run_dir / "importance.pt"
     key = None if windows is not None else cache_key(lm, settings)
     cached = None if (cache_dir is None or key is None) else Path(cache_dir) / f"{key}.pt"
+    matching = []
     if cached is not None:
         for seed in seeds:  # a shipped run computed on the same model and data
             try:
                 if json.loads((seed / "calibration.json").read_text()).get("key") != key:
                     continue
+                matching.append(seed)
                 for src, dst in ((seed / "importance.pt", cached),
                                  (seed / BASELINES_FILE, cached.with_suffix(".baselines.json"))):
                     if src.is_file() and not dst.is_file():
@@ -208,7 +269,7 @@ def calibrate(lm, settings, run_dir: Path, cancel: threading.Event | None = None
                                                              "windows": settings.calib_windows,
                                                              "seq_len": settings.calib_seq_len, "seed": settings.seed}))
     yield Calibration(importance, means, calib, fitness, from_cache, key, None if cache_dir is None else Path(cache_dir),
-                      run_dir, selection)
+                      run_dir, selection, tuple(matching))
 
 
 # ---- a search's calibration steps (process 0; the others load the files they write) ------------------
@@ -241,4 +302,37 @@ def search_ladders(lm: LoadedModel, s, cal: Calibration, cancel: threading.Event
     return ladders
 
 
-__all__ = ["Calibration", "calibrate", "FILES", "cache_key", "search_calibration", "search_ladders"]
+def library_spec(lm: LoadedModel, s) -> LibrarySpec:
+    """The levels a search's library measures: its space's attention options, `library_mlp_levels`
+    MLP widths, with the search's compensation."""
+    return LibrarySpec.of(lm.shape, s.space, s.head_multiple, s.multiple, s.library_mlp_levels, s.compensate,
+                          attn_levels=s.library_attn_levels)
+
+
+LIBRARY_DTYPE = torch.float32  # whatever the fitness computes in: one library per model and data on every machine
+
+
+def library_stored(lm: LoadedModel, s, cal: Calibration) -> bool:
+    """Whether the search's library is stored already (reading it costs nothing)."""
+    return cal.has_library(library_spec(lm, s), min(s.library_windows, int(cal.calib.shape[0])), LIBRARY_DTYPE)
+
+
+def search_library(lm: LoadedModel, s, cal: Calibration, cancel: threading.Event | None, measure: bool = True
+                   ) -> Iterator[Any]:
+    """The search's level library: read where it is stored; measured only if `measure` (a time
+    budget too short for it says no). Returns None when it is neither stored nor measured."""
+    spec = library_spec(lm, s)
+    windows = min(s.library_windows, int(cal.calib.shape[0]))
+    if not measure and not library_stored(lm, s, cal):
+        return None
+    lib = None
+    for item in cal.library(lm.model, lm.shape, spec, windows, LIBRARY_DTYPE, s.fitness_batch, cancel):
+        if isinstance(item, Library):
+            lib = item
+        else:
+            yield item
+    return lib
+
+
+__all__ = ["Calibration", "calibrate", "FILES", "cache_key", "search_calibration", "search_ladders",
+           "search_library", "library_spec", "library_stored"]

@@ -25,13 +25,14 @@ class BatchEvaluator:
         self.fitness, self.archive, self.group, self.cancel = fitness, archive, group, cancel
         self._stored: dict[str, tuple] = {}  # candidate id -> prefix-state cache keys its evaluation stored here
 
-    def _evaluate(self, job: Job, bound: float | None) -> FitnessResult:
+    def _evaluate(self, job: Job, bound: float | None, screen: float | None = None) -> FitnessResult:
         return self.fitness.evaluate(job.subnet, bound=bound, compensated=job.compensated, cancel=self.cancel,
-                                     reformed=job.reformed)
+                                     reformed=job.reformed, screen=screen)
 
-    def run(self, jobs: Sequence[Job], bound: float | None = None, proceed: Callable[[], bool] | None = None
-            ) -> Iterator[tuple[Candidate, bool]]:
-        """Archive `jobs` in order, yielding (candidate, replayed) for each. `proceed` is asked before
+    def run(self, jobs: Sequence[Job], bound: float | None = None, proceed: Callable[[], bool] | None = None,
+            screen: float | None = None) -> Iterator[tuple[Candidate, bool]]:
+        """Archive `jobs` in order, yielding (candidate, replayed) for each; `bound` and `screen` as in
+        `FitnessEvaluator.evaluate`, fixed for the batch. `proceed` is asked before
         each job that needs an evaluation (several processes: once, before the batch); when it says
         no, the remaining jobs are dropped, not archived."""
         if not self.group.active:
@@ -39,7 +40,7 @@ class BatchEvaluator:
                 known = self.archive.known(job)
                 if not known and proceed is not None and not proceed():
                     return
-                result = None if known else self._evaluate(job, bound)
+                result = None if known else self._evaluate(job, bound, screen)
                 yield self._add(job, result, result.created if result else ())
             return
         if proceed is not None and not self.group.broadcast(proceed()):
@@ -48,7 +49,7 @@ class BatchEvaluator:
         created: dict[int, tuple] = {}  # cache keys are this process's own: only it may drop them
 
         def work(i: int) -> FitnessResult:
-            r = self._evaluate(jobs[i], bound)
+            r = self._evaluate(jobs[i], bound, screen)
             created[i] = r.created
             return dataclasses.replace(r, created=())
 

@@ -98,7 +98,8 @@ class FitnessEvaluator:
 
     def __init__(self, base, shape: ModelShape, windows: torch.Tensor, cache_bytes: int = 384 * 2**20,
                  cache_every: int = 1, dtype: torch.dtype | None = None, batch: int = 1,
-                 block_cache_bytes: int = 512 * 2**20, means: ChannelMeans | None = None, ladders=None):
+                 block_cache_bytes: int = 512 * 2**20, means: ChannelMeans | None = None, ladders=None,
+                 screen_windows: int = 0):
         self.base = base
         self.ladders = ladders  # explorer.search.ladders.Ladders: pre-reformed levels for `reformed` candidates
         self.shape = shape
@@ -118,7 +119,8 @@ class FitnessEvaluator:
         self._tables: dict = {}  # (device, what) -> rope table / masks at the window positions
         n = windows.shape[0]
         batch = max(1, min(batch, n))
-        self._chunks = [(a, min(a + batch, n)) for a in range(0, n, batch)]
+        first = min(screen_windows, n) if screen_windows > 0 else 0  # a screen's windows form the first batch
+        self._chunks = ([(0, first)] if first else []) + [(a, min(a + batch, n)) for a in range(first, n, batch)]
         self._config = subnet_config(base.config, Subnet.full(shape), shape)  # the family's constants
         with torch.no_grad(), onloaded(embed_tokens):
             self._embedded = [embed(self._config, embed_tokens.weight, windows[a:b].to(self.device)).to(self.dtype)
@@ -221,8 +223,11 @@ class FitnessEvaluator:
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, subnet: Subnet, bound: float | None = None, compensated: bool = False,
-                 cancel: threading.Event | None = None, reformed: bool = False) -> FitnessResult:
-        """Summed NLL over the windows; stops once it exceeds `bound`. Block counts are per window
+                 cancel: threading.Event | None = None, reformed: bool = False, screen: float | None = None
+                 ) -> FitnessResult:
+        """Summed NLL over the windows; stops once it exceeds `bound`, or once its NLL so far, scaled
+        to every window, exceeds `screen` (an estimate, not a proof: the staged evaluation's cheap
+        screen; such a result is incomplete like an early stop). Block counts are per window
         (a batch of b windows through one block counts b). `reformed`: the candidate assembled from
         the ladders' pre-reformed levels (the reformation-aware search; compensation is implied)."""
         t0 = time.perf_counter()
@@ -266,6 +271,8 @@ class FitnessEvaluator:
             nll += F.cross_entropy(logits, target, reduction="sum").item()
             done = b
             if bound is not None and nll > bound and done < self.windows.shape[0]:
+                break
+            if screen is not None and nll * self.windows.shape[0] / done > screen and done < self.windows.shape[0]:
                 break
         seconds = time.perf_counter() - t0
         complete = done == self.windows.shape[0]

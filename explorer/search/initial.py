@@ -11,6 +11,7 @@ small model the strongest start), then the other scorings and splits.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Iterator
 
 from ..calibrate.importance import Importance, top_layer
@@ -22,6 +23,8 @@ from .archive import Job
 from .calibration import Calibration
 from .evolution import repair
 from .ladders import LADDER_SCORING
+from .library import LIBRARY_SCORING, Library
+from .solver import solve
 from .space import Space, nearest, nearest_attn, refit, space_top_layer, target_space, total_fraction
 
 
@@ -121,7 +124,34 @@ def baseline_jobs(lm: LoadedModel, s: SearchSettings, cal: Calibration, target: 
 
 
 # the scoring that orders mask edits of a child of a baseline's subnet: the one the baseline ranks by
-BASELINE_SCORING = {"flap": "wifv", "flap-uniform": "wifv", "wanda-sp": "wanda", "magnitude": "obs"}
+BASELINE_SCORING = {"flap": "wifv", "flap-uniform": "wifv", "wanda-sp": "wanda", "magnitude": "obs",
+                    "library": LIBRARY_SCORING}
+# the library's other subnets per target: its attention damage weighed by these (attention kept more or
+# less than the additive model says), and one that keeps every block
+LIBRARY_VARIANTS = (0.5, 2.0)
+
+
+def library_jobs(lm: LoadedModel, s: SearchSettings, cal: Calibration, library: Library,
+                 targets: tuple[float, ...] | None = None, variants: bool = False,
+                 seen: set[str] | None = None) -> list[Job]:
+    """The library's least-damage subnet at every target (`explorer.search.solver`), its predicted
+    fitness perplexity stored beside it; with `variants`, the others of LIBRARY_VARIANTS and a
+    subnet without dropped blocks (duplicates of `seen` skipped)."""
+    imp = cal.scoring(library.spec.scoring, lm.model, lm.shape)
+    seen = set() if seen is None else seen
+    jobs = []
+    for target in s.targets if targets is None else targets:
+        space = target_space(lm.shape, s, target)
+        tries = [(1.0, space)] if not variants else \
+            [(w, space) for w in LIBRARY_VARIANTS] + [(1.0, replace(space, min_layers=lm.shape.num_layers))]
+        for weight, sp in tries:
+            sub = solve(library, lm.shape, sp, imp, attn_weight=weight)
+            if sub is None or sub.key() in seen:
+                continue
+            seen.add(sub.key())
+            jobs.append(Job(sub, target, 0, "init", s.compensate, extra={
+                "init_scoring": "library", "library_ppl": round(library.predicted_ppl(sub, lm.shape), 4)}))
+    return jobs
 
 
 def initial_jobs(lm: LoadedModel, s: SearchSettings, cal: Calibration, target: float, seen: set[str],

@@ -1,9 +1,10 @@
 """The search (METHOD section 3): several targets in one run, every candidate archived as it is
 found, streamed as typed events (`explorer.events`). `search` reads top to bottom like the method:
 
-    calibrate; the dense model
+    calibrate; the dense model; the level library, and its subnet for every target at once
     for each target:
-        the method's initial subnet; the baselines; the seeded and other initial subnets
+        the library's subnet; the method's initial subnet; the baselines; the seeded and other
+        initial subnets
         for each generation: breed children from the elite, evaluate, select, archive, fronts
         the pick: the best few by fitness, re-scored on fresh windows
     time the front for real
@@ -42,13 +43,15 @@ from ..settings import SearchSettings
 from .archive import Archive, Job
 from .budget import Budget
 from .calibration import FILES as CALIBRATION_FILES
-from .calibration import Calibration, search_calibration, search_ladders
+from .calibration import Calibration, library_spec, library_stored, search_calibration, search_ladders, search_library
 from .distributed import Group, current_group, leader_first
 from .evaluator import BatchEvaluator
 from .evolution import breed
+from .library import LIBRARY_FILE
 from .fitness import FitnessEvaluator
 from .initial import (
     BASELINE_SCORING,
+    library_jobs,
     SEQUENTIAL_BASELINES,
     SEQUENTIAL_COST,
     baseline_jobs,
@@ -78,7 +81,7 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
     archive = Archive(run, lm.shape, latency)
     fitness = FitnessEvaluator(lm.model, lm.shape, cal.fitness, cache_bytes=s.cache_mb * 2**20,
                                dtype=getattr(torch, s.fitness_dtype), batch=s.fitness_batch, means=cal.means,
-                               ladders=ladders)
+                               ladders=ladders, screen_windows=s.screen_windows)
     evaluate = BatchEvaluator(fitness, archive, group, cancel)
     selector = None if cal.selection is None else FitnessEvaluator(
         lm.model, lm.shape, cal.selection, cache_bytes=s.cache_mb * 2**20 // 4, dtype=getattr(torch, s.fitness_dtype),
@@ -104,14 +107,33 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
 
     try:
         yield from consider(evaluate.run([Job(Subnet.full(lm.shape), 1.0, 0, "dense")]), None)
+        library = None
+        if s.library and not reformed:
+            cost = library_seconds(lm, s, per_window())
+            fits = bool(group.broadcast(not budget.limited or cost <= LIBRARY_SHARE * budget.left()))
+            if not fits and group.leader and not library_stored(lm, s, cal):
+                yield StageProgress("library", 1, 1, f"the level library left out: measuring it takes about "
+                                    f"{cost:.0f} s, more than {LIBRARY_SHARE:.0%} of the time budget (prepare the "
+                                    "search first, or search once without a budget; it is cached)")
+            library = yield from leader_first(group, lambda: search_library(lm, s, cal, cancel, measure=fits),
+                                              run.path, (LIBRARY_FILE,))
+        solved: dict[float, Candidate] = {}  # every target's library subnet, evaluated before the first target
+        if library is not None:
+            for c, replayed in evaluate.run(library_jobs(lm, s, cal, library)):
+                solved[c.target] = c
+                yield CandidateEvaluated(c, replayed, len(archive.candidates))
         for k, target in enumerate(s.targets):
             words = target_words(target, s.share)
             budget.start_target(len(s.targets) - k)
             rng = random.Random(f"{s.seed}:{target}")
             fitness.clear()  # prefix states of another target serve no candidate of this one
             elite, seen = Elite(s.top_k), set()
+            if target in solved:
+                elite.consider(solved[target])
+                seen.add(solved[target].subnet.key())
             own = initial_jobs(lm, s, cal, target, seen, rng)
-            yield from consider(evaluate.run(own[:1]), elite)  # every target evaluates the method's own start
+            # every target has its first subnet whatever the budget: the library's, else the method's own start
+            yield from consider(evaluate.run(own[:1], proceed=more if target in solved else None), elite)
             baselines = []
             for name in baseline_order(s):  # each computed when its turn comes, if it fits the budget
                 cost = 0.0 if cal.has_baseline(name, total_fraction(lm.shape, s.share, target)) or name not in SEQUENTIAL_BASELINES else (
@@ -125,7 +147,9 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
                 job = next(baseline_jobs(lm, s, cal, target, (name,), cancel))
                 baselines.append(job)
                 yield from consider(evaluate.run([job]), None)
-            starts = seeded_jobs(lm, s, target, seen, baselines) + own[1:]
+            variants = [] if library is None else library_jobs(lm, s, cal, library, (target,), True, seen)
+            # with the library's subnets to start from, the uniform initial subnets only spend the budget
+            starts = variants + seeded_jobs(lm, s, target, seen, baselines) + (own[1:] if library is None else [])
             yield from consider(evaluate.run(starts, proceed=more), elite)
             init_best = elite.best.subnet  # its scoring orders every later mask edit at this target
             scored_by = elite.best.metrics.get("init_scoring", "obs")
@@ -146,8 +170,9 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
                 children = breed(kinds, elite.parents, init_best, imp, lm.shape, space, rng, seen, s)
                 jobs = [Job(child, target, generation, "search", s.compensate or reformed, reformed=reformed)
                         for child in children]
-                for c, replayed in evaluate.run(jobs, elite.bound() if s.early_stop else None,
-                                                proceed=more):
+                bound = elite.bound() if s.early_stop else None
+                screen = None if bound is None or not s.screen_windows else bound * (1 + s.screen_margin)
+                for c, replayed in evaluate.run(jobs, bound, proceed=more, screen=screen):
                     stopped += int(c.metrics.get("fitness_lower_bound", False))
                     n += 1
                     yield from consider([(c, replayed)], elite)
@@ -190,6 +215,17 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
     yield SearchFinished(summary(archive, best, fronts, fitness, latency, time.perf_counter() - t0))
 
 
+LIBRARY_SHARE = 0.5  # of a time budget, at most, that measuring a missing library may take
+LIBRARY_COST = 0.6  # a one-block subnet's evaluation, in full evaluations (the dense prefix is reused)
+
+
+def library_seconds(lm: LoadedModel, s: SearchSettings, per_window: float) -> float:
+    """About how long measuring the library takes, from the seconds one fitness window takes now."""
+    spec = library_spec(lm, s)
+    levels = lm.shape.num_layers * (len(spec.attn) + len(spec.widths) + 1)
+    return levels * LIBRARY_COST * per_window * s.library_windows * s.calib_seq_len / s.fitness_seq_len
+
+
 class Elite:
     """The top k of everything evaluated at a target (initial subnets and children): the parents."""
 
@@ -198,8 +234,9 @@ class Elite:
         self.members: list[Candidate] = []
 
     def consider(self, c: Candidate) -> bool:
-        """Add `c` if it ranks among the top k; whether it is in the elite now."""
-        if c.fitness < math.inf:
+        """Add `c` if it ranks among the top k; whether it is in the elite now. A candidate stopped
+        early (by the bound or the screen) has only part of its NLL and never enters."""
+        if c.fitness < math.inf and not c.metrics.get("fitness_lower_bound"):
             self.members.append(c)
             self.members.sort(key=lambda x: (x.metrics["fitness_nll"], x.id))
             del self.members[self.k:]

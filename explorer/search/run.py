@@ -25,7 +25,7 @@ from ..events import (
 from ..model.cores import CoreShare
 from ..model.loading import LoadedModel
 from ..settings import SearchSettings
-from .calibration import search_calibration, search_ladders
+from .calibration import search_calibration, search_ladders, search_library
 from .distributed import Group, current_group, shared_run
 from .initial import baseline_jobs
 from .loop import search
@@ -52,8 +52,8 @@ def run_search(lm: LoadedModel, settings: SearchSettings, run_dir: str | Path,
 def prepare(lm: LoadedModel, settings: SearchSettings, run_dir: str | Path,
             cancel: threading.Event | None = None) -> Iterator[Any]:
     """Build what a search reads before its first candidate into the disk cache, without
-    searching: the calibration pass, the baselines' subnets at every target and, for the
-    reformation-aware mode, the ladders. A later search on the same model and data reuses them,
+    searching: the calibration pass, the baselines' subnets at every target and the level library
+    (for the reformation-aware mode, the ladders). A later search on the same model and data reuses them,
     so its time budget is spent on searching (bench/quality.py gives each mode the same minutes
     this way; in the app the cache does the same after the first search). Yields StageProgress."""
     settings = resolve(lm, settings)
@@ -67,6 +67,8 @@ def prepare(lm: LoadedModel, settings: SearchSettings, run_dir: str | Path,
             yield StageProgress("baselines", n + 1, len(settings.baselines), f"{words}: {job.origin}")
     if settings.fitness_mode == "reformed":
         yield from search_ladders(lm, settings, cal, cancel)
+    elif settings.library:
+        yield from search_library(lm, settings, cal, cancel)
 
 
 def _start(lm, settings, run_dir: Path, cancel, resume: bool, windows, group: Group) -> Iterator[Any]:

@@ -13,7 +13,7 @@ from .layout import BRIDGE_JS, CSS, UI, build
 MAX_UPLOAD = "32mb"  # a subnet JSON of a 70B model is ~30 MB written out; the workbench checks the exact bound
 
 
-VIEW = ("plot", "status", "session", "compare", "card", "layers", "pick_box")  # what showing a run changes
+VIEW = ("plot", "status", "session", "compare", "card", "layers", "pick_box", "size")  # what showing a run changes
 ACTION = ("card", "compare", "session", "action_status")  # what an action on the pick changes
 
 # api name -> (handler, inputs, outputs, event options). Each action lists only the components it changes; its
@@ -33,6 +33,11 @@ ENDPOINTS: dict[str, tuple[str, tuple, tuple, dict]] = {
     "open_run": ("open", ("runs", "x_axis", "y_axis", "session"), VIEW, dict(show_progress_on="plot")),
     "pick": ("pick", ("pick_box", "x_axis", "y_axis", "session"), ("card", "layers", "plot", "session", "pick_box",
                                                                      "pick_status"), dict(show_progress_on="card")),
+    # the size slider's release: the library's subnet at that size, evaluated, stored and picked (its drag only
+    # previews, with no API name); the last release wins
+    "pick_size": ("pick_size", ("size", "x_axis", "y_axis", "session"),
+                  ("card", "layers", "plot", "session", "pick_box", "pick_status"),
+                  dict(concurrency_limit=None, show_progress_on="card", trigger_mode="always_last")),
     "open_subnet": ("open_subnet", ("subnet_file", "x_axis", "y_axis", "session"),
                     ("card", "layers", "plot", "session", "pick_box", "compare", "pick_status"),
                     dict(concurrency_limit=None, show_progress_on="pick_status")),
@@ -52,14 +57,15 @@ ENDPOINTS: dict[str, tuple[str, tuple, tuple, dict]] = {
 }
 # where each endpoint's answer (and its failure) is written: the status line of the section it acts in
 MESSAGE_OF = {"load_model": "model_info", "search": "status", "stop_search": "status", "open_run": "status",
-              "pick": "pick_status", "open_subnet": "pick_status", "reform": "action_status",
-              "measure_latency": "action_status", "evaluate": "action_status", "add_compare": "action_status",
-              "export": "export_status", "report": "export_status", "generate": "gen_status"}
+              "pick": "pick_status", "pick_size": "pick_status", "open_subnet": "pick_status",
+              "reform": "action_status", "measure_latency": "action_status", "evaluate": "action_status",
+              "add_compare": "action_status", "export": "export_status", "report": "export_status",
+              "generate": "gen_status"}
 TRIGGERS = {"load_model": "load_btn.click", "search": "start_btn.click", "stop_search": "stop_btn.click",
-            "open_run": "open_btn.click", "pick": "pick_btn.click", "open_subnet": "subnet_file.upload",
-            "reform": "reform_btn.click", "measure_latency": "measure_btn.click", "evaluate": "eval_btn.click",
-            "add_compare": "compare_btn.click", "export": "export_btn.click", "report": "report_btn.click",
-            "generate": "gen_btn.click"}
+            "open_run": "open_btn.click", "pick": "pick_btn.click", "pick_size": "size.release",
+            "open_subnet": "subnet_file.upload", "reform": "reform_btn.click", "measure_latency": "measure_btn.click",
+            "evaluate": "eval_btn.click", "add_compare": "compare_btn.click", "export": "export_btn.click",
+            "report": "report_btn.click", "generate": "gen_btn.click"}
 
 
 def client_outputs(api_name: str) -> list[str]:
@@ -84,6 +90,11 @@ def wire(ui: UI, h: Handlers) -> None:
     bind(ui.pick_box.submit, "pick", *pick[:3], {**pick[3]}, visible=False)  # Enter in the id box
     bind(ui.pick_bridge_btn.click, "pick", "pick", ("pick_bridge", *pick[1][1:]), pick[2],
          dict(show_progress="hidden", trigger_mode="always_last"), visible=False)  # a plot click; the last one wins
+    # dragging the size slider: the library's subnet in the card, solved per step (`input` fires on the user's
+    # moves only, not on the server's updates of the slider); the last position wins, and nothing is stored.
+    # Unpreprocessed: a number half typed in the slider's box is skipped by the handler, not refused by Gradio.
+    ui.size.input(h.size_preview, [ui.size, ui.pick_status, ui.session], [ui.card, ui.layers, ui.pick_status],
+                  api_name=False, show_progress="hidden", trigger_mode="always_last", preprocess=False)
     for axis in (ui.x_axis, ui.y_axis):
         axis.change(h.replot, [ui.x_axis, ui.y_axis, ui.session], [ui.plot, ui.pick_status], api_name=False)
     ui.demo.load(h.start_page, [ui.x_axis, ui.y_axis, ui.session], [u[o] for o in (*VIEW, "runs")], api_name=False)

@@ -173,6 +173,23 @@ class Handlers:
         return {self.ui.card: views.card_markdown(c, shape, s.extra(c.id, run_name)),
                 self.ui.compare: self._compare_table(s)}
 
+    def _size_range(self, s: Session, run_name: str) -> dict:
+        """The size slider's lower end at the smallest size the run's library reaches, when the tab has the
+        run's model loaded (a model is never loaded for this alone) and the run has a library; else the
+        slider stays and a size out of reach is refused with the engine's message. Never fails: opening a
+        run or finishing a search must not fail over the slider's range."""
+        key = s.model_key
+        try:
+            if key is None or key[0] != model_key(self.wb.open(run_name).settings.get("model", "default"))[0]:
+                return {}
+            lo, _ = self.wb.run_library(run_name, prefer=key)[1].bounds()
+        except ExplorerError:  # no library (or another model's run): the slider explains itself when dragged
+            return {}
+        except Exception:  # noqa: BLE001
+            log.warning("no size range for run %s", run_name, exc_info=True)
+            return {}
+        return {self.ui.size: gr.update(minimum=lo)}
+
     def _cancelled(self, what: str, cid: str, kept: str, where: str = "action_status") -> dict:
         return {getattr(self.ui, where): f"**{what} of `{cid}` stopped** — nothing of it was kept; {kept}."}
 
@@ -238,7 +255,7 @@ class Handlers:
                 yield {self.ui.status: status.markdown(), self.ui.plot: fig}
         yield {self.ui.status: status.markdown(), self.ui.plot: self._figure(s, x, y),
                self.ui.runs: gr.update(choices=self.wb.runs(), value=name), self.ui.session: s,
-               self.ui.start_btn: gr.update(interactive=True)}
+               self.ui.start_btn: gr.update(interactive=True), **self._size_range(s, name)}
 
     @user_errors("status")
     def stop(self, session, request: gr.Request):
@@ -277,7 +294,7 @@ class Handlers:
                 f"targets {', '.join(target_words(t, st.get('share', 'total')) for t in st.get('targets', []))}")
         return {self.ui.plot: self._figure(s, x, y, run), self.ui.status: info, self.ui.session: s,
                 self.ui.compare: self._compare_table(s), self.ui.card: views.NO_PICK, self.ui.layers: None,
-                self.ui.pick_box: ""}
+                self.ui.pick_box: "", **self._size_range(s, name)}
 
     @user_errors("pick_status")
     def replot(self, x, y, session):
@@ -301,6 +318,46 @@ class Handlers:
         shape = self.wb.open(run).shape
         return {**self._card(s, c, shape, run), self.ui.plot: self._figure(s, x, y), self.ui.session: s,
                 self.ui.pick_box: c.id}
+
+    @user_errors("pick_status")
+    def size_preview(self, fraction, said, session):
+        """While the size slider is dragged: the library's subnet at that size, solved in milliseconds and
+        shown in the card and the layer chart with what the library predicts. Nothing is evaluated or
+        stored (that waits for the release), and the tab's pick stays what it was. The pick status (`said`)
+        loses only an old warning: what a pick said stays, even when a last preview lands after it.
+
+        The value comes unchecked (a number being typed in the slider's box passes through "0." and
+        blanks): such a value waits for the next keystroke instead of raising an error per key."""
+        try:
+            f = float(fraction)
+        except (TypeError, ValueError):
+            f = 0.0
+        if not 0 < f <= 1:
+            return {self.ui.pick_status: gr.update()}
+        s = session or Session()
+        name = self._run_name(s)
+        sol = self.wb.size_preview(name, f, prefer=s.model_key)
+        run = self.wb.open(name)
+        shape, st = run.shape, run.settings
+        return {self.ui.card: views.size_markdown(sol, shape, st.get("share", "total"), bool(st.get("compensate"))),
+                self.ui.layers: plots.layer_figure(sol.subnet.summary(shape), shape),
+                self.ui.pick_status: "" if str(said or "").startswith("⚠️") else gr.update()}
+
+    @user_errors("pick_status")
+    def pick_size(self, fraction, x, y, session, request: gr.Request):
+        """On the size slider's release: the library's subnet at that size, its fitness measured under the
+        tab's job and stored in the run (read back when it already is), then picked like a clicked point."""
+        s = session or Session()
+        name = self._run_name(s)
+        c = self.wb.pick(name, f"library@{float(fraction):.3f}", tab=tab_id(request), prefer=s.model_key).candidate
+        s.choose(name, c.id)
+        shape = self.wb.open(name).shape
+        fitness = c.metrics.get("fitness_ppl")
+        return {**self._card(s, c, shape, name), self.ui.plot: self._figure(s, x, y), self.ui.session: s,
+                self.ui.pick_box: c.id,
+                self.ui.pick_status: f"**Picked `{c.id}`**, the library's best subnet at {c.target_words}"
+                                     + ("" if fitness is None else f": fitness ppl {fitness:.4g} (measured)")
+                                     + ", now a point of the run."}
 
     @user_errors("pick_status")
     def open_subnet(self, file, x, y, session, request: gr.Request, progress=gr.Progress()):

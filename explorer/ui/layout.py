@@ -109,6 +109,7 @@ class UI:
     x_axis: gr.Radio
     y_axis: gr.Radio
     plot: gr.Plot
+    size: gr.Slider  # the library's subnet at any size: previewed while dragged, picked on release
     pick_bridge: gr.Textbox
     pick_bridge_btn: gr.Button
     pick_box: gr.Textbox
@@ -233,6 +234,11 @@ def build(default_model: str = ModelSettings().model) -> UI:
                 # the search's progress and messages, above the plot it grows (a fixed box: the plot never jumps)
                 status = gr.Markdown("", elem_id="status-box", elem_classes="status")
                 plot = gr.Plot(show_label=False, elem_id="pareto-plot")
+                # no reset button: it would pick (release) the initial size, evaluating a subnet nobody chose
+                size = gr.Slider(0.3, 1.0, 0.7, step=0.01, label="Size: the library's best subnet at",
+                                 elem_id="size-slider", buttons=[],
+                                 info="a share of the run's parameters; drag to see the library's subnet at that "
+                                      "size in the card (predicted, instantly), release to evaluate and pick it")
                 pick_bridge = gr.Textbox("", elem_id="pick-bridge", elem_classes="hidden-bridge", show_label=False)
                 pick_bridge_btn = gr.Button("pick", elem_id="pick-bridge-btn", elem_classes="hidden-bridge")
                 with gr.Row():
@@ -311,7 +317,7 @@ def build(default_model: str = ModelSettings().model) -> UI:
               model_info=model_info, targets=targets, share=share, preset=preset, space=space, fitness_mode=fitness_mode,
               population=population, generations=generations, minutes=minutes, fitness_windows=fitness_windows,
               seed=seed, run_name=run_name, baselines=baselines, compensate=compensate, start_btn=start_btn, stop_btn=stop_btn, status=status,
-              runs=runs, open_btn=open_btn, x_axis=x_axis, y_axis=y_axis, plot=plot, pick_bridge=pick_bridge,
+              runs=runs, open_btn=open_btn, x_axis=x_axis, y_axis=y_axis, plot=plot, size=size, pick_bridge=pick_bridge,
               pick_bridge_btn=pick_bridge_btn, pick_box=pick_box, pick_btn=pick_btn, subnet_file=subnet_file,
               pick_status=pick_status, card=card, layers=layers, reform_btn=reform_btn, reform_intercept=reform_intercept, measure_btn=measure_btn,
               compare_btn=compare_btn, eval_tasks=eval_tasks, eval_limit=eval_limit, eval_btn=eval_btn,

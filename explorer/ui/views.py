@@ -91,6 +91,22 @@ def card_markdown(c, shape, extra: dict | None = None) -> str:
     return f"| {head[0]} | {head[1]} |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
 
 
+def size_markdown(sol, shape, share: str = "total", compensated: bool = False) -> str:
+    """The card while the size slider moves: the library's subnet at that size, with what the library and
+    the latency model predict, worded as predictions (nothing is measured until release)."""
+    summ = sol.subnet.summary(shape, compensated)
+    rows = [("parameters", f"{fmt_params(sol.params)} = {summ['fraction']:.1%} of dense "
+                           f"({summ['prunable_fraction']:.1%} of prunable)"),
+            ("layers", f"{summ['layers_kept']} of {shape.num_layers} kept"),
+            ("fitness ppl", f"{sol.predicted_ppl:.4g}, predicted by the library")]
+    if sol.predicted_speedup is not None:
+        rows.append(("decode speed-up", f"{sol.predicted_speedup:.2f}×, predicted by the latency model"))
+    rows.append(("ideal decode speed-up", f"{summ['ideal_decode_speedup']:.2f}×"))
+    return (f"| library@{sol.fraction:.2f} | the library's best subnet at {target_words(sol.fraction, share)} |\n"
+            "|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+            + f"\n\n*Solved in {1000 * sol.seconds:.0f} ms, not evaluated yet: release to evaluate and pick it.*")
+
+
 def compare_frame(rows: list[dict]) -> pd.DataFrame:
     cols = ["id", "origin", "params %", "pred ms/tok", "speed-up", "fitness ppl", "held-out ppl",
             "reformed ppl", "zero-shot acc", "reformed"]

@@ -1,0 +1,222 @@
+"""A better subnet per minute, whatever the seed: today's search (no library) against the library
+search (its knapsack solution first, then evolution seeded by it) at the same minutes per target,
+over several seeds, each pick scored on the same held-out windows before and (with --reform)
+after reformation, beside the uniform and FLAP baselines of the same calibration pass.
+
+Per seed the calibration pass, the baselines and the library are built first (`search.prepare`,
+timed: the library's own measuring time is reported), so both searches spend their minutes
+searching. Also per search: the seconds from Start until every target has a subnet on the plot.
+With --screen-sample N, N of the library search's complete candidates are scored on the first
+fitness window alone (the staged evaluation's screen), and the Spearman rank correlation of that
+screen with their full fitness and with held-out perplexity is reported.
+
+The seed draws the calibration, fitness and selection windows, so the spread over seeds is the
+spread a user meets; the held-out windows are the same for every model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench.common import add_common_arguments, format_table, machine, main, spearman, write_json
+from explorer.app.inputs import parse_override
+from explorer.calibrate.data import calibration_windows, heldout_windows, load_corpus
+from explorer.events import CandidateEvaluated, SearchFailed, SearchFinished, StageProgress
+from explorer.model.loading import load_model
+from explorer.model.perplexity import perplexity
+from explorer.model.slicing import candidate_model
+from explorer.pick.reform import ReformSettings, reform
+from explorer.search.fitness import FitnessEvaluator
+from explorer.search.library import Library
+from explorer.search.run import prepare, run_search
+from explorer.search.runs import open_run
+from explorer.settings import SearchSettings
+
+SEARCHES = {"today": {"library": False}, "library": {"library": True}}
+BASELINES = ("flap-uniform", "flap")
+
+
+def one_search(lm, settings: SearchSettings, folder: Path, log) -> dict:
+    """Run a search; when each target first had a subnet (seconds from Start) and the summary."""
+    t0 = time.perf_counter()
+    first: dict[float, float] = {}
+    summary = None
+    for ev in run_search(lm, settings, folder):
+        if isinstance(ev, CandidateEvaluated) and ev.candidate.origin != "dense":
+            first.setdefault(ev.candidate.target, time.perf_counter() - t0)
+        elif isinstance(ev, StageProgress) and ev.stage in ("library", "budget") and ev.done == ev.total:
+            log(f"    {ev.message}")
+        elif isinstance(ev, SearchFailed):
+            raise RuntimeError(ev.message)
+        elif isinstance(ev, SearchFinished):
+            summary = ev.summary
+    return {"first_subnet_s": {str(t): round(s, 2) for t, s in first.items()},
+            "all_targets_s": round(max(first.values()), 2) if first else None,
+            "evaluated": summary["evaluated"], "wall_s": summary["wall_seconds"]}
+
+
+def screen_study(lm, run, settings: SearchSettings, corpus, held, n: int, log) -> dict:
+    """Rank correlation of the first fitness window's NLL with the full fitness and held-out ppl."""
+    cands = [c for c in run.candidates() if c.origin in ("search", "init") and not c.metrics.get("fitness_lower_bound")
+             and "copied_from" not in c.metrics]
+    pick = random.Random(0).sample(cands, min(n, len(cands)))
+    fit = calibration_windows(lm.tokenizer, corpus, settings.fitness_windows, settings.fitness_seq_len,
+                              seed=settings.seed + 1)
+    means = run.channel_means()
+    fe = FitnessEvaluator(lm.model, lm.shape, fit[:1], means=means)
+    screen = [fe.evaluate(c.subnet, compensated=c.compensated).nll for c in pick]
+    full = [c.metrics["fitness_nll"] for c in pick]
+    ts = time.perf_counter()
+    heldout = [perplexity(candidate_model(lm.model, c, means), held) for c in pick]
+    log(f"  screen study: {len(pick)} candidates, held-out scored in {time.perf_counter() - ts:.0f} s")
+    return {"candidates": len(pick), "spearman_screen_vs_fitness": spearman(screen, full),
+            "spearman_screen_vs_heldout": spearman(screen, heldout),
+            "spearman_fitness_vs_heldout": spearman(full, heldout)}
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def run(args) -> dict:
+    t0 = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
+    lm = load_model(args.model, args.dtype, args.device)
+    targets = tuple(float(t) for t in args.targets.split(","))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    minutes = [float(m) for m in args.minutes.split(",")]
+    searches = [n.strip() for n in args.searches.split(",")]
+    reform_at = [float(x) for x in args.reform_at.split(",")] if args.reform_at else []
+    overrides = dict(parse_override(x) for x in args.set)
+    corpus = load_corpus(args.corpus)
+    held = heldout_windows(lm.tokenizer, corpus, args.heldout_windows, args.seq_len)
+    dense = perplexity(lm.model, held)
+    log(f"dense held-out ppl {dense:.2f} on {held.shape[0]} x {held.shape[1]} tokens")
+    root = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="search-bench-"))
+    records = []
+    screen = None
+    for seed in seeds:
+        base = SearchSettings.preset("demo", **{"targets": targets, "seed": seed, "corpus": args.corpus,
+                                                "latency": False, "generations": 1000, **overrides})
+        ts = time.perf_counter()
+        if not (root / f"seed{seed}" / "prepared" / "library.json").is_file():
+            for _ in prepare(lm, base, root / f"seed{seed}" / "prepared"):
+                pass
+        lib = Library.load(root / f"seed{seed}" / "prepared" / "library.json")
+        log(f"seed {seed}: calibration, baselines and library ready in {time.perf_counter() - ts:.0f} s "
+            f"(library measured in {lib.seconds:.0f} s on {lib.tokens} tokens)")
+        cal = calibration_windows(lm.tokenizer, corpus, base.calib_windows, base.calib_seq_len, seed=seed)
+        rs = ReformSettings(windows=int(cal.shape[0]), seq_len=int(cal.shape[1]), corpus=args.corpus)
+        baselines_done = False
+        for per_target in minutes:
+            for name in searches:
+                settings = SearchSettings.from_dict({**base.to_dict(), **SEARCHES[name],
+                                                     "minutes": per_target * len(targets)})
+                folder = root / f"seed{seed}" / f"{name}-{per_target:g}min"
+                done = folder / "bench.json"
+                if done.is_file():  # an interrupted benchmark's finished search, read back
+                    info = json.loads(done.read_text())
+                    log(f"seed {seed}: {name}, {per_target:g} min per target: read back from {folder}")
+                else:
+                    log(f"seed {seed}: {name}, {per_target:g} min per target")
+                    info = one_search(lm, settings, folder, log)
+                    done.write_text(json.dumps(info))
+                r = open_run(folder)
+                means = r.channel_means()
+                scored = folder / "scores.json"  # an interrupted benchmark's held-out scores, read back
+                known = {(x["model"], x["target"]): x for x in json.loads(scored.read_text())} if scored.is_file() else {}
+                rows = []
+                picks = [(f"best@{t:g}", name, t) for t in targets]
+                if not baselines_done:
+                    picks += [(f"baseline:{b}@{t:g}", b, t) for b in BASELINES for t in targets]
+                for pick, label, t in picks:
+                    if (label, t) in known:
+                        rows.append(known[(label, t)])
+                        continue
+                    try:
+                        c = r.pick(pick)
+                    except Exception as e:  # noqa: BLE001 - a baseline the budget left out
+                        log(f"    {pick}: {e}")
+                        continue
+                    before = perplexity(candidate_model(lm.model, c, means), held)
+                    after = None
+                    if args.reform and (not reform_at or any(abs(t - x) < 1e-9 for x in reform_at)):
+                        after = perplexity(reform(lm, c.subnet, rs, calib_windows=cal,
+                                                  means=means if c.compensated else None).model, held)
+                    rows.append({"model": label, "target": t, "id": c.id, "heldout_ppl": before,
+                                 "reformed_heldout_ppl": after, "fitness_ppl": c.fitness,
+                                 "selection_ppl": c.metrics.get("selection_ppl"),
+                                 "library_ppl": c.metrics.get("library_ppl")})
+                    log(f"    {label} @ {t:g}: held-out {before:.2f}" + (f", reformed {after:.2f}" if after else ""))
+                    scored.write_text(json.dumps(rows))
+                baselines_done = True
+                records.append({"seed": seed, "search": name, "minutes_per_target": per_target, **info,
+                                "library_seconds": lib.seconds, "picks": rows})
+                log(f"    every target had a subnet after {info['all_targets_s']} s; {info['evaluated']} evaluations")
+                if args.screen_sample and name == "library" and screen is None:
+                    kept = root / "screen.json"
+                    screen = json.loads(kept.read_text()) if kept.is_file() else \
+                        screen_study(lm, r, settings, corpus, held, args.screen_sample, log)
+                    kept.write_text(json.dumps(screen))
+    table, summary = [], {}
+    labels = [(n, m) for m in minutes for n in searches] + [(b, None) for b in BASELINES]
+    for t in targets:
+        for label, m in labels:
+            vals = [p for rec in records for p in rec["picks"]
+                    if p["model"] == label and p["target"] == t and (m is None or rec["minutes_per_target"] == m)]
+            if not vals:
+                continue
+            key = f"{label}" + (f"@{m:g}min" if m is not None else "")
+            before = spread([v["heldout_ppl"] for v in vals])
+            reformed = [v["reformed_heldout_ppl"] for v in vals if v["reformed_heldout_ppl"] is not None]
+            after = spread(reformed) if reformed else None
+            summary.setdefault(str(t), {})[key] = {"heldout": before, "reformed": after}
+            table.append({"target": t, "model": key, "seeds": len(vals),
+                          "held-out median": before["median"], "range": f"{before['min']:.4g}-{before['max']:.4g}",
+                          "reformed median": after["median"] if after else None,
+                          "reformed range": f"{after['min']:.4g}-{after['max']:.4g}" if after else ""})
+    cols = list(table[0]) if table else []
+    print(format_table(table, cols))
+    timing = {f"{rec['search']}@{rec['minutes_per_target']:g}min": [] for rec in records}
+    for rec in records:
+        timing[f"{rec['search']}@{rec['minutes_per_target']:g}min"].append(rec["all_targets_s"])
+    for k, v in timing.items():
+        print(f"{k}: every target on the plot after {statistics.median(v):.1f} s (median; range "
+              f"{min(v):.1f}-{max(v):.1f})")
+    if screen:
+        print(f"screen (first window) vs full fitness: Spearman {screen['spearman_screen_vs_fitness']:.3f}; "
+              f"vs held-out {screen['spearman_screen_vs_heldout']:.3f}; full fitness vs held-out "
+              f"{screen['spearman_fitness_vs_heldout']:.3f}")
+    result = {"machine": machine(), "model": lm.name, "targets": targets, "seeds": seeds, "minutes_per_target": minutes,
+              "heldout": {"windows": int(held.shape[0]), "seq_len": int(held.shape[1]), "dense_ppl": dense},
+              "records": records, "summary": summary, "time_to_plot_s": timing, "screen": screen,
+              "library_seconds": sorted({rec["library_seconds"] for rec in records}),
+              "wall_seconds": round(time.perf_counter() - t0, 1), "reformed": bool(args.reform)}
+    print(f"wrote {write_json(args.out, result)}")
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_arguments(p, heldout_windows=16)
+    p.add_argument("--targets", default="0.8,0.7,0.6,0.5")
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--minutes", default="1", help="minutes per target, comma-separated (each a search)")
+    p.add_argument("--searches", default="today,library", help=f"of {', '.join(SEARCHES)}")
+    p.add_argument("--reform", action="store_true", help="also score the picks after reformation")
+    p.add_argument("--reform-at", default="", help="only at these targets (comma-separated; default: every one)")
+    p.add_argument("--screen-sample", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], help="search setting overrides, KEY=VALUE")
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--out", default="docs/results/search.json")
+
+
+if __name__ == "__main__":
+    main(add_arguments, run, __doc__.splitlines()[0])
