@@ -117,10 +117,32 @@ class Calibration:
     def library(self, model, shape, spec: LibrarySpec, windows: int, dtype: torch.dtype, batch: int,
                 cancel: threading.Event | None = None) -> Iterator[StageProgress | Library]:
         """The per-block level library (`explorer.search.library`) on the first `windows` calibration
-        windows: read from the run, else from the cache (same model, data, levels, scoring,
-        compensation and dtype), else measured and stored in both. Yields StageProgress, then it."""
+        windows: read where it is stored (`stored_library`), else measured and stored in the run and the
+        cache. Yields StageProgress, then it."""
         own, cached = self._library_paths(spec, windows, dtype)
-        dtype_name = str(dtype).removeprefix("torch.")
+        found = self.stored_library(spec, windows, dtype)
+        if found is not None:
+            yield StageProgress("library", 1, 1, f"reused ({found.tokens} tokens, measured in {found.seconds:.0f} s)")
+            lib = found
+        else:
+            lib = None
+            for item in measure_library(model, shape, spec, self.scoring(spec.scoring, model, shape),
+                                        self.calib[:windows], self.means if spec.compensated else None, dtype, batch,
+                                        cancel):
+                if isinstance(item, Library):
+                    lib = item
+                else:
+                    yield item
+        for path in (own, cached):  # a found library is copied where it is missing; a measured one replaces all
+            if path is not None and (found is None or not path.is_file()):
+                lib.save(path)
+        yield lib
+
+    def stored_library(self, spec: LibrarySpec, windows: int, dtype) -> Library | None:
+        """The library for these levels, windows and dtype where one is stored: the run's own copy, the
+        cache's, or a shipped run's computed on this very calibration data; None if none is."""
+        own, cached = self._library_paths(spec, windows, dtype)
+        tokens, name = windows * (self.calib.shape[1] - 1), str(dtype).removeprefix("torch.")
         for path in (own, cached, *(Path(s) / LIBRARY_FILE for s in self.seeds)):
             if path is None or not path.is_file():
                 continue
@@ -129,26 +151,9 @@ class Calibration:
             except Exception:  # noqa: BLE001 - a damaged file is measured again, saying so in the log
                 log.warning("ignoring the unreadable library %s", path, exc_info=True)
                 continue
-            if found.spec == spec and found.tokens == windows * (self.calib.shape[1] - 1) and found.dtype == dtype_name:
-                yield StageProgress("library", 1, 1, f"reused ({found.tokens} tokens, measured in "
-                                    f"{found.seconds:.0f} s)")
-                for copy in (own, cached):
-                    if copy is not None and copy != path and not copy.is_file():
-                        found.save(copy)
-                yield found
-                return
-        lib = None
-        for item in measure_library(model, shape, spec, self.scoring(spec.scoring, model, shape),
-                                    self.calib[:windows], self.means if spec.compensated else None, dtype, batch,
-                                    cancel):
-            if isinstance(item, Library):
-                lib = item
-            else:
-                yield item
-        for path in (own, cached):
-            if path is not None:
-                lib.save(path)
-        yield lib
+            if found.spec == spec and found.tokens == tokens and found.dtype == name:
+                return found
+        return None
 
     def _library_paths(self, spec: LibrarySpec, windows: int, dtype) -> tuple[Path | None, Path | None]:
         raw = json.dumps([spec.to_dict(), windows, str(dtype).removeprefix("torch.")])
@@ -157,22 +162,8 @@ class Calibration:
         cached = None if self.key is None or self.cache_dir is None else Path(self.cache_dir) / name
         return own, cached
 
-    def has_library(self, spec: LibrarySpec, windows: int, dtype) -> bool:
-        """Whether a library for these levels is stored (the run's own copy, the cache's or a shipped run's)."""
-        return any(p is not None and p.is_file() for p in self._library_paths(spec, windows, dtype)) or any(
-            _library_matches(Path(s) / LIBRARY_FILE, spec, windows * (self.calib.shape[1] - 1), dtype)
-            for s in self.seeds)
-
     def _baselines_path(self) -> Path | None:
         return None if self.key is None or self.cache_dir is None else Path(self.cache_dir) / f"{self.key}.baselines.json"
-
-
-def _library_matches(path: Path, spec: LibrarySpec, tokens: int, dtype) -> bool:
-    try:
-        found = Library.load(path)
-    except Exception:  # noqa: BLE001 - missing or unreadable: no match
-        return False
-    return found.spec == spec and found.tokens == tokens and found.dtype == str(dtype).removeprefix("torch.")
 
 
 def _read_json(path: Path) -> dict:
@@ -314,7 +305,8 @@ LIBRARY_DTYPE = torch.float32  # whatever the fitness computes in: one library p
 
 def library_stored(lm: LoadedModel, s, cal: Calibration) -> bool:
     """Whether the search's library is stored already (reading it costs nothing)."""
-    return cal.has_library(library_spec(lm, s), min(s.library_windows, int(cal.calib.shape[0])), LIBRARY_DTYPE)
+    return cal.stored_library(library_spec(lm, s), min(s.library_windows, int(cal.calib.shape[0])),
+                              LIBRARY_DTYPE) is not None
 
 
 def search_library(lm: LoadedModel, s, cal: Calibration, cancel: threading.Event | None, measure: bool = True

@@ -77,6 +77,7 @@ class RunLibrary:
         imp = Importance.load(Path(run.path) / "importance.pt")
         self.order = scoring(self.library.spec.scoring, lm.model, imp, lm.shape)
         self.latency = run.latency_model()
+        self._windows: torch.Tensor | None = None  # the run's fitness windows, tokenized once
 
     def bounds(self) -> tuple[float, float]:
         """The smallest and largest size (in the run's share) a subnet can be solved at."""
@@ -134,8 +135,10 @@ class RunLibrary:
             return archive.add(job, None)[0]
         s = self.settings
         if windows is None:
-            windows = calibration_windows(self.lm.tokenizer, load_corpus(s.corpus), s.fitness_windows,
-                                          s.fitness_seq_len, seed=s.seed + 1)
+            if self._windows is None:
+                self._windows = calibration_windows(self.lm.tokenizer, load_corpus(s.corpus), s.fitness_windows,
+                                                    s.fitness_seq_len, seed=s.seed + 1)
+            windows = self._windows
         fe = FitnessEvaluator(self.lm.model, self.lm.shape, windows, cache_bytes=0,
                               dtype=getattr(torch, s.fitness_dtype), batch=s.fitness_batch,
                               means=self.run.channel_means() if comp else None)
