@@ -236,6 +236,26 @@ def one_pass(page, args, shots: Path | None, tag: str) -> dict:
     result["export_s"] = time.perf_counter() - tx
     page.locator("#export-status").scroll_into_view_if_needed()
     shot("09-export")
+
+    # the size slider: drag (the library's subnet previewed in the card), release (evaluated, stored, picked)
+    slider = page.locator("#size-slider input[type=range]")
+    slider.scroll_into_view_if_needed()
+    lo, hi = float(slider.get_attribute("min")), float(slider.get_attribute("max"))
+    sb = slider.bounding_box()
+    x_at = lambda v: sb["x"] + (v - lo) / (hi - lo) * sb["width"]  # noqa: E731
+    size = max(lo + 0.02, min(hi - 0.02, args.slider_size))
+    page.mouse.move(x_at(hi - 0.02), sb["y"] + sb["height"] / 2)
+    page.mouse.down()
+    ts = time.perf_counter()
+    page.mouse.move(x_at(size), sb["y"] + sb["height"] / 2, steps=4)
+    wait_for(page, lambda pg: "predicted by the library" in status(pg, "#subnet-card"), 60)
+    result["slider_preview_s"] = time.perf_counter() - ts
+    shot("09b-slider")
+    was = status(page, "#pick-status")  # the clicked point's "Picked ..." until the release's pick replaces it
+    tp = time.perf_counter()
+    page.mouse.up()
+    wait_for(page, lambda pg: "Picked" in status(pg, "#pick-status") and status(pg, "#pick-status") != was, 300)
+    result["slider_release_to_pick_s"] = time.perf_counter() - tp
     page.evaluate("() => window.scrollTo(0, 0)")
     page.get_by_label("Model").fill("/no/such/model")
     page.get_by_role("button", name="Load", exact=True).click()
@@ -287,6 +307,7 @@ def run(args) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="an embedded model by name (default, gemma3-270m)")
+    p.add_argument("--slider-size", type=float, default=0.65, help="the size the slider is dragged to")
     p.add_argument("--share", default="total", choices=["total", "prunable"], help="what the targets are fractions of")
     p.add_argument("--targets", default="0.8,0.7")
     p.add_argument("--minutes", type=float, default=1.0, help="the budgeted search's time budget")

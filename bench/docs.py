@@ -417,7 +417,9 @@ def _app_table(name: str) -> str:
              "budget_overrun_s": "a 1-minute budget: past it when the search ended",
              "stop_to_stopped_s": "Stop -> \"stopped\" (a search)", "click_to_card_s": "click on a front marker -> its card",
              "reform_s": "Reform the pick", "evaluate_s": "Evaluate it (held-out perplexity and PIQA)",
-             "generate_s": "Generate, original and the reformed pick", "export_s": "Export and verify it"}
+             "generate_s": "Generate, original and the reformed pick", "export_s": "Export and verify it",
+             "slider_preview_s": "drag the size slider -> the library's subnet in the card",
+             "slider_release_to_pick_s": "release it -> evaluated, stored and picked"}
     passes = list(d["passes"])
     names = {"quiet": "quiet machine", "busy": "one core kept busy"}
     rows = [[label, *[f"{d['passes'][p][k]:.1f}" for p in passes]] for k, label in steps.items()
@@ -448,8 +450,12 @@ def stale(files=FILES) -> list[str]:
 
 
 # ---- search: a better subnet per minute, over seeds ------------------------------------------------------
-SPEED_NAMES = {"today": "search without the library", "library": "library search", "flap-uniform": "uniform FLAP",
-                "flap": "FLAP"}
+SPEED_NAMES = {"today": "search without the library", "library": "library search",
+               "library-solution": "the library's subnet before evolution", "flap-uniform": "uniform FLAP",
+               "flap": "FLAP"}
+
+
+SEARCHED = ("today", "library")  # the models whose pick depends on the minutes searched
 
 
 def _spread_cell(d: dict | None) -> str:
@@ -463,7 +469,8 @@ def _search_rows(kind: str) -> tuple[list[str], list[list[str]]]:
     summary = d["summary"]
     keys = [k for k in next(iter(summary.values()))]
     header = ["kept"] + [SPEED_NAMES.get(k.split("@")[0], k) + (f", {k.split('@')[1].replace('min', ' min')}"
-                                                                  if "@" in k else "") for k in keys]
+                                                                  if "@" in k and k.split("@")[0] in SEARCHED else "")
+                         for k in keys]
     rows = []
     for t, by in summary.items():
         cells = [by.get(k, {}).get(kind) for k in keys]
@@ -489,8 +496,12 @@ def search_after() -> str:
 def search_setup() -> str:
     d = result("search")
     return (f"{len(d['seeds'])} seeds ({', '.join(str(s) for s in d['seeds'])}), "
-            f"{' and '.join(f'{m:g}' for m in d['minutes_per_target'])} minute(s) per target, held-out perplexity on "
-            f"{d['heldout']['windows']} x {d['heldout']['seq_len']} tokens (dense {num(d['heldout']['dense_ppl'])})")
+            f"{' and '.join(f'{m:g}' for m in d['minutes_per_target'])} minute(s) per target, {_heldout(d)}")
+
+
+def _heldout(d: dict) -> str:
+    h = d["heldout"]
+    return f"held-out perplexity on {h['windows']} x {h['seq_len']} tokens (dense {num(h['dense_ppl'])})"
 
 
 @generator("search.timing")
@@ -510,6 +521,99 @@ def search_screen() -> str:
     return (f"Spearman {s['spearman_screen_vs_fitness']:.2f} with the full fitness, "
             f"{s['spearman_screen_vs_heldout']:.2f} with held-out perplexity (the full fitness: "
             f"{s['spearman_fitness_vs_heldout']:.2f}), over {s['candidates']} candidates")
+
+
+def _picks(d: dict, model: str, minutes: float | None = None) -> dict[tuple[int, str], dict]:
+    """(seed, target) -> that seed's pick of `model` (at `minutes` per target for a search)."""
+    return {(rec["seed"], f"{p['target']:g}"): p for rec in d["records"] for p in rec["picks"]
+            if p["model"] == model and (minutes is None or rec["minutes_per_target"] == minutes)}
+
+
+@generator("search.findings")
+def search_findings() -> str:
+    d = result("search")
+    m = d["minutes_per_target"][0]
+    lib, today, uni = _picks(d, "library", m), _picks(d, "today", m), _picks(d, "flap-uniform")
+    pairs = sorted(set(lib) & set(today))
+    wins = [k for k in pairs if lib[k]["heldout_ppl"] < today[k]["heldout_ppl"]]
+    losses = ", ".join(f"seed {k[0]} at {target(k[1])}: {num(lib[k]['heldout_ppl'])} against "
+                       f"{num(today[k]['heldout_ppl'])}" for k in pairs if k not in wins)
+    beat_uni = [k for k in pairs if k in uni and lib[k]["heldout_ppl"] < uni[k]["heldout_ppl"]]
+    worst = {t: max(lib[k]["heldout_ppl"] for k in pairs if k[1] == t) for t in {k[1] for k in pairs}}
+    uni_best = {t: min(uni[k]["heldout_ppl"] for k in uni if k[1] == t) for t in worst}
+    worst_beats = [t for t in worst if worst[t] < uni_best[t]]
+    at70 = sorted(lib[k]["heldout_ppl"] for k in pairs if k[1] == "0.7")
+    return (f"With {m:g} minute(s) per target, the library search's pick is better than the search without the "
+            f"library on {len(wins)} of {len(pairs)} (seed, size) pairs before reformation"
+            + (f" (not on {losses})" if losses else "") + f"; it beats its own seed's uniform FLAP on "
+            f"{len(beat_uni)} of {len(pairs)}, and its worst seed beats uniform FLAP's best seed at "
+            f"{len(worst_beats)} of {len(worst)} sizes. At 70 % its picks score "
+            f"{', '.join(num(x) for x in at70)} on the held-out windows")
+
+
+@generator("search.spread")
+def search_spread() -> str:
+    """The spread over seeds (worst / best) of each model: the baselines and the library's own subnet
+    move only with the data draw, the searches' picks with the data draw and the evolution."""
+    d = result("search")
+    m = d["minutes_per_target"][0]
+    models = [(k, m) for k in ("library-solution", "library", "today")] + [(b, None) for b in ("flap-uniform", "flap")]
+    rows = []
+    for t in d["targets"]:
+        cells = []
+        for k, mm in models:
+            vals = [p["heldout_ppl"] for (s, tt), p in _picks(d, k, mm).items() if tt == f"{t:g}"]
+            cells.append(f"{max(vals) / min(vals):.2f}" if len(vals) > 1 else "-")
+        rows.append([target(t)] + cells)
+    return table(["kept"] + [SPEED_NAMES[k] for k, _ in models], rows)
+
+
+@generator("search.library")
+def search_library() -> str:
+    """How the additive library ranks what the library search measured, median over seeds."""
+    d = result("search")
+    studies = [rec["library_study"] for rec in d["records"] if rec.get("library_study")]
+    rows = []
+    for t in d["targets"]:
+        at = [s[f"{t:g}"] for s in studies if f"{t:g}" in s]
+        if not at:
+            continue
+        rho = [a["spearman_predicted_vs_fitness"] for a in at if a["spearman_predicted_vs_fitness"] is not None]
+        fac = [a["interaction_factor"] for a in at if a["interaction_factor"] is not None]
+        sol = [a["solution_factor"] for a in at if a.get("solution_factor") is not None]
+        rows.append([target(t), f"{statistics.median([a['candidates'] for a in at]):g}",
+                     f"{statistics.median(rho):.2f} ({min(rho):.2f}-{max(rho):.2f})",
+                     f"{statistics.median(fac):.2f} ({min(fac):.2f}-{max(fac):.2f})",
+                     f"{statistics.median(sol):.2f} ({min(sol):.2f}-{max(sol):.2f})" if sol else "-"])
+    return table(["kept", "subnets measured per seed", "Spearman: library's prediction vs measured fitness",
+                  "measured damage / summed single-block damages", "the same for the knapsack's own subnet"], rows)
+
+
+@generator("search.curve")
+def search_curve() -> str:
+    """One target searched alone for 1, 4 and 16 minutes: the pick's held-out perplexity against minutes."""
+    d = result("search-curve")
+    t = d["targets"][0]
+    rows = []
+    for m in d["minutes_per_target"]:
+        cells = [f"{m:g}"]
+        for name in ("today", "library"):
+            recs = [r for r in d["records"] if r["search"] == name and r["minutes_per_target"] == m]
+            picks = [p for r in recs for p in r["picks"] if p["model"] == name and p["target"] == t]
+            if not picks:
+                cells += ["-", "-", "-"]
+                continue
+            cells += [str(recs[0]["evaluated"]), num(picks[0]["heldout_ppl"]), num(picks[0]["reformed_heldout_ppl"])]
+        rows.append(cells)
+    return table(["minutes", "evaluations, without the library", "held-out", "reformed",
+                  "evaluations, library search", "held-out", "reformed"], rows)
+
+
+@generator("search.curve.setup")
+def search_curve_setup() -> str:
+    d = result("search-curve")
+    return (f"{target(d['targets'][0])} of the parameters searched alone, seed "
+            f"{', '.join(str(s) for s in d['seeds'])}, {_heldout(d)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -82,6 +84,38 @@ def screen_study(lm, run, settings: SearchSettings, corpus, held, n: int, log) -
             "spearman_fitness_vs_heldout": spearman(full, heldout)}
 
 
+def solution_of(run, target: float):
+    """The library's first subnet at `target` (the plain knapsack solution, before its variants and
+    evolution), or None where the search had no library."""
+    firsts = [c for c in run.candidates() if c.origin == "init" and c.metrics.get("init_scoring") == "library"
+              and abs(c.target - target) < 1e-9]
+    return min(firsts, key=lambda c: c.id) if firsts else None
+
+
+def library_study(lm, run, folder: Path, targets) -> dict | None:
+    """How well the additive library ranks the subnets a search actually measured, per target:
+    Spearman of predicted against measured fitness, and the interaction factor (measured excess NLL
+    over dense divided by the summed single-block damages; 1 would mean the damages add up)."""
+    if not (folder / "library.json").is_file():
+        return None
+    lib = Library.load(folder / "library.json")
+    cands = [c for c in run.candidates() if not c.metrics.get("fitness_lower_bound") and c.fitness]
+    dense = next(c.fitness for c in cands if c.origin == "dense")
+    out = {}
+    for t in targets:
+        at = [c for c in cands if abs(c.target - t) < 1e-9 and c.origin in ("search", "init")
+              and "copied_from" not in c.metrics]
+        damage = [lib.damage(c.subnet, lm.shape) for c in at]
+        excess = [math.log(c.fitness / dense) for c in at]
+        factors = [e / d for e, d in zip(excess, damage) if 0 < d < math.inf]
+        sol = solution_of(run, t)
+        out[f"{t:g}"] = {"candidates": len(at), "spearman_predicted_vs_fitness": spearman(damage, excess),
+                         "interaction_factor": statistics.median(factors) if factors else None,
+                         "solution_factor": math.log(sol.fitness / dense) / lib.damage(sol.subnet, lm.shape)
+                         if sol else None}
+    return out
+
+
 def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
@@ -108,6 +142,7 @@ def run(args) -> dict:
                                                 "latency": False, "generations": 1000, **overrides})
         ts = time.perf_counter()
         if not (root / f"seed{seed}" / "prepared" / "library.json").is_file():
+            shutil.rmtree(root / f"seed{seed}" / "prepared", ignore_errors=True)  # an interrupted preparation
             for _ in prepare(lm, base, root / f"seed{seed}" / "prepared"):
                 pass
         lib = Library.load(root / f"seed{seed}" / "prepared" / "library.json")
@@ -125,6 +160,9 @@ def run(args) -> dict:
                 if done.is_file():  # an interrupted benchmark's finished search, read back
                     info = json.loads(done.read_text())
                     log(f"seed {seed}: {name}, {per_target:g} min per target: read back from {folder}")
+                elif args.only_done:
+                    log(f"seed {seed}: {name}, {per_target:g} min per target: not run (--only-done)")
+                    continue
                 else:
                     log(f"seed {seed}: {name}, {per_target:g} min per target")
                     info = one_search(lm, settings, folder, log)
@@ -135,6 +173,8 @@ def run(args) -> dict:
                 known = {(x["model"], x["target"]): x for x in json.loads(scored.read_text())} if scored.is_file() else {}
                 rows = []
                 picks = [(f"best@{t:g}", name, t) for t in targets]
+                if name == "library" and per_target == minutes[0]:  # the knapsack's own subnet, before evolution
+                    picks += [(solution_of(r, t), "library-solution", t) for t in targets]
                 if not baselines_done:
                     picks += [(f"baseline:{b}@{t:g}", b, t) for b in BASELINES for t in targets]
                 for pick, label, t in picks:
@@ -142,9 +182,11 @@ def run(args) -> dict:
                         rows.append(known[(label, t)])
                         continue
                     try:
-                        c = r.pick(pick)
+                        c = r.pick(pick) if isinstance(pick, str) else pick
                     except Exception as e:  # noqa: BLE001 - a baseline the budget left out
                         log(f"    {pick}: {e}")
+                        continue
+                    if c is None:
                         continue
                     before = perplexity(candidate_model(lm.model, c, means), held)
                     after = None
@@ -159,7 +201,8 @@ def run(args) -> dict:
                     scored.write_text(json.dumps(rows))
                 baselines_done = True
                 records.append({"seed": seed, "search": name, "minutes_per_target": per_target, **info,
-                                "library_seconds": lib.seconds, "picks": rows})
+                                "library_seconds": lib.seconds, "picks": rows,
+                                "library_study": library_study(lm, r, folder, targets)})
                 log(f"    every target had a subnet after {info['all_targets_s']} s; {info['evaluated']} evaluations")
                 if args.screen_sample and name == "library" and screen is None:
                     kept = root / "screen.json"
@@ -167,7 +210,8 @@ def run(args) -> dict:
                         screen_study(lm, r, settings, corpus, held, args.screen_sample, log)
                     kept.write_text(json.dumps(screen))
     table, summary = [], {}
-    labels = [(n, m) for m in minutes for n in searches] + [(b, None) for b in BASELINES]
+    shown = searches + (["library-solution"] if "library" in searches else [])
+    labels = [(n, m) for m in minutes for n in shown] + [(b, None) for b in BASELINES]
     for t in targets:
         for label, m in labels:
             vals = [p for rec in records for p in rec["picks"]
@@ -215,6 +259,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--screen-sample", type=int, default=0)
     p.add_argument("--set", action="append", default=[], help="search setting overrides, KEY=VALUE")
     p.add_argument("--run-dir", default=None)
+    p.add_argument("--only-done", action="store_true",
+                   help="tabulate the searches already finished in --run-dir, run none")
     p.add_argument("--out", default="docs/results/search.json")
 
 
