@@ -71,7 +71,15 @@ def test_full_flow_in_chromium(app_server, chromium, tmp_path):
     card = ""
     for _ in range(6):
         time.sleep(1.5)
-        point = page.locator("#pareto-plot .scatterlayer .trace").nth(1).locator(".point").first
+        # the front's largest member other than the dense model (a short search's plot may hold no other trace)
+        trace, k = page.evaluate("""() => { const p = document.querySelector('#pareto-plot .js-plotly-plot');
+            const i = p.data.findIndex(t => (t.name || '').startsWith('Pareto front'));
+            const ids = p.data[i].customdata.map(c => c[0]);
+            const xs = p.data[i].x;
+            let best = -1;
+            ids.forEach((id, j) => { if (id !== 'c00000' && (best < 0 || xs[j] > xs[best])) best = j; });
+            return [i, best]; }""")
+        point = page.locator("#pareto-plot .scatterlayer .trace").nth(trace).locator(".point").nth(k)
         point.scroll_into_view_if_needed()  # a mouse click at page coordinates off screen reaches nothing
         box = point.bounding_box()
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
@@ -108,11 +116,11 @@ def test_full_flow_in_chromium(app_server, chromium, tmp_path):
     assert partial, "the text should appear token by token, not all at once"
     # a narrowed model may end at once; then its box says so instead of staying blank without a reason
     label_a = text(page, "#out-a")
-    assert "tok/s" in label_a and "done" in label_a
+    assert "done" in label_a
     if " 0 tokens" in label_a:
         assert "first token was end-of-text" in label_a and not page.locator("#out-a textarea").input_value()
     else:
-        assert page.locator("#out-a textarea").input_value()
+        assert "tok/s" in label_a and page.locator("#out-a textarea").input_value()
     shot(page, "06-prompt")
 
     # export, download the zip, load it with plain transformers in a fresh process
