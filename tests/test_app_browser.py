@@ -179,11 +179,12 @@ def test_size_slider_previews_then_picks(app_server, chromium):
     page.get_by_role("button", name="Load", exact=True).click()
     wait_text(page, "#model-info", "Dense held-out perplexity", 400)
 
-    # a short search of the embedded model: its (quick mode's small) level library is measured within half of
-    # the 2 minutes, or read from the cache
+    # a short search of the embedded model (one small generation): its level library (quick mode's small one)
+    # is measured within its share of the 6 minutes, which the few candidates leave mostly unspent, or read
+    # from the cache
     page.get_by_label("Targets (fractions)").fill("0.7")
     page.get_by_text("More search settings").click()
-    page.get_by_label("Minutes").fill("2")
+    page.get_by_label("Minutes").fill("6")
     page.get_by_label("Population (blank = preset)").fill("4")
     page.get_by_label("Generations (blank = preset)").fill("1")
     page.get_by_label("Fitness windows (blank = preset)").fill("1")
@@ -212,9 +213,14 @@ def test_size_slider_previews_then_picks(app_server, chromium):
     page.mouse.down()
     t0 = time.perf_counter()
     page.mouse.move(*at(max(0.6, lo + 0.05)), steps=8)
-    card = wait_text(page, "#subnet-card", "predicted by the library", 30)
+    line = wait_text(page, "#size-readout", "(predicted)", 30)
     took = time.perf_counter() - t0
     assert took < 3.0, f"the preview took {took:.1f} s"
+    assert "library@" in line and "release to evaluate and pick it" in line
+    # the answer is where the hand is: the readout sits right under the slider, inside the window
+    under = page.locator("#size-readout").bounding_box()
+    assert box["y"] < under["y"] < box["y"] + 150 and under["y"] + under["height"] <= 800, (box, under)
+    card = wait_text(page, "#subnet-card", "predicted by the library", 30)
     assert "library@" in card and "release to evaluate and pick it" in card
     wait_until(lambda: page.locator("#layer-plot .js-plotly-plot").count() == 1, 10, "the previewed layer chart")
     assert len(stored()) == before, "a drag must not evaluate or store anything"
@@ -228,6 +234,8 @@ def test_size_slider_previews_then_picks(app_server, chromium):
     assert cid in status and "⚠️" not in status
     card = wait_text(page, "#subnet-card", cid, 30)
     assert "library" in card and "layers kept" in card and "predicted by the library" not in card
+    line = wait_text(page, "#size-readout", cid, 30)
+    assert "measured" in line and "(predicted)" not in line
     new = stored()
     assert len(new) == before + 1 and new[-1].id == cid and new[-1].metrics.get("fitness_ppl")
     shot(page, "10-size-picked")

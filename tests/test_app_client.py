@@ -267,7 +267,8 @@ def test_pick_size_through_the_api(client, app_server):
     x, y = "parameters (% of dense)", "held-out perplexity"
     assert "/pick_size" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     client.predict("default", "float32", "cpu", api_name="/load_model")
-    job = client.submit("0.7", "total", "demo", 4, 1, "2", 1, "paper", "dims", 0, "api-size", False, x, y,
+    # one small generation within 6 minutes: the library (quick mode's) is measured within its share, or cached
+    job = client.submit("0.7", "total", "demo", 4, 1, "6", 1, "paper", "dims", 0, "api-size", False, x, y,
                         api_name="/search")
     job.result(timeout=1200)
     assert "finished" in str(out(job.outputs()[-1], "search", "status"))
@@ -278,6 +279,7 @@ def test_pick_size_through_the_api(client, app_server):
     cid = str(cid.get("value") if isinstance(cid, dict) else cid)
     assert "Picked" in said and cid in said and "⚠️" not in said, said
     assert cid in out(r, "pick_size", "card") and "library" in out(r, "pick_size", "card")
+    assert cid in out(r, "pick_size", "size_readout") and "measured" in out(r, "pick_size", "size_readout")
     run = open_run(app_server["base"] / "runs" / "api-size")
     c = run.pick(cid)
     assert c.origin == "library" and c.metrics["fitness_ppl"] > 0 and "library_ppl" in c.metrics

@@ -57,6 +57,36 @@ def test_each_entry_is_the_perplexity_of_its_one_block_subnet(name, space, compe
     assert again == lib
 
 
+def test_a_cut_measuring_keeps_its_blocks_and_resumes_to_the_same_library(monkeypatch):
+    """A deadline the first block's timing says the rest would miss cuts measuring after that block;
+    resuming from the blocks kept gives exactly the library an uncut measuring gives."""
+    from explorer.search import library as library_mod
+
+    model = tiny_llama(0)
+    shape, imp, order, win, whole = _library(model, "dims", True)
+    means = imp.channel_means()
+
+    def measure(**kw):
+        out = [item for item in measure_library(model, shape, whole.spec, order, win, means, dtype=torch.float32,
+                                                **kw) if isinstance(item, Library)]
+        assert len(out) == 1
+        return out[0]
+
+    real = library_mod.clock
+    monkeypatch.setattr(library_mod, "clock", lambda: real() + 1e4)  # every block looks far too slow
+    cut = measure(deadline=real() + 60.0)
+    assert cut.num_layers == 1 and not cut.complete(shape)
+    assert cut.attn[0] == whole.attn[0] and cut.mlp[0] == whole.mlp[0] and cut.skip[0] == whole.skip[0]
+    monkeypatch.setattr(library_mod, "clock", real)
+    resumed = measure(start=Library.from_dict(cut.to_dict()), deadline=real() + 60.0)
+    assert resumed.complete(shape)
+    assert (resumed.attn, resumed.mlp, resumed.skip, resumed.dense_nll) == (whole.attn, whole.mlp, whole.skip,
+                                                                            whole.dense_nll)
+    # rows of another measuring (other windows) are not resumed from: measured again from block 1
+    other = measure(start=replace(cut, dense_nll=cut.dense_nll + 0.1, attn=((9.0,) * len(cut.attn[0]),)))
+    assert other.attn == whole.attn
+
+
 def _brute(lib, shape, space):
     per_block = [block_options(lib, shape, space, i) for i in range(shape.num_layers)]
     best = (math.inf, None)
@@ -188,6 +218,38 @@ def test_a_budget_too_short_for_the_library_leaves_it_out_saying_so(searched, tm
     assert not (tmp_path / "r" / "library.json").exists()
     assert not any(isinstance(e, CandidateEvaluated) and e.candidate.metrics.get("init_scoring") == "library"
                    for e in events)
+
+
+def test_a_library_that_would_overrun_the_budget_is_cut_and_kept_for_the_next_search(searched, tmp_path,
+                                                                                       monkeypatch):
+    """Measuring starts (its estimate fits) but its first block's timing says it would not end within
+    its share of the budget: it stops there, the search goes on without it, saying so, and the
+    blocks measured are kept where the next search resumes from them."""
+    from explorer.events import CandidateEvaluated, SearchFinished, StageProgress
+    from explorer.search import library as library_mod
+    from explorer.search import loop
+    from explorer.search.run import run_search
+
+    model, shape, cal, fit, _, _ = searched
+    estimate = loop.library_seconds
+    monkeypatch.setattr(loop, "library_seconds", lambda *a: 0.0)
+    real = library_mod.clock
+    monkeypatch.setattr(library_mod, "clock", lambda: real() + 1e4)
+    folder = tmp_path / "r"
+    events = list(run_search(_lm(model, shape), _settings(minutes=0.5), folder, windows=(cal, fit)))
+    assert isinstance(events[-1], SearchFinished)
+    notes = [e.message for e in events if isinstance(e, StageProgress) and e.stage == "library"]
+    assert "left out of this search: 1 of 4 blocks measured" in notes[-1]
+    assert not (folder / "library.json").exists()
+    kept = Library.load(folder / "library.partial.json")
+    assert kept.num_layers == 1
+    # the next search's estimate of what is left comes from the kept block's own time
+    work = library_mod.block_work(shape)
+    left = estimate(_lm(model, shape), _settings(), 1e6, kept)
+    assert left == pytest.approx(kept.seconds / work[0] * sum(work[1:]))
+    assert not any(isinstance(e, CandidateEvaluated) and e.candidate.metrics.get("init_scoring") == "library"
+                   for e in events)
+    assert sum(isinstance(e, CandidateEvaluated) and e.candidate.origin == "search" for e in events) > 0
 
 
 def test_a_predicted_speedup_is_met_with_the_least_damage(searched):

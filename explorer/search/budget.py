@@ -10,6 +10,11 @@ as many as the share still allows). The first candidate of a target always runs,
 has its best: with one candidate taking seconds, that bounds the overrun by one candidate per
 target.
 
+A level library missing from the cache is measured inside the budget only if its estimate fits
+half of what is left; it is measured block by block, and cut as soon as the blocks measured say
+the rest would not end within that half (the blocks are kept, and the next search resumes them),
+so a wrong estimate costs at most one block.
+
 After the budget only bounded work may follow: fitting a machine's first latency model gets
 `after_seconds` (a quarter of the budget, between 10 s and 2 minutes), shown moving and stopped
 by Stop; timing the front for real is skipped. Without minutes the budget never stops anything.

@@ -115,28 +115,66 @@ class Calibration:
         yield result
 
     def library(self, model, shape, spec: LibrarySpec, windows: int, dtype: torch.dtype, batch: int,
-                cancel: threading.Event | None = None) -> Iterator[StageProgress | Library]:
+                cancel: threading.Event | None = None, deadline: float | None = None
+                ) -> Iterator[StageProgress | Library | None]:
         """The per-block level library (`explorer.search.library`) on the first `windows` calibration
         windows: read where it is stored (`stored_library`), else measured and stored in the run and the
-        cache. Yields StageProgress, then it."""
+        cache. Measuring resumes from the blocks a cut or stopped measuring kept (`partial_library`) and,
+        with a `deadline`, is cut when it would not end before it: then its blocks are kept for the next
+        search and this one gets None. Yields StageProgress, then the library or None."""
         own, cached = self._library_paths(spec, windows, dtype)
         found = self.stored_library(spec, windows, dtype)
         if found is not None:
             yield StageProgress("library", 1, 1, f"reused ({found.tokens} tokens, measured in {found.seconds:.0f} s)")
-            lib = found
-        else:
-            lib = None
-            for item in measure_library(model, shape, spec, self.scoring(spec.scoring, model, shape),
-                                        self.calib[:windows], self.means if spec.compensated else None, dtype, batch,
-                                        cancel):
-                if isinstance(item, Library):
-                    lib = item
-                else:
-                    yield item
-        for path in (own, cached):  # a found library is copied where it is missing; a measured one replaces all
-            if path is not None and (found is None or not path.is_file()):
+            for path in (own, cached):  # copied where it is missing
+                if path is not None and not path.is_file():
+                    found.save(path)
+            yield found
+            return
+        part = self._partial_path(spec, windows, dtype)
+        lib = None
+        for item in measure_library(model, shape, spec, self.scoring(spec.scoring, model, shape),
+                                    self.calib[:windows], self.means if spec.compensated else None, dtype, batch,
+                                    cancel, self.partial_library(spec, windows, dtype), deadline):
+            if not isinstance(item, Library):
+                yield item
+            elif item.complete(shape):
+                lib = item
+            elif part is not None and item.num_layers:
+                item.save(part)  # before a Stop goes on, so the next search resumes from it
+                lib = item
+        if lib is None or not lib.complete(shape):
+            done = 0 if lib is None else lib.num_layers
+            yield StageProgress("library", done, shape.num_layers, (
+                f"the level library left out of this search: {done} of {shape.num_layers} blocks measured in "
+                f"{0 if lib is None else lib.seconds:.0f} s, and the rest would not end within its share of the time "
+                "budget; the blocks are kept and the next search goes on from them (or prepare the search once "
+                "without a budget)"))
+            yield None
+            return
+        for path in (own, cached):
+            if path is not None:
                 lib.save(path)
+        if part is not None:
+            part.unlink(missing_ok=True)
         yield lib
+
+    def partial_library(self, spec: LibrarySpec, windows: int, dtype) -> Library | None:
+        """The blocks a cut or stopped measuring of this library kept, if any (checked again against
+        the dense model's NLL when measuring resumes)."""
+        path = self._partial_path(spec, windows, dtype)
+        if path is None or not path.is_file():
+            return None
+        try:
+            return Library.load(path)
+        except Exception:  # noqa: BLE001 - a damaged file is measured again, saying so in the log
+            log.warning("ignoring the unreadable partial library %s", path, exc_info=True)
+            return None
+
+    def _partial_path(self, spec: LibrarySpec, windows: int, dtype) -> Path | None:
+        own, cached = self._library_paths(spec, windows, dtype)
+        path = cached or own
+        return None if path is None else path.with_name(path.name.removesuffix(".json") + ".partial.json")
 
     def stored_library(self, spec: LibrarySpec, windows: int, dtype) -> Library | None:
         """The library for these levels, windows and dtype where one is stored: the run's own copy, the
@@ -309,22 +347,28 @@ def library_stored(lm: LoadedModel, s, cal: Calibration) -> bool:
                               LIBRARY_DTYPE) is not None
 
 
-def search_library(lm: LoadedModel, s, cal: Calibration, cancel: threading.Event | None, measure: bool = True
-                   ) -> Iterator[Any]:
+def search_library(lm: LoadedModel, s, cal: Calibration, cancel: threading.Event | None, measure: bool = True,
+                   deadline: float | None = None) -> Iterator[Any]:
     """The search's level library: read where it is stored; measured only if `measure` (a time
-    budget too short for it says no). Returns None when it is neither stored nor measured."""
+    budget too short for it says no), and cut at `deadline` (a `library.clock()` time). Returns
+    None when it is neither stored nor measured to its end."""
     spec = library_spec(lm, s)
     windows = min(s.library_windows, int(cal.calib.shape[0]))
     if not measure and not library_stored(lm, s, cal):
         return None
     lib = None
-    for item in cal.library(lm.model, lm.shape, spec, windows, LIBRARY_DTYPE, s.fitness_batch, cancel):
-        if isinstance(item, Library):
+    for item in cal.library(lm.model, lm.shape, spec, windows, LIBRARY_DTYPE, s.fitness_batch, cancel, deadline):
+        if isinstance(item, Library) or item is None:
             lib = item
         else:
             yield item
     return lib
 
 
+def library_partial(lm: LoadedModel, s, cal: Calibration) -> Library | None:
+    """The blocks of the search's library a cut measuring kept, if any."""
+    return cal.partial_library(library_spec(lm, s), min(s.library_windows, int(cal.calib.shape[0])), LIBRARY_DTYPE)
+
+
 __all__ = ["Calibration", "calibrate", "FILES", "cache_key", "search_calibration", "search_ladders",
-           "search_library", "library_spec", "library_stored"]
+           "search_library", "library_spec", "library_stored", "library_partial"]

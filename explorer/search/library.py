@@ -29,6 +29,7 @@ from typing import Iterator
 import torch
 
 from ..calibrate.importance import Importance, top_layer
+from ..errors import Cancelled
 from ..events import StageProgress, check_cancel
 from ..model.slicing import ChannelMeans
 from ..model.subnet import LayerChoice, ModelShape, Subnet, round_width
@@ -97,6 +98,16 @@ class Library:
     @property
     def num_layers(self) -> int:
         return len(self.skip)
+
+    def complete(self, shape: ModelShape) -> bool:
+        """Whether every block is measured (a cut measuring stores fewer rows)."""
+        return self.num_layers == shape.num_layers
+
+    def resumes(self, spec: LibrarySpec, tokens: int, dtype: str, dense_nll: float) -> bool:
+        """Whether this partial library's rows belong to a measuring of `spec` on the same windows
+        (tokens, dtype and the dense model's NLL on them)."""
+        return (self.spec == spec and self.tokens == tokens and self.dtype == dtype
+                and math.isclose(self.dense_nll, dense_nll, rel_tol=1e-6, abs_tol=1e-6))
 
     # ---- lookups -------------------------------------------------------------------------
     def attn_damage(self, i: int, option, shape: ModelShape) -> float:
@@ -189,10 +200,17 @@ def one_block(shape: ModelShape, i: int, layer: LayerChoice | None) -> Subnet:
 
 def measure_library(model, shape: ModelShape, spec: LibrarySpec, imp: Importance, windows: torch.Tensor,
                     means: ChannelMeans | None, dtype: torch.dtype | None = None, batch: int = 2,
-                    cancel: threading.Event | None = None) -> Iterator[StageProgress | Library]:
+                    cancel: threading.Event | None = None, start: "Library | None" = None,
+                    deadline: float | None = None) -> Iterator[StageProgress | Library]:
     """Measure every level of every block (yields StageProgress per block, then the Library).
-    The dense states before each block are cached once; a level's own states are dropped after it."""
-    t0 = time.perf_counter()
+    The dense states before each block are cached once; a level's own states are dropped after it.
+
+    `start` holds blocks measured before (a measuring that was cut): they are kept, and measuring
+    goes on from the next block. With a `deadline` (a `clock()` time), measuring stops after the
+    first block whose timing, weighed by the work of the blocks left, says the rest would end
+    after it. A cut or stopped measuring yields the blocks measured so far as a partial Library
+    (fewer rows than blocks), which `start` resumes."""
+    t0 = clock()
     L = shape.num_layers
     state_bytes = windows.numel() * shape.hidden_size * 4
     fe = FitnessEvaluator(model, shape, windows, cache_bytes=(L + 2) * state_bytes, dtype=dtype, batch=batch,
@@ -201,28 +219,54 @@ def measure_library(model, shape: ModelShape, spec: LibrarySpec, imp: Importance
     dense = fe.evaluate(Subnet.full(shape), compensated=comp, cancel=cancel)
     tokens = dense.tokens
     base = dense.nll / tokens
+    dtype_name = str(fe.dtype).removeprefix("torch.")
+    attn, mlp, skip, before = [], [], [], 0.0
+    if start is not None and start.resumes(spec, tokens, dtype_name, base):
+        attn, mlp, skip, before = list(start.attn), list(start.mlp), list(start.skip), start.seconds
+    first = len(skip)
     per_block = len(spec.attn) + len(spec.widths) + 1
-    yield StageProgress("library", 0, L, f"{per_block} levels per block, {L * per_block} one-block subnets "
-                        f"on {tokens} tokens")
-    attn, mlp, skip = [], [], []
-    # block i's levels compute blocks i.. and the head: the time left is weighed by that work
-    work = [(L - i) * shape.block_params(shape.head_dim, shape.intermediate_size) + shape.vocab_size * shape.hidden_size
-            for i in range(L)]
-    for i in range(L):
-        row_a, row_m = [], []
-        for option in spec.attn:
-            row_a.append(_damage(fe, one_block(shape, i, level_layer(spec, imp, i, shape, option)), comp, base,
-                                 cancel))
-        for width in spec.widths:
-            row_m.append(_damage(fe, one_block(shape, i, level_layer(spec, imp, i, shape, None, width)), comp,
-                                 base, cancel))
-        skip.append(_damage(fe, one_block(shape, i, None), comp, base, cancel) if L > 1 else math.inf)
-        attn.append(tuple(row_a))
-        mlp.append(tuple(row_m))
-        rate = (time.perf_counter() - t0) / sum(work[: i + 1])
-        yield StageProgress("library", i + 1, L, f"block {i + 1} of {L}, about {rate * sum(work[i + 1:]):.0f} s left")
-    yield Library(spec, base, tuple(attn), tuple(mlp), tuple(skip), tokens, round(time.perf_counter() - t0, 2),
-                  str(fe.dtype).removeprefix("torch."))
+
+    def partial() -> Library:
+        return Library(spec, base, tuple(attn), tuple(mlp), tuple(skip), tokens,
+                       round(before + clock() - t0, 2), dtype_name)
+
+    yield StageProgress("library", first, L, f"{per_block} levels per block, {L * per_block} one-block subnets "
+                        f"on {tokens} tokens" + (f", blocks 1-{first} measured before" if first else ""))
+    work = block_work(shape)
+    t_blocks = clock()  # the dense evaluation is not a block's work
+    try:
+        for i in range(first, L):
+            row_a, row_m = [], []
+            for option in spec.attn:
+                row_a.append(_damage(fe, one_block(shape, i, level_layer(spec, imp, i, shape, option)), comp, base,
+                                     cancel))
+            for width in spec.widths:
+                row_m.append(_damage(fe, one_block(shape, i, level_layer(spec, imp, i, shape, None, width)), comp,
+                                     base, cancel))
+            skip.append(_damage(fe, one_block(shape, i, None), comp, base, cancel) if L > 1 else math.inf)
+            attn.append(tuple(row_a))
+            mlp.append(tuple(row_m))
+            left = (clock() - t_blocks) / sum(work[first: i + 1]) * sum(work[i + 1:])
+            yield StageProgress("library", i + 1, L, f"block {i + 1} of {L}, about {left:.0f} s left")
+            if deadline is not None and i + 1 < L and clock() + left > deadline:
+                break  # it would not end in time: the blocks measured are kept, the rest waits
+    except Cancelled:
+        yield partial()  # kept by the caller for the next search, then Stop goes on
+        raise
+    yield partial()
+
+
+def block_work(shape: ModelShape) -> list[float]:
+    """Each block's share of measuring a library: block i's levels compute blocks i.. and the head,
+    so the time left is weighed by that work."""
+    work = [(shape.num_layers - i) * shape.block_params(shape.head_dim, shape.intermediate_size)
+            + shape.vocab_size * shape.hidden_size for i in range(shape.num_layers)]
+    return [w / sum(work) for w in work]
+
+
+def clock() -> float:
+    """The library's clock (the search's budget clock)."""
+    return time.perf_counter()
 
 
 def _damage(fe: FitnessEvaluator, subnet: Subnet, compensated: bool, base: float, cancel) -> float:
@@ -232,4 +276,5 @@ def _damage(fe: FitnessEvaluator, subnet: Subnet, compensated: bool, base: float
     return r.nll / r.tokens - base
 
 
-__all__ = ["LIBRARY_FILE", "Library", "LibrarySpec", "LIBRARY_SCORING", "level_layer", "measure_library", "one_block"]
+__all__ = ["LIBRARY_FILE", "Library", "LibrarySpec", "LIBRARY_SCORING", "block_work", "level_layer", "measure_library",
+           "one_block"]

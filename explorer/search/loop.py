@@ -43,11 +43,13 @@ from ..settings import SearchSettings
 from .archive import Archive, Job
 from .budget import Budget
 from .calibration import FILES as CALIBRATION_FILES
-from .calibration import Calibration, library_spec, library_stored, search_calibration, search_ladders, search_library
+from .calibration import (Calibration, library_partial, library_spec, library_stored, search_calibration,
+                          search_ladders, search_library)
 from .distributed import Group, current_group, leader_first
 from .evaluator import BatchEvaluator
 from .evolution import breed
-from .library import LIBRARY_FILE
+from .library import LIBRARY_FILE, Library, block_work
+from .library import clock as library_clock
 from .fitness import FitnessEvaluator
 from .initial import (
     BASELINE_SCORING,
@@ -109,14 +111,19 @@ def search(lm: LoadedModel, s: SearchSettings, run: Run, cancel: threading.Event
         yield from consider(evaluate.run([Job(Subnet.full(lm.shape), 1.0, 0, "dense")]), None)
         library = None
         if s.library and not reformed:
-            cost = library_seconds(lm, s, per_window())
+            cost = library_seconds(lm, s, per_window(), library_partial(lm, s, cal))
             fits = bool(group.broadcast(not budget.limited or cost <= LIBRARY_SHARE * budget.left()))
-            if not fits and group.leader and not library_stored(lm, s, cal):
+            stored = library_stored(lm, s, cal)
+            if not fits and group.leader and not stored:
                 yield StageProgress("library", 1, 1, f"the level library left out: measuring it takes about "
                                     f"{cost:.0f} s, more than {LIBRARY_SHARE:.0%} of the time budget (prepare the "
                                     "search first, or search once without a budget; it is cached)")
-            library = yield from leader_first(group, lambda: search_library(lm, s, cal, cancel, measure=fits),
-                                              run.path, (LIBRARY_FILE,))
+            # measured by process 0 only, and cut at its share of the budget if its first blocks say it
+            # would not end by then; the others read what process 0 stored
+            deadline = None if not budget.limited else library_clock() + LIBRARY_SHARE * budget.left()
+            library = yield from leader_first(
+                group, lambda: search_library(lm, s, cal, cancel, measure=fits and group.leader, deadline=deadline),
+                run.path, (LIBRARY_FILE,))
         solved: dict[float, Candidate] = {}  # every target's library subnet, evaluated before the first target
         if library is not None:
             for c, replayed in evaluate.run(library_jobs(lm, s, cal, library)):
@@ -219,8 +226,12 @@ LIBRARY_SHARE = 0.5  # of a time budget, at most, that measuring a missing libra
 LIBRARY_COST = 0.6  # a one-block subnet's evaluation, in full evaluations (the dense prefix is reused)
 
 
-def library_seconds(lm: LoadedModel, s: SearchSettings, per_window: float) -> float:
-    """About how long measuring the library takes, from the seconds one fitness window takes now."""
+def library_seconds(lm: LoadedModel, s: SearchSettings, per_window: float, partial: Library | None = None) -> float:
+    """About how long measuring the library (what is left of it) takes: from the time its blocks
+    measured before took, weighed by the work left; else from the seconds one fitness window takes now."""
+    work = block_work(lm.shape)
+    if partial is not None and 0 < partial.num_layers < len(work):
+        return partial.seconds / sum(work[:partial.num_layers]) * sum(work[partial.num_layers:])
     spec = library_spec(lm, s)
     levels = lm.shape.num_layers * (len(spec.attn) + len(spec.widths) + 1)
     return levels * LIBRARY_COST * per_window * s.library_windows * s.calib_seq_len / s.fitness_seq_len

@@ -13,7 +13,7 @@ from .layout import BRIDGE_JS, CSS, UI, build
 MAX_UPLOAD = "32mb"  # a subnet JSON of a 70B model is ~30 MB written out; the workbench checks the exact bound
 
 
-VIEW = ("plot", "status", "session", "compare", "card", "layers", "pick_box", "size")  # what showing a run changes
+VIEW = ("plot", "status", "session", "compare", "card", "layers", "pick_box", "size", "size_readout")  # what showing a run changes
 ACTION = ("card", "compare", "session", "action_status")  # what an action on the pick changes
 
 # api name -> (handler, inputs, outputs, event options). Each action lists only the components it changes; its
@@ -36,8 +36,8 @@ ENDPOINTS: dict[str, tuple[str, tuple, tuple, dict]] = {
     # the size slider's release: the library's subnet at that size, evaluated, stored and picked (its drag only
     # previews, with no API name); the last release wins
     "pick_size": ("pick_size", ("size", "x_axis", "y_axis", "session"),
-                  ("card", "layers", "plot", "session", "pick_box", "pick_status"),
-                  dict(concurrency_limit=None, show_progress_on="card", trigger_mode="always_last")),
+                  ("card", "layers", "plot", "session", "pick_box", "pick_status", "size_readout"),
+                  dict(concurrency_limit=None, show_progress_on="size_readout", trigger_mode="always_last")),
     "open_subnet": ("open_subnet", ("subnet_file", "x_axis", "y_axis", "session"),
                     ("card", "layers", "plot", "session", "pick_box", "compare", "pick_status"),
                     dict(concurrency_limit=None, show_progress_on="pick_status")),
@@ -93,7 +93,8 @@ def wire(ui: UI, h: Handlers) -> None:
     # dragging the size slider: the library's subnet in the card, solved per step (`input` fires on the user's
     # moves only, not on the server's updates of the slider); the last position wins, and nothing is stored.
     # Unpreprocessed: a number half typed in the slider's box is skipped by the handler, not refused by Gradio.
-    ui.size.input(h.size_preview, [ui.size, ui.pick_status, ui.session], [ui.card, ui.layers, ui.pick_status],
+    ui.size.input(h.size_preview, [ui.size, ui.pick_status, ui.session],
+                  [ui.card, ui.layers, ui.pick_status, ui.size_readout],
                   api_name=False, show_progress="hidden", trigger_mode="always_last", preprocess=False)
     for axis in (ui.x_axis, ui.y_axis):
         axis.change(h.replot, [ui.x_axis, ui.y_axis, ui.session], [ui.plot, ui.pick_status], api_name=False)

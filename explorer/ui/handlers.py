@@ -178,17 +178,17 @@ class Handlers:
         run's model loaded (a model is never loaded for this alone) and the run has a library; else the
         slider stays and a size out of reach is refused with the engine's message. Never fails: opening a
         run or finishing a search must not fail over the slider's range."""
-        key = s.model_key
+        key, cleared = s.model_key, {self.ui.size_readout: ""}  # the readout was the previous run's
         try:
             if key is None or key[0] != model_key(self.wb.open(run_name).settings.get("model", "default"))[0]:
-                return {}
+                return cleared
             lo, _ = self.wb.run_library(run_name, prefer=key)[1].bounds()
         except ExplorerError:  # no library (or another model's run): the slider explains itself when dragged
-            return {}
+            return cleared
         except Exception:  # noqa: BLE001
             log.warning("no size range for run %s", run_name, exc_info=True)
-            return {}
-        return {self.ui.size: gr.update(minimum=lo)}
+            return cleared
+        return {**cleared, self.ui.size: gr.update(minimum=lo)}
 
     def _cancelled(self, what: str, cid: str, kept: str, where: str = "action_status") -> dict:
         return {getattr(self.ui, where): f"**{what} of `{cid}` stopped** — nothing of it was kept; {kept}."}
@@ -340,6 +340,7 @@ class Handlers:
         run = self.wb.open(name)
         shape, st = run.shape, run.settings
         return {self.ui.card: views.size_markdown(sol, shape, st.get("share", "total"), bool(st.get("compensate"))),
+                self.ui.size_readout: views.size_line(sol, shape, bool(st.get("compensate"))),
                 self.ui.layers: plots.layer_figure(sol.subnet.summary(shape), shape),
                 self.ui.pick_status: "" if str(said or "").startswith("⚠️") else gr.update()}
 
@@ -354,7 +355,7 @@ class Handlers:
         shape = self.wb.open(name).shape
         fitness = c.metrics.get("fitness_ppl")
         return {**self._card(s, c, shape, name), self.ui.plot: self._figure(s, x, y), self.ui.session: s,
-                self.ui.pick_box: c.id,
+                self.ui.pick_box: c.id, self.ui.size_readout: views.size_picked_line(c),
                 self.ui.pick_status: f"**Picked `{c.id}`**, the library's best subnet at {c.target_words}"
                                      + ("" if fitness is None else f": fitness ppl {fitness:.4g} (measured)")
                                      + ", now a point of the run."}

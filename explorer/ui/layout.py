@@ -110,6 +110,7 @@ class UI:
     y_axis: gr.Radio
     plot: gr.Plot
     size: gr.Slider  # the library's subnet at any size: previewed while dragged, picked on release
+    size_readout: gr.Markdown  # one line under the slider: its subnet's size, predicted fitness and speed-up
     pick_bridge: gr.Textbox
     pick_bridge_btn: gr.Button
     pick_box: gr.Textbox
@@ -238,7 +239,11 @@ def build(default_model: str = ModelSettings().model) -> UI:
                 size = gr.Slider(0.3, 1.0, 0.7, step=0.01, label="Size: the library's best subnet at",
                                  elem_id="size-slider", buttons=[],
                                  info="a share of the run's parameters; drag to see the library's subnet at that "
-                                      "size in the card (predicted, instantly), release to evaluate and pick it")
+                                      "size here and in the card (predicted, instantly), release to evaluate and "
+                                      "pick it")
+                # the slider's answer where the hand is: what the library predicts while dragged, what was measured
+                # on release (the card below has the whole subnet)
+                size_readout = gr.Markdown("", elem_id="size-readout", elem_classes="status")
                 pick_bridge = gr.Textbox("", elem_id="pick-bridge", elem_classes="hidden-bridge", show_label=False)
                 pick_bridge_btn = gr.Button("pick", elem_id="pick-bridge-btn", elem_classes="hidden-bridge")
                 with gr.Row():
@@ -317,7 +322,7 @@ def build(default_model: str = ModelSettings().model) -> UI:
               model_info=model_info, targets=targets, share=share, preset=preset, space=space, fitness_mode=fitness_mode,
               population=population, generations=generations, minutes=minutes, fitness_windows=fitness_windows,
               seed=seed, run_name=run_name, baselines=baselines, compensate=compensate, start_btn=start_btn, stop_btn=stop_btn, status=status,
-              runs=runs, open_btn=open_btn, x_axis=x_axis, y_axis=y_axis, plot=plot, size=size, pick_bridge=pick_bridge,
+              runs=runs, open_btn=open_btn, x_axis=x_axis, y_axis=y_axis, plot=plot, size=size, size_readout=size_readout, pick_bridge=pick_bridge,
               pick_bridge_btn=pick_bridge_btn, pick_box=pick_box, pick_btn=pick_btn, subnet_file=subnet_file,
               pick_status=pick_status, card=card, layers=layers, reform_btn=reform_btn, reform_intercept=reform_intercept, measure_btn=measure_btn,
               compare_btn=compare_btn, eval_tasks=eval_tasks, eval_limit=eval_limit, eval_btn=eval_btn,

@@ -102,9 +102,30 @@ def size_markdown(sol, shape, share: str = "total", compensated: bool = False) -
     if sol.predicted_speedup is not None:
         rows.append(("decode speed-up", f"{sol.predicted_speedup:.2f}×, predicted by the latency model"))
     rows.append(("ideal decode speed-up", f"{summ['ideal_decode_speedup']:.2f}×"))
-    return (f"| library@{sol.fraction:.2f} | the library's best subnet at {target_words(sol.fraction, share)} |\n"
+    return (f"| `library@{sol.fraction:.2f}` | the library's best subnet at {target_words(sol.fraction, share)} |\n"
             "|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
             + f"\n\n*Solved in {1000 * sol.seconds:.0f} ms, not evaluated yet: release to evaluate and pick it.*")
+
+
+def size_line(sol, shape, compensated: bool = False) -> str:
+    """The slider's one-line answer while dragged: the size, the library's predicted fitness and the
+    speed-up (the latency model's where the run has one, else the ideal decode speed-up), as predictions."""
+    summ = sol.subnet.summary(shape, compensated)
+    speed = (f"{sol.predicted_speedup:.2f}× decode speed-up (predicted)" if sol.predicted_speedup is not None
+             else f"{summ['ideal_decode_speedup']:.2f}× ideal decode speed-up")
+    return (f"**`library@{sol.fraction:.2f}`**: {fmt_params(sol.params)} parameters ({summ['fraction']:.1%}), "
+            f"{summ['layers_kept']} of {shape.num_layers} layers · fitness ppl ≈ {sol.predicted_ppl:.4g} (predicted) · "
+            f"{speed} · *release to evaluate and pick it*")
+
+
+def size_picked_line(c) -> str:
+    """The slider's one-line answer on release: the subnet it picked, with its measured fitness."""
+    m = c.metrics
+    fitness = m.get("fitness_ppl")
+    predicted = m.get("library_ppl")
+    return (f"**Picked `{c.id}`** ({m.get('fraction', 1.0):.1%} of the parameters): fitness ppl "
+            + ("not measured" if fitness is None else f"{fitness:.4g} measured")
+            + ("" if predicted is None else f", {predicted:.4g} predicted") + " · its card is below")
 
 
 def compare_frame(rows: list[dict]) -> pd.DataFrame:
