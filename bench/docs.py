@@ -451,11 +451,12 @@ def stale(files=FILES) -> list[str]:
 
 # ---- search: a better subnet per minute, over seeds ------------------------------------------------------
 SPEED_NAMES = {"today": "search without the library", "library": "library search",
+               "library+screen": "library search, screen on",
                "library-solution": "the library's subnet before evolution", "flap-uniform": "uniform FLAP",
                "flap": "FLAP"}
 
 
-SEARCHED = ("today", "library")  # the models whose pick depends on the minutes searched
+SEARCHED = ("today", "library", "library+screen")  # the models whose pick depends on the minutes searched
 
 
 def _spread_cell(d: dict | None) -> str:
@@ -614,6 +615,50 @@ def search_curve_setup() -> str:
     d = result("search-curve")
     return (f"{target(d['targets'][0])} of the parameters searched alone, seed "
             f"{', '.join(str(s) for s in d['seeds'])}, {_heldout(d)}")
+
+
+@generator("search.alone.setup")
+def search_alone_setup() -> str:
+    d = result("search-70")
+    return (f"{target(d['targets'][0])} of the parameters searched alone, {len(d['seeds'])} seeds "
+            f"({', '.join(str(s) for s in d['seeds'])}), {d['minutes_per_target'][0]:g} minute, {_heldout(d)}")
+
+
+@generator("search.alone")
+def search_alone() -> str:
+    """One target searched alone for a minute on every seed, with the screen off and on, beside the
+    library's own subnet and the baselines of the same seeds: every seed's held-out figure, then the
+    median and range."""
+    d = result("search-70")
+    t = f"{d['targets'][0]:g}"
+    rows = []
+    for key, cell in d["summary"][t].items():
+        name = key.split("@")[0]
+        recs = [r for r in d["records"] if r["search"] == name]
+        picks = sorted(((r["seed"], p) for r in d["records"] for p in r["picks"] if p["model"] == name),
+                       key=lambda sp: sp[0])
+        work = (f"{statistics.median(r['children'] for r in recs):g} "
+                f"({statistics.median(r['children_stopped'] for r in recs):g})" if recs else "-")
+        rows.append([SPEED_NAMES.get(name, name), work, ", ".join(num(p["heldout_ppl"]) for _, p in picks),
+                     _spread_cell(cell["heldout"]), _spread_cell(cell["reformed"])])
+    return table(["", "children bred (stopped early), median", "held-out, seeds in order", "held-out",
+                  "reformed"], rows)
+
+
+@generator("search.alone.screen")
+def search_alone_screen() -> str:
+    """What the screen changed: per seed, its pick against the same search's without it."""
+    d = result("search-70")
+    by = {(r["search"], r["seed"]): r for r in d["records"]}
+    pick = lambda r: next(p for p in r["picks"] if p["model"] == r["search"])  # noqa: E731
+    seeds = [s for s in d["seeds"] if ("library", s) in by and ("library+screen", s) in by]
+    better = sum(pick(by["library+screen", s])["heldout_ppl"] < pick(by["library", s])["heldout_ppl"] for s in seeds)
+    same = sum(pick(by["library+screen", s])["id"] == pick(by["library", s])["id"] for s in seeds)
+    kids = [by["library+screen", s]["children"] - by["library", s]["children"] for s in seeds]
+    stopped = [by["library+screen", s]["children_stopped"] for s in seeds]
+    return (f"with the screen on, the pick was better on {better} of {len(seeds)} seeds and the very same subnet on "
+            f"{same}; the screen stopped {min(stopped)}-{max(stopped)} children per seed early, and the search bred "
+            f"{statistics.median(kids):+g} children (median over seeds) in the same minute")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,10 @@ from explorer.search.run import prepare, run_search
 from explorer.search.runs import open_run
 from explorer.settings import SearchSettings
 
-SEARCHES = {"today": {"library": False}, "library": {"library": True}}
+# today's search; the library search; the library search with the staged evaluation's screen on (a child's
+# first fitness window first, the rest only if it could still enter the elite)
+SEARCHES = {"today": {"library": False}, "library": {"library": True},
+            "library+screen": {"library": True, "screen_windows": 1}}
 BASELINES = ("flap-uniform", "flap")
 
 
@@ -141,13 +144,17 @@ def run(args) -> dict:
         base = SearchSettings.preset("demo", **{"targets": targets, "seed": seed, "corpus": args.corpus,
                                                 "latency": False, "generations": 1000, **overrides})
         ts = time.perf_counter()
-        if not (root / f"seed{seed}" / "prepared" / "library.json").is_file():
+        needs_library = any(SEARCHES[n]["library"] for n in searches)
+        ready = root / f"seed{seed}" / "prepared" / ("library.json" if needs_library else "calibration.json")
+        if not ready.is_file():
             shutil.rmtree(root / f"seed{seed}" / "prepared", ignore_errors=True)  # an interrupted preparation
-            for _ in prepare(lm, base, root / f"seed{seed}" / "prepared"):
+            for _ in prepare(lm, SearchSettings.from_dict({**base.to_dict(), "library": needs_library}),
+                             root / f"seed{seed}" / "prepared"):
                 pass
-        lib = Library.load(root / f"seed{seed}" / "prepared" / "library.json")
-        log(f"seed {seed}: calibration, baselines and library ready in {time.perf_counter() - ts:.0f} s "
-            f"(library measured in {lib.seconds:.0f} s on {lib.tokens} tokens)")
+        lib = Library.load(root / f"seed{seed}" / "prepared" / "library.json") if needs_library else None
+        log(f"seed {seed}: calibration, baselines" + (" and library" if lib else "") + " ready in "
+            f"{time.perf_counter() - ts:.0f} s" + (f" (library measured in {lib.seconds:.0f} s on {lib.tokens} tokens)"
+                                                  if lib else ""))
         cal = calibration_windows(lm.tokenizer, corpus, base.calib_windows, base.calib_seq_len, seed=seed)
         rs = ReformSettings(windows=int(cal.shape[0]), seq_len=int(cal.shape[1]), corpus=args.corpus)
         baselines_done = False
@@ -173,7 +180,8 @@ def run(args) -> dict:
                 known = {(x["model"], x["target"]): x for x in json.loads(scored.read_text())} if scored.is_file() else {}
                 rows = []
                 picks = [(f"best@{t:g}", name, t) for t in targets]
-                if name == "library" and per_target == minutes[0]:  # the knapsack's own subnet, before evolution
+                if name == searches[-1] and name.startswith("library") and per_target == minutes[0]:
+                    # the knapsack's own subnet, before evolution (the same in every library search)
                     picks += [(solution_of(r, t), "library-solution", t) for t in targets]
                 if not baselines_done:
                     picks += [(f"baseline:{b}@{t:g}", b, t) for b in BASELINES for t in targets]
@@ -200,17 +208,20 @@ def run(args) -> dict:
                     log(f"    {label} @ {t:g}: held-out {before:.2f}" + (f", reformed {after:.2f}" if after else ""))
                     scored.write_text(json.dumps(rows))
                 baselines_done = True
+                searched = [c for c in r.candidates() if c.origin == "search"]
+                info["children"] = len(searched)  # children bred; those stopped early (bound or screen) are cheaper
+                info["children_stopped"] = sum(bool(c.metrics.get("fitness_lower_bound")) for c in searched)
                 records.append({"seed": seed, "search": name, "minutes_per_target": per_target, **info,
-                                "library_seconds": lib.seconds, "picks": rows,
+                                "library_seconds": lib.seconds if lib else None, "picks": rows,
                                 "library_study": library_study(lm, r, folder, targets)})
                 log(f"    every target had a subnet after {info['all_targets_s']} s; {info['evaluated']} evaluations")
-                if args.screen_sample and name == "library" and screen is None:
+                if args.screen_sample and name.startswith("library") and screen is None:
                     kept = root / "screen.json"
                     screen = json.loads(kept.read_text()) if kept.is_file() else \
                         screen_study(lm, r, settings, corpus, held, args.screen_sample, log)
                     kept.write_text(json.dumps(screen))
     table, summary = [], {}
-    shown = searches + (["library-solution"] if "library" in searches else [])
+    shown = searches + (["library-solution"] if any(n.startswith("library") for n in searches) else [])
     labels = [(n, m) for m in minutes for n in shown] + [(b, None) for b in BASELINES]
     for t in targets:
         for label, m in labels:
@@ -242,7 +253,7 @@ def run(args) -> dict:
     result = {"machine": machine(), "model": lm.name, "targets": targets, "seeds": seeds, "minutes_per_target": minutes,
               "heldout": {"windows": int(held.shape[0]), "seq_len": int(held.shape[1]), "dense_ppl": dense},
               "records": records, "summary": summary, "time_to_plot_s": timing, "screen": screen,
-              "library_seconds": sorted({rec["library_seconds"] for rec in records}),
+              "library_seconds": sorted({rec["library_seconds"] for rec in records if rec["library_seconds"]}),
               "wall_seconds": round(time.perf_counter() - t0, 1), "reformed": bool(args.reform)}
     print(f"wrote {write_json(args.out, result)}")
     return result
