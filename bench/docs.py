@@ -657,8 +657,8 @@ def search_alone_screen() -> str:
     kids = [by["library+screen", s]["children"] - by["library", s]["children"] for s in seeds]
     stopped = [by["library+screen", s]["children_stopped"] for s in seeds]
     return (f"with the screen on, the pick was better on {better} of {len(seeds)} seeds and the very same subnet on "
-            f"{same}; the screen stopped {min(stopped)}-{max(stopped)} children per seed early, and the search bred "
-            f"{statistics.median(kids):+g} children (median over seeds) in the same minute")
+            f"{same}; the screen stopped {min(stopped)}-{max(stopped)} children per seed early, and the number of "
+            f"children bred in the same minute changed by {statistics.median(kids):+g} (median over seeds)")
 
 
 def main(argv: list[str] | None = None) -> int:
