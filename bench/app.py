@@ -237,7 +237,8 @@ def one_pass(page, args, shots: Path | None, tag: str) -> dict:
     page.locator("#export-status").scroll_into_view_if_needed()
     shot("09-export")
 
-    # the size slider: drag (the library's subnet previewed in the card), release (evaluated, stored, picked)
+    # the size slider: drag (the library's subnet previewed in the line under it and in the card), release
+    # (evaluated, stored, picked: the line says so)
     slider = page.locator("#size-slider input[type=range]")
     slider.scroll_into_view_if_needed()
     lo, hi = float(slider.get_attribute("min")), float(slider.get_attribute("max"))
@@ -248,13 +249,16 @@ def one_pass(page, args, shots: Path | None, tag: str) -> dict:
     page.mouse.down()
     ts = time.perf_counter()
     page.mouse.move(x_at(size), sb["y"] + sb["height"] / 2, steps=4)
-    wait_for(page, lambda pg: "predicted by the library" in status(pg, "#subnet-card"), 60)
+    final = f"library@{float(slider.input_value()):.2f}"  # where the drag ended (earlier steps preview first)
+    wait_for(page, lambda pg: final in status(pg, "#size-readout") and "(predicted)" in status(pg, "#size-readout"),
+             60)
     result["slider_preview_s"] = time.perf_counter() - ts
     shot("09b-slider")
     was = status(page, "#pick-status")  # the clicked point's "Picked ..." until the release's pick replaces it
     tp = time.perf_counter()
     page.mouse.up()
-    wait_for(page, lambda pg: "Picked" in status(pg, "#pick-status") and status(pg, "#pick-status") != was, 300)
+    wait_for(page, lambda pg: "Picked" in status(pg, "#pick-status") and status(pg, "#pick-status") != was
+             and "measured" in status(pg, "#size-readout"), 300)
     result["slider_release_to_pick_s"] = time.perf_counter() - tp
     page.evaluate("() => window.scrollTo(0, 0)")
     page.get_by_label("Model").fill("/no/such/model")

@@ -418,7 +418,7 @@ def _app_table(name: str) -> str:
              "stop_to_stopped_s": "Stop -> \"stopped\" (a search)", "click_to_card_s": "click on a front marker -> its card",
              "reform_s": "Reform the pick", "evaluate_s": "Evaluate it (held-out perplexity and PIQA)",
              "generate_s": "Generate, original and the reformed pick", "export_s": "Export and verify it",
-             "slider_preview_s": "drag the size slider -> the library's subnet in the card",
+             "slider_preview_s": "drag the size slider -> the library's subnet in the line under it",
              "slider_release_to_pick_s": "release it -> evaluated, stored and picked"}
     passes = list(d["passes"])
     names = {"quiet": "quiet machine", "busy": "one core kept busy"}
@@ -641,8 +641,26 @@ def search_alone() -> str:
                 f"({statistics.median(r['children_stopped'] for r in recs):g})" if recs else "-")
         rows.append([SPEED_NAMES.get(name, name), work, ", ".join(num(p["heldout_ppl"]) for _, p in picks),
                      _spread_cell(cell["heldout"]), _spread_cell(cell["reformed"])])
+    ref = result("search-70-reference")
+    rec = ref["records"][0]
+    pick = next(p for p in rec["picks"] if p["model"] == "today")
+    rows.append([f"reference: {SPEED_NAMES['today']}, {rec['minutes_per_target']:g} minutes, seed {rec['seed']}",
+                 f"{rec['children']} ({rec['children_stopped']})", num(pick["heldout_ppl"]), "-",
+                 num(pick["reformed_heldout_ppl"])])
     return table(["", "children bred (stopped early), median", "held-out, seeds in order", "held-out",
                   "reformed"], rows)
+
+
+@generator("search.alone.reference")
+def search_alone_reference() -> str:
+    """How many seeds' one-minute library picks reach the reference pick, before and after reformation."""
+    d, ref = result("search-70"), result("search-70-reference")
+    want = next(p for p in ref["records"][0]["picks"] if p["model"] == "today")
+    picks = [p for r in d["records"] for p in r["picks"] if p["model"] == "library"]
+    before = sum(p["heldout_ppl"] <= want["heldout_ppl"] for p in picks)
+    after = sum(p["reformed_heldout_ppl"] <= want["reformed_heldout_ppl"] for p in picks)
+    return (f"the library search's one-minute pick is at least as good as the {ref['minutes_per_target'][0]:g}-minute "
+            f"reference on {before} of {len(picks)} seeds before reformation and on {after} of {len(picks)} after")
 
 
 @generator("search.alone.screen")

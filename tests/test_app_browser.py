@@ -213,15 +213,16 @@ def test_size_slider_previews_then_picks(app_server, chromium):
     page.mouse.down()
     t0 = time.perf_counter()
     page.mouse.move(*at(max(0.6, lo + 0.05)), steps=8)
-    line = wait_text(page, "#size-readout", "(predicted)", 30)
+    final = f"library@{float(slider.input_value()):.2f}"  # where the drag ended: earlier steps preview first
+    line = wait_text(page, "#size-readout", final, 30)
     took = time.perf_counter() - t0
     assert took < 3.0, f"the preview took {took:.1f} s"
-    assert "library@" in line and "release to evaluate and pick it" in line
+    assert "(predicted)" in line and "release to evaluate and pick it" in line
     # the answer is where the hand is: the readout sits right under the slider, inside the window
     under = page.locator("#size-readout").bounding_box()
     assert box["y"] < under["y"] < box["y"] + 150 and under["y"] + under["height"] <= 800, (box, under)
-    card = wait_text(page, "#subnet-card", "predicted by the library", 30)
-    assert "library@" in card and "release to evaluate and pick it" in card
+    card = wait_text(page, "#subnet-card", final, 30)
+    assert "predicted by the library" in card and "release to evaluate and pick it" in card
     wait_until(lambda: page.locator("#layer-plot .js-plotly-plot").count() == 1, 10, "the previewed layer chart")
     assert len(stored()) == before, "a drag must not evaluate or store anything"
     shot(page, "09-size-preview")

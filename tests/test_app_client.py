@@ -50,6 +50,8 @@ def test_api_flow(client, app_server, tmp_path):
     statuses = [out(o, "search", "status") for o in job]
     assert any("candidates evaluated" in str(s or "") for s in statuses)
     assert "finished" in str(out(job.outputs()[-1], "search", "status"))
+    # "finished" comes with the last update only: whoever acts on it acts on a settled page
+    assert not any("finished" in str(out(o, "search", "status")) for o in job.outputs()[:-1])
 
     # the run is saved and reopens without searching again
     r = client.predict("api-run", "parameters (% of dense)", "held-out perplexity",
@@ -144,6 +146,7 @@ def test_stop_keeps_what_was_found_and_evaluate_through_the_api(client):
     job.result(timeout=600)
     final = str(out(job.outputs()[-1], "search", "status"))
     assert "stopped" in final
+    assert not any("stopped" in str(out(o, "search", "status")) for o in job.outputs()[:-1])
     r = client.predict("api-stop", "parameters (% of dense)", "held-out perplexity",
                        api_name="/open_run")
     status = str(out(r, "open_run", "status"))

@@ -247,12 +247,15 @@ class Handlers:
             elif isinstance(ev, StageProgress):
                 yield {self.ui.status: status.markdown()}
                 continue
-            terminal = isinstance(ev, (SearchFinished, SearchCancelled, SearchFailed))
-            if terminal or isinstance(ev, FrontChanged) or time.perf_counter() - last > self.wb.settings.stream_interval_s:
+            if isinstance(ev, (SearchFinished, SearchCancelled, SearchFailed)):
+                continue  # said with the final update below, so "finished"/"stopped" means the page is settled
+            if isinstance(ev, FrontChanged) or time.perf_counter() - last > self.wb.settings.stream_interval_s:
                 last = time.perf_counter()
                 latency = self.wb.open(name).latency_model()
                 fig = plots.pareto_figure(cands.values(), x, y, title=name, latency=latency)
                 yield {self.ui.status: status.markdown(), self.ui.plot: fig}
+        # the last update carries the search's end: a person (or a client) who acts on "Search finished" or
+        # "stopped" acts on a settled page, which no late update of this search overwrites
         yield {self.ui.status: status.markdown(), self.ui.plot: self._figure(s, x, y),
                self.ui.runs: gr.update(choices=self.wb.runs(), value=name), self.ui.session: s,
                self.ui.start_btn: gr.update(interactive=True), **self._size_range(s, name)}
