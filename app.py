@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +27,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def stop_as_interrupt(signum, frame) -> None:
+    """SIGTERM (a service manager, `kill`, a test's teardown) stops the server as Ctrl+C does, so
+    Gradio closes it cleanly and deletes the files it cached for the page."""
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(filename=args.log, level=logging.INFO,
@@ -43,6 +50,7 @@ def main(argv=None) -> None:
 
     demo, ws = create_app(Path(args.runs_dir), Path(args.exports_dir), default_model=args.model,
                           settings=AppSettings.from_env())
+    signal.signal(signal.SIGTERM, stop_as_interrupt)
     print(f"Subnet Explorer on http://{args.host}:{args.port}  (log: {args.log})", flush=True)
     demo.launch(server_name=args.host, server_port=args.port, auth=auth, **launch_kwargs(ws))
 

@@ -679,6 +679,42 @@ def search_alone_screen() -> str:
             f"children bred in the same minute changed by {statistics.median(kids):+g} (median over seeds)")
 
 
+@generator("search.alone.explored")
+def search_alone_explored() -> str:
+    """Per seed: the library search's pick against the best of what it measured, in held-out terms."""
+    d, ref = result("search-70"), result("search-70-reference")
+    want = next(p for p in ref["records"][0]["picks"] if p["model"] == "today")["heldout_ppl"]
+    t = f"{d['targets'][0]:g}"
+    rows = []
+    for r in sorted((r for r in d["records"] if r.get("explored")), key=lambda r: (r["search"], r["seed"])):
+        e = r["explored"][t]
+        pick = next(p for p in r["picks"] if p["model"] == r["search"])
+        rows.append([f"{r['seed']}", num(pick["heldout_ppl"]), num(e["best_heldout"]), f"{e['best_fitness_rank']}",
+                     "-" if e["pick_heldout_rank"] is None else f"{e['pick_heldout_rank']}",
+                     f"{e['spearman_fitness_vs_heldout']:.2f}", "yes" if e["best_heldout"] <= want else "no"])
+    n = next(r["explored"][t]["scored"] for r in d["records"] if r.get("explored"))
+    return table(["seed", "pick, held-out", f"best of its {n} best by fitness, held-out", "that one's fitness rank",
+                  "the pick's held-out rank", "Spearman fitness vs held-out",
+                  f"reference ({num(want)}) reached by anything measured"], rows)
+
+
+@generator("search.alone.minutes")
+def search_alone_minutes() -> str:
+    """The library search's pick per seed at one minute and at four, against the reference."""
+    ref = result("search-70-reference")
+    want = next(p for p in ref["records"][0]["picks"] if p["model"] == "today")["heldout_ppl"]
+    rows = []
+    for d in (result("search-70"), result("search-70-4min")):
+        recs = sorted((r for r in d["records"] if r["search"] == "library"), key=lambda r: r["seed"])
+        picks = [next(p for p in r["picks"] if p["model"] == "library") for r in recs]
+        held = [p["heldout_ppl"] for p in picks]
+        rows.append([f"{d['minutes_per_target'][0]:g}", f"{statistics.median(r['evaluated'] for r in recs):g}",
+                     ", ".join(num(h) for h in held), f"{num(statistics.median(held))} ({num(min(held))}-{num(max(held))})",
+                     f"{sum(h <= want for h in held)} of {len(held)}"])
+    return table(["minutes", "evaluations, median", "held-out, seeds in order", "held-out",
+                  f"at least as good as the reference ({num(want)})"], rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="only list the files whose figures differ from the JSON")

@@ -119,6 +119,35 @@ def library_study(lm, run, folder: Path, targets) -> dict | None:
     return out
 
 
+def explored_study(lm, run, folder: Path, targets, held, n: int, log) -> dict:
+    """What the search measured, in held-out terms: its best `n` candidates by fitness per target
+    (initial subnets, seeded baselines and children alike) scored on the held-out windows. Tells apart
+    a pick that missed a better subnet the search had found (the selection's limit) from a search that
+    never found one (the exploration's). Scores are kept in the search's folder (explored.json)."""
+    kept = folder / "explored.json"
+    scores = json.loads(kept.read_text()) if kept.is_file() else {}
+    means = run.channel_means()
+    cands = [c for c in run.candidates() if c.origin != "dense" and c.fitness and "copied_from" not in c.metrics
+             and not c.metrics.get("fitness_lower_bound")]
+    out = {}
+    for t in targets:
+        at = sorted((c for c in cands if abs(c.target - t) < 1e-9), key=lambda c: (c.fitness, c.id))[:n]
+        for c in at:
+            if c.id not in scores:
+                scores[c.id] = perplexity(candidate_model(lm.model, c, means), held)
+                kept.write_text(json.dumps(scores))
+        pick = run.pick(f"best@{t:g}").id
+        best = min(at, key=lambda c: scores[c.id])
+        held_rank = [c.id for c in sorted(at, key=lambda c: scores[c.id])]
+        out[f"{t:g}"] = {"scored": len(at), "best_id": best.id, "best_heldout": scores[best.id],
+                         "best_fitness_rank": at.index(best) + 1,
+                         "pick_heldout_rank": held_rank.index(pick) + 1 if pick in held_rank else None,
+                         "spearman_fitness_vs_heldout": spearman([c.fitness for c in at], [scores[c.id] for c in at])}
+        log(f"    explored @ {t:g}: the best of its {len(at)} best by fitness scores {scores[best.id]:.2f} held-out "
+            f"(fitness rank {at.index(best) + 1})")
+    return out
+
+
 def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
@@ -214,6 +243,8 @@ def run(args) -> dict:
                 records.append({"seed": seed, "search": name, "minutes_per_target": per_target, **info,
                                 "library_seconds": lib.seconds if lib else None, "picks": rows,
                                 "library_study": library_study(lm, r, folder, targets)})
+                if args.explored and name in args.explored_in.split(","):
+                    records[-1]["explored"] = explored_study(lm, r, folder, targets, held, args.explored, log)
                 log(f"    every target had a subnet after {info['all_targets_s']} s; {info['evaluated']} evaluations")
                 if args.screen_sample and name.startswith("library") and screen is None:
                     kept = root / "screen.json"
@@ -268,6 +299,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reform", action="store_true", help="also score the picks after reformation")
     p.add_argument("--reform-at", default="", help="only at these targets (comma-separated; default: every one)")
     p.add_argument("--screen-sample", type=int, default=0)
+    p.add_argument("--explored", type=int, default=0, metavar="N",
+                   help="also score each search's N best candidates by fitness on the held-out windows")
+    p.add_argument("--explored-in", default="library", help="the searches that --explored studies (comma-separated)")
     p.add_argument("--set", action="append", default=[], help="search setting overrides, KEY=VALUE")
     p.add_argument("--run-dir", default=None)
     p.add_argument("--only-done", action="store_true",

@@ -295,3 +295,26 @@ def test_pick_size_through_the_api(client, app_server):
     client.predict(DEMO_RUN, x, y, api_name="/open_run")
     r = client.predict(0.62, x, y, api_name="/pick_size")
     assert re.search("no level library|read-only", message(r, "pick_size")), message(r, "pick_size")
+
+
+def test_stopping_the_server_deletes_the_files_it_cached_for_the_page(tmp_path):
+    """What the page sent or received (uploads, export zips, reports) is copied into Gradio's cache;
+    the app deletes its copies when it stops, here by SIGTERM as a service manager stops it."""
+    import httpx
+
+    from bench.app import served_app
+
+    cache = tmp_path / "gradio-cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "SUBNET_EXPLORER_QUICK": "1",
+           "GRADIO_TEMP_DIR": str(cache)}
+    sent = tmp_path / "subnet.json"
+    sent.write_text('{"not": "a subnet"}')
+    with served_app(tmp_path, env) as (proc, url):
+        with open(sent, "rb") as f:
+            r = httpx.post(f"{url}gradio_api/upload", files={"files": ("subnet.json", f)}, timeout=30)
+        r.raise_for_status()
+        cached = r.json()[0]
+        assert os.path.isfile(cached) and cached.startswith(str(cache))
+    assert proc.wait(5) == 0  # closed cleanly, not killed
+    assert not os.path.exists(cached)
+    assert not [p for p in cache.rglob("*") if p.is_file()]

@@ -61,6 +61,10 @@ class AppSettings:
     stream_interval_s: float = 1.0
     search_overrides: tuple[tuple[str, object], ...] = ()  # applied under the user's own settings
     max_subnets: int = 6  # sliced / reformed models kept in memory
+    # Gradio's copies of what the page sends and receives (export zips, reports, uploads): every
+    # `[0]` seconds those older than `[1]` seconds are deleted, and all of them when the server stops
+    # (the exports themselves stay in the exports folder); unpruned, a day of demos fills a disk
+    file_cache: tuple[int, int] = (3600, 86400)
 
     @classmethod
     def quick(cls) -> "AppSettings":

@@ -152,12 +152,12 @@ class UI:
     compare: gr.Dataframe
 
 
-def build(default_model: str = ModelSettings().model) -> UI:
+def build(default_model: str = ModelSettings().model, file_cache: tuple[int, int] | None = None) -> UI:
     """The page, top to bottom as the flow: model and search beside the plot (all of it on a projector's
     first screen), then the pick, its prompt and its export, each with its answers under its buttons."""
     d = DecodeSettings()
     s = SearchSettings()
-    with gr.Blocks(title="Subnet Explorer", fill_width=True) as demo:
+    with gr.Blocks(title="Subnet Explorer", fill_width=True, delete_cache=file_cache) as demo:
         # One Session per tab from the start (Gradio deep-copies this default per tab), so that overlapping
         # handlers all change the same object instead of each creating its own.
         session = gr.State(Session())
