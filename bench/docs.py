@@ -624,6 +624,12 @@ def search_alone_setup() -> str:
             f"({', '.join(str(s) for s in d['seeds'])}), {d['minutes_per_target'][0]:g} minute, {_heldout(d)}")
 
 
+def _reference() -> tuple[dict, dict]:
+    """The 16-minute reference search's record and its pick (docs/results/search-70-reference.json)."""
+    rec = result("search-70-reference")["records"][0]
+    return rec, next(p for p in rec["picks"] if p["model"] == "today")
+
+
 @generator("search.alone")
 def search_alone() -> str:
     """One target searched alone for a minute on every seed, with the screen off and on, beside the
@@ -641,9 +647,7 @@ def search_alone() -> str:
                 f"({statistics.median(r['children_stopped'] for r in recs):g})" if recs else "-")
         rows.append([SPEED_NAMES.get(name, name), work, ", ".join(num(p["heldout_ppl"]) for _, p in picks),
                      _spread_cell(cell["heldout"]), _spread_cell(cell["reformed"])])
-    ref = result("search-70-reference")
-    rec = ref["records"][0]
-    pick = next(p for p in rec["picks"] if p["model"] == "today")
+    rec, pick = _reference()
     rows.append([f"reference: {SPEED_NAMES['today']}, {rec['minutes_per_target']:g} minutes, seed {rec['seed']}",
                  f"{rec['children']} ({rec['children_stopped']})", num(pick["heldout_ppl"]), "-",
                  num(pick["reformed_heldout_ppl"])])
@@ -654,12 +658,11 @@ def search_alone() -> str:
 @generator("search.alone.reference")
 def search_alone_reference() -> str:
     """How many seeds' one-minute library picks reach the reference pick, before and after reformation."""
-    d, ref = result("search-70"), result("search-70-reference")
-    want = next(p for p in ref["records"][0]["picks"] if p["model"] == "today")
+    d, (ref, want) = result("search-70"), _reference()
     picks = [p for r in d["records"] for p in r["picks"] if p["model"] == "library"]
     before = sum(p["heldout_ppl"] <= want["heldout_ppl"] for p in picks)
     after = sum(p["reformed_heldout_ppl"] <= want["reformed_heldout_ppl"] for p in picks)
-    return (f"the library search's one-minute pick is at least as good as the {ref['minutes_per_target'][0]:g}-minute "
+    return (f"the library search's one-minute pick is at least as good as the {ref['minutes_per_target']:g}-minute "
             f"reference on {before} of {len(picks)} seeds before reformation and on {after} of {len(picks)} after")
 
 
@@ -682,8 +685,7 @@ def search_alone_screen() -> str:
 @generator("search.alone.explored")
 def search_alone_explored() -> str:
     """Per seed: the library search's pick against the best of what it measured, in held-out terms."""
-    d, ref = result("search-70"), result("search-70-reference")
-    want = next(p for p in ref["records"][0]["picks"] if p["model"] == "today")["heldout_ppl"]
+    d, want = result("search-70"), _reference()[1]["heldout_ppl"]
     t = f"{d['targets'][0]:g}"
     rows = []
     for r in sorted((r for r in d["records"] if r.get("explored")), key=lambda r: (r["search"], r["seed"])):
@@ -701,8 +703,7 @@ def search_alone_explored() -> str:
 @generator("search.alone.minutes")
 def search_alone_minutes() -> str:
     """The library search's pick per seed at one minute and at four, against the reference."""
-    ref = result("search-70-reference")
-    want = next(p for p in ref["records"][0]["picks"] if p["model"] == "today")["heldout_ppl"]
+    want = _reference()[1]["heldout_ppl"]
     rows = []
     for d in (result("search-70"), result("search-70-4min")):
         recs = sorted((r for r in d["records"] if r["search"] == "library"), key=lambda r: r["seed"])

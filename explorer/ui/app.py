@@ -107,7 +107,7 @@ def wire(ui: UI, h: Handlers) -> None:
 def create_app(runs_root: Path, exports_root: Path, settings: AppSettings = AppSettings(),
                default_model: str = "default") -> tuple[gr.Blocks, Workbench]:
     wb = Workbench(runs_root, exports_root, settings)
-    ui = build(default_model, file_cache=settings.file_cache)
+    ui = build(settings.file_cache, default_model)
     with ui.demo:
         wire(ui, Handlers(ui, wb))
     ui.demo.queue(default_concurrency_limit=4)

@@ -152,9 +152,10 @@ class UI:
     compare: gr.Dataframe
 
 
-def build(default_model: str = ModelSettings().model, file_cache: tuple[int, int] | None = None) -> UI:
+def build(file_cache: tuple[int, int], default_model: str = ModelSettings().model) -> UI:
     """The page, top to bottom as the flow: model and search beside the plot (all of it on a projector's
-    first screen), then the pick, its prompt and its export, each with its answers under its buttons."""
+    first screen), then the pick, its prompt and its export, each with its answers under its buttons.
+    `file_cache`: AppSettings.file_cache, Gradio's `delete_cache`."""
     d = DecodeSettings()
     s = SearchSettings()
     with gr.Blocks(title="Subnet Explorer", fill_width=True, delete_cache=file_cache) as demo:
